@@ -1,0 +1,62 @@
+# sdbatch — `make demo` and `make test` work from a fresh clone.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# CPU-only machines: pin the CPU torch build that is on disk here (an unpinned torch
+# pulls a multi-GB CUDA build). GPU users: install your CUDA torch first, then
+# `make install TORCH=` (empty) or plain `pip install -e .`.
+TORCH ?= torch==2.13.0
+MODELS ?= models/tiny
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+.PHONY: help install models demo test test-unit test-integration lint format bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-18s %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	@# No torchvision: its PyPI wheel breaks the CPU torch build.
+	if [ -n "$(TORCH)" ]; then $(PIP) install -q "$(TORCH)" 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0; fi
+	$(PIP) install -q -e '.[s3,test,dev]' 2>&1 | grep -v '^WARNING: Location' ; test $${PIPESTATUS[0]} -eq 0
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv and install sdbatch with test/dev extras
+
+$(MODELS)/base/model_index.json: | $(VENV)/.installed
+	HF_HUB_OFFLINE=1 $(VENV)/bin/sdbatch models tiny $(MODELS)
+
+models: $(MODELS)/base/model_index.json ## Build the tiny offline models (if absent)
+
+jobs/data/demo.parquet: jobs/make_demo_manifest.py | $(VENV)/.installed
+	$(PY) jobs/make_demo_manifest.py $@
+
+demo: install models jobs/data/demo.parquet ## Render the demo job on local Ray into out/demo
+	HF_HUB_OFFLINE=1 $(VENV)/bin/sdbatch run jobs/demo.yaml --progress plain --every 2
+
+test: install lint ## Lint, then run the whole test suite (unit + integration)
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+test-unit: install ## Fast tests without Ray
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/unit
+
+test-integration: install ## Ray + tiny-model tests
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/integration
+
+lint: install ## ruff (lint + format check) and mypy on the pure modules
+	$(VENV)/bin/ruff check sdbatch tests benchmarks jobs
+	$(VENV)/bin/ruff format --check sdbatch tests benchmarks jobs
+	$(VENV)/bin/mypy sdbatch/spec.py sdbatch/plan.py sdbatch/cli.py
+
+format: install ## Apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix sdbatch tests benchmarks jobs
+	$(VENV)/bin/ruff format sdbatch tests benchmarks jobs
+
+bench: install models ## Run the benchmarks (prints ratios; see benchmarks/RESULTS.md)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/run_all.py
+
+clean: ## Remove outputs and built models (keeps .venv)
+	rm -rf out $(MODELS) jobs/data/demo.parquet

@@ -1,0 +1,175 @@
+"""Planning, pure and Ray-free: manifest rows × image index → work items.
+
+An item is fully described by its row, its image index `k` and the job spec. Its seed and
+output key depend on nothing else (never on batch position, shard or worker), which is
+what makes resume and `sdbatch rerun` possible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import pyarrow as pa
+
+from .spec import MAX_SEED, JobSpec
+
+# Columns a manifest row may set to override `defaults`.
+OVERRIDES = (
+    "mode",
+    "negative_prompt",
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "width",
+    "height",
+    "num_images",
+    "strength",
+)
+IMAGE_COLUMNS = ("init_image", "mask_image", "depth_map")
+
+# A manifest image cell is a URI (string) or the encoded bytes; items carry either in
+# `<column>_uri` or `<column>`, and the prepare stage turns both into decoded pixels.
+ITEM_SCHEMA = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image_index", pa.int32()),
+        ("seed", pa.int64()),
+        ("prompt", pa.string()),
+        ("negative_prompt", pa.string()),
+        ("mode", pa.string()),
+        ("model", pa.string()),
+        ("steps", pa.int32()),
+        ("guidance_scale", pa.float64()),
+        ("scheduler", pa.string()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("strength", pa.float64()),
+        ("key", pa.string()),
+        ("batch_key", pa.string()),
+        *[(c, pa.binary()) for c in IMAGE_COLUMNS],
+        *[(f"{c}_uri", pa.string()) for c in IMAGE_COLUMNS],
+    ]
+)
+
+# Parameters that must agree for items to share one pipeline call.
+BATCH_FIELDS = (
+    "mode",
+    "model",
+    "width",
+    "height",
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "strength",
+)
+
+
+def item_seed(job_seed: int, item_id: str, k: int, row_seed: int | None = None) -> int:
+    """The seed of image `k` of row `item_id`.
+
+    With a row seed: `(row_seed + k) mod 2**63` (A1111's convention for a batch: image k
+    gets seed + k). Otherwise the first 8 bytes of SHA-256 over (job seed, id, k), as an
+    int in [0, 2**63).
+    """
+    if row_seed is not None:
+        return (int(row_seed) + k) % (MAX_SEED + 1)
+    digest = hashlib.sha256(f"sdbatch-seed\0{job_seed}\0{item_id}\0{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & MAX_SEED
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def _slug(item_id: str, limit: int = 60) -> str:
+    text = unicodedata.normalize("NFKD", item_id).encode("ascii", "ignore").decode()
+    text = _UNSAFE.sub("_", text).strip("._-")
+    return text[:limit] or "item"
+
+
+def image_key(item_id: str, k: int, ext: str = "png") -> str:
+    """Output key of an image, relative to the output prefix.
+
+    A readable slug of the id plus a hash of the exact id: two ids never collide, and no
+    id (`../x`, `a/b`, unicode, dots) can escape `images/` or create sub-folders. The two
+    hex chars of fan-out keep any one local folder small.
+    """
+    h = hashlib.sha256(item_id.encode()).hexdigest()
+    return f"images/{h[:2]}/{_slug(item_id)}-{h[:12]}-{k:04d}.{ext}"
+
+
+def batch_key(item: dict[str, Any]) -> str:
+    """Items with equal batch keys can be rendered in one pipeline call."""
+    return "|".join(f"{item[f]}" for f in BATCH_FIELDS)
+
+
+def expand_row(row: dict[str, Any], spec: JobSpec) -> Iterator[dict[str, Any]]:
+    """The work items of one manifest row (one per image index)."""
+    defaults = spec.defaults.model_dump()
+    params = {
+        name: (row[name] if row.get(name) is not None else defaults[name]) for name in OVERRIDES
+    }
+    item_id = str(row["id"])
+    row_seed = row.get("seed")
+    model = spec.model_for(params["mode"])
+    for k in range(int(params["num_images"])):
+        item = {
+            "id": item_id,
+            "image_index": k,
+            "seed": item_seed(spec.seed, item_id, k, row_seed),
+            "prompt": row["prompt"],
+            "model": model,
+            "key": image_key(item_id, k),
+            **{name: params[name] for name in OVERRIDES if name != "num_images"},
+        }
+        for name in IMAGE_COLUMNS:
+            value = row.get(name)
+            item[name] = value if isinstance(value, bytes) else None
+            item[f"{name}_uri"] = value if isinstance(value, str) else None
+        item["steps"] = int(item["steps"])
+        item["width"] = int(item["width"])
+        item["height"] = int(item["height"])
+        item["guidance_scale"] = float(item["guidance_scale"])
+        item["strength"] = float(item["strength"]) if item["mode"] != "txt2img" else 1.0
+        item["batch_key"] = batch_key(item)
+        yield item
+
+
+def plan_items(
+    rows: Iterable[dict[str, Any]],
+    spec: JobSpec,
+    done: set[tuple[str, int]] | frozenset[tuple[str, int]] = frozenset(),
+) -> Iterator[dict[str, Any]]:
+    """All items of `rows` not yet in `done` (a set of `(id, image_index)`)."""
+    for row in rows:
+        for item in expand_row(row, spec):
+            if (item["id"], item["image_index"]) not in done:
+                yield item
+
+
+def homogeneous_blocks(
+    items: Iterable[dict[str, Any]], block_rows: int
+) -> Iterator[list[dict[str, Any]]]:
+    """Group items into blocks of `block_rows` that share one batch key.
+
+    Blocks are emitted as soon as they fill, so memory is bounded by
+    (distinct batch keys × block_rows); the remainders come last.
+    """
+    pending: dict[str, list[dict[str, Any]]] = {}
+    for item in items:
+        bucket = pending.setdefault(item["batch_key"], [])
+        bucket.append(item)
+        if len(bucket) >= block_rows:
+            yield pending.pop(item["batch_key"])
+    yield from (bucket for bucket in pending.values() if bucket)
+
+
+def block_rows_for(total_items: int, batch_size: int, actors: int) -> int:
+    """Rows per block: a multiple of the batch size, small enough that every actor gets
+    several blocks, large enough that a 10⁶-item job is not a million tiny objects."""
+    per_actor = max(1, total_items // max(1, actors * 4))
+    batches = max(1, min(64, per_actor // batch_size))
+    return batches * batch_size

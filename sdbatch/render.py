@@ -1,0 +1,286 @@
+"""The render stage: a Ray Data actor that holds the pipelines and renders batches.
+
+`Renderer.__init__` loads every pipeline the job needs once; `__call__` takes a batch of
+work items (a pyarrow table), groups them by batch key, and renders each group in
+pipeline calls of exactly `batch_size` images, padding short groups with copies of their
+first item. On CPU an image's bits depend on the batch size it was rendered in but not on
+its neighbours, so padding makes every image a function of (item, batch size, threads)
+only — which is what lets reruns and resumes reproduce it bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import time
+import traceback
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from . import __version__
+
+IMAGE_INPUTS = ("init_image", "mask_image", "depth_map")
+
+
+def environment_fingerprint(device: str) -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    if device == "cuda":
+        hardware = torch.cuda.get_device_name(0)
+    else:
+        hardware = _cpu_model()
+    return {
+        "sdbatch": __version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "hardware": hardware,
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Float images in [0, 1] → uint8, exactly as diffusers' `numpy_to_pil` rounds."""
+    return (images * 255).round().astype("uint8")
+
+
+class ItemFailure(Exception):
+    def __init__(self, error_type: str, message: str):
+        self.error_type = error_type
+        super().__init__(message)
+
+
+class Renderer:
+    """Ray Data callable class: pipelines are loaded once per actor, reused per batch."""
+
+    def __init__(
+        self,
+        *,
+        models: dict[str, str],
+        model_hashes: dict[str, str],
+        batch_size: int,
+        device: str = "auto",
+        dtype: str = "auto",
+        torch_threads: int = 1,
+        prompt_overflow: str = "truncate",
+    ):
+        from .models import load_pipeline, quiet_libraries, resolve_device
+
+        quiet_libraries()
+        import torch
+
+        # Ray sets OMP_NUM_THREADS=1 in workers; the thread count changes output bits on
+        # CPU, so it is set explicitly and recorded with every image.
+        torch.set_num_threads(torch_threads)
+        self.torch_threads = torch_threads
+        self.device, self.torch_dtype = resolve_device(device, dtype)
+        self.dtype_name = str(self.torch_dtype).removeprefix("torch.")
+        self.batch_size = batch_size
+        self.prompt_overflow = prompt_overflow
+        self.model_hashes = model_hashes
+        shared: dict[str, Any] = {}
+        self.pipes = {
+            mode: load_pipeline(mode, ref, self.device, self.torch_dtype, shared)
+            for mode, ref in models.items()
+        }
+        self.default_schedulers = {mode: p.scheduler for mode, p in self.pipes.items()}
+        self.env = json.dumps(environment_fingerprint(self.device), sort_keys=True)
+        self.pipeline_calls = 0
+        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+
+    # 1. Group the batch by render parameters; 2. render each group padded to
+    # batch_size; 3. on a failed call, retry item by item to isolate the bad one.
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        items = batch.to_pylist()
+        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for item in items:
+            groups[item["batch_key"]].append(item)
+        out: list[dict[str, Any]] = []
+        for group in groups.values():
+            for start in range(0, len(group), self.batch_size):
+                out.extend(self._render_group(group[start : start + self.batch_size]))
+        return pa.Table.from_pylist(out)
+
+    def _render_group(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        ready, results = [], []
+        for item in items:
+            try:
+                item["prompt_truncated"] = self._check_prompt(item)
+                ready.append(item)
+            except ItemFailure as err:
+                results.append(self._failed(item, err.error_type, str(err), attempts=1))
+        if not ready:
+            return results
+        try:
+            results.extend(self._call(ready))
+        except Exception as err:  # noqa: BLE001 - isolate the item that broke the batch
+            if len(ready) == 1:
+                results.append(self._failed(ready[0], type(err).__name__, _short(err), attempts=1))
+            else:
+                for item in ready:
+                    try:
+                        results.extend(self._call([item]))
+                    except Exception as one:  # noqa: BLE001
+                        results.append(
+                            self._failed(item, type(one).__name__, _short(one), attempts=2)
+                        )
+        return results
+
+    def _check_prompt(self, item: dict[str, Any]) -> bool:
+        tokenizer = self.pipes[item["mode"]].tokenizer
+        limit = tokenizer.model_max_length
+        too_long = False
+        for field in ("prompt", "negative_prompt"):
+            n = len(tokenizer(item[field] or "", truncation=False).input_ids)
+            if n > limit:
+                if self.prompt_overflow == "fail":
+                    raise ItemFailure(
+                        "PromptTooLong",
+                        f"{field} is {n} CLIP tokens, limit {limit} (prompt_overflow: fail)",
+                    )
+                too_long = True
+        return too_long
+
+    def _call(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        import torch
+
+        first = items[0]
+        pipe = self.pipes[first["mode"]]
+        padded = items + [first] * (self.batch_size - len(items))
+        pipe.scheduler = self._scheduler(first["mode"], first["scheduler"])
+        kwargs: dict[str, Any] = dict(
+            prompt=[it["prompt"] for it in padded],
+            negative_prompt=[it["negative_prompt"] or "" for it in padded],
+            num_inference_steps=first["steps"],
+            guidance_scale=first["guidance_scale"],
+            generator=[torch.Generator("cpu").manual_seed(it["seed"]) for it in padded],
+            output_type="np",
+        )
+        if first["mode"] == "txt2img":
+            kwargs.update(width=first["width"], height=first["height"])
+        else:
+            raise ItemFailure("UnsupportedMode", f"mode {first['mode']!r} is not supported yet")
+        started = time.perf_counter()
+        with torch.inference_mode():
+            output = pipe(**kwargs)
+        seconds = (time.perf_counter() - started) / len(items)
+        self.pipeline_calls += 1
+        nsfw = getattr(output, "nsfw_content_detected", None) or [False] * len(padded)
+        results = []
+        for position, item in enumerate(items):
+            image = output.images[position]
+            if not np.isfinite(image).all():
+                results.append(
+                    self._failed(item, "NonFiniteOutput", "NaN/inf in the decoded image")
+                )
+                continue
+            pixels = to_uint8(image)
+            if nsfw[position]:
+                results.append(
+                    self._failed(
+                        item,
+                        "SafetyChecker",
+                        "the checkpoint's safety checker blacked out this image",
+                    )
+                )
+                continue
+            if not pixels.any():
+                results.append(self._failed(item, "BlackImage", "decoded image is all black"))
+                continue
+            results.append(
+                self._done(
+                    item,
+                    pixels,
+                    position=position,
+                    seconds=seconds,
+                    scheduler=type(pipe.scheduler).__name__,
+                )
+            )
+        return results
+
+    def _scheduler(self, mode: str, name: str) -> Any:
+        from .models import make_scheduler
+
+        default = self.default_schedulers[mode]
+        # Schedulers keep per-call state (timesteps, step index): build a fresh one per call.
+        return make_scheduler(name, default.config) or type(default).from_config(default.config)
+
+    def _common(self, item: dict[str, Any]) -> dict[str, Any]:
+        row = {k: v for k, v in item.items() if k not in IMAGE_INPUTS}
+        row.update(
+            model_sha256=self.model_hashes.get(item["model"]),
+            batch_size=self.batch_size,
+            torch_threads=self.torch_threads,
+            device=self.device,
+            dtype=self.dtype_name,
+            env=self.env,
+            worker=self.worker,
+            prompt_truncated=bool(item.get("prompt_truncated", False)),
+        )
+        return row
+
+    def _done(
+        self,
+        item: dict[str, Any],
+        pixels: np.ndarray,
+        *,
+        position: int,
+        seconds: float,
+        scheduler: str,
+    ) -> dict[str, Any]:
+        row = self._common(item)
+        row.update(
+            status="ok",
+            pixels=pixels.tobytes(),
+            batch_position=position,
+            render_seconds=seconds,
+            scheduler_class=scheduler,
+            error_type=None,
+            error_message=None,
+            attempts=1,
+        )
+        return row
+
+    def _failed(
+        self, item: dict[str, Any], error_type: str, message: str, attempts: int = 1
+    ) -> dict[str, Any]:
+        row = self._common(item)
+        row.update(
+            status="failed",
+            pixels=None,
+            batch_position=None,
+            render_seconds=None,
+            scheduler_class=None,
+            error_type=error_type,
+            error_message=message,
+            attempts=attempts,
+        )
+        return row
+
+
+def _short(err: BaseException, limit: int = 500) -> str:
+    text = f"{err}" or type(err).__name__
+    if len(text) > limit:
+        text = text[:limit] + "…"
+    last = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
+    where = f" (at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno})" if last else ""
+    return text + where

@@ -1,0 +1,327 @@
+"""The YAML job spec: pydantic models, loading with readable errors, JSON schema export.
+
+Every field is typed and documented here once; `sdbatch schema` and the README's field
+list come from these models. This module must stay light: no torch, diffusers or ray.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+MODES = ("txt2img", "img2img", "inpaint", "depth2img")
+Mode = Literal["txt2img", "img2img", "inpaint", "depth2img"]
+
+# Names users know from A1111/diffusers docs → built in models.scheduler_for().
+SCHEDULERS = (
+    "default",
+    "ddim",
+    "pndm",
+    "lms",
+    "euler",
+    "euler_a",
+    "heun",
+    "dpmpp_2m",
+    "dpmpp_2m_karras",
+    "dpmpp_sde",
+    "unipc",
+)
+
+MAX_SEED = 2**63 - 1
+
+
+class SpecError(Exception):
+    """A job spec that cannot run; `problems` holds one readable line per problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+def check_scheduler(value: str) -> str:
+    if value not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler; valid: {', '.join(SCHEDULERS)}; got {value!r}")
+    return value
+
+
+def check_multiple_of_8(value: int) -> int:
+    if value % 8:
+        raise ValueError(f"must be a multiple of 8, got {value}")
+    return value
+
+
+class RenderParams(_Strict):
+    """Render parameters; `defaults` in the spec, overridable per manifest row."""
+
+    mode: Mode = Field("txt2img", description="txt2img | img2img | inpaint | depth2img")
+    steps: int = Field(20, ge=1, le=500, description="Number of sampling steps (1..500).")
+    guidance_scale: float = Field(7.5, ge=0, le=100, description="CFG scale (>= 0).")
+    scheduler: str = Field(
+        "default",
+        description="Sampler name; 'default' uses the checkpoint's own scheduler config. "
+        f"One of: {', '.join(SCHEDULERS)}.",
+    )
+    width: int = Field(512, ge=8, le=4096, description="Image width in pixels, multiple of 8.")
+    height: int = Field(512, ge=8, le=4096, description="Image height in pixels, multiple of 8.")
+    negative_prompt: str = Field("", description="Negative prompt (replaces the empty prompt).")
+    num_images: int = Field(1, ge=1, le=10_000, description="Images per manifest row.")
+    strength: float = Field(
+        0.75,
+        ge=0,
+        le=1,
+        description="Denoising strength for img2img/inpaint/depth2img (0 = input, 1 = noise).",
+    )
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler(cls, v: str) -> str:
+        return check_scheduler(v)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        return check_multiple_of_8(v)
+
+
+class ModelsSpec(_Strict):
+    """Checkpoints per mode: a local diffusers folder or a hub id already in the HF cache."""
+
+    base: str = Field(..., description="txt2img/img2img checkpoint (diffusers layout).")
+    inpaint: str | None = Field(
+        None, description="Inpainting checkpoint (9-channel UNet); default: the base model."
+    )
+    depth: str | None = Field(None, description="Depth-to-image checkpoint (5-channel UNet + DPT).")
+
+
+class ComputeSpec(_Strict):
+    """How the render stage is placed on Ray."""
+
+    actors: int | Literal["auto"] = Field(
+        "auto",
+        description="Render actors; 'auto' = GPUs in the cluster, or CPUs / cpus_per_actor "
+        "(leaving room for the CPU stages) without GPUs.",
+    )
+    cpus_per_actor: float = Field(1.0, gt=0, le=256, description="CPU threads per render actor.")
+    gpus_per_actor: float = Field(0, ge=0, le=8, description="GPUs per actor (0.5 = two per GPU).")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto = float16 on CUDA, float32 on CPU."
+    )
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description="torch intra-op threads per actor; default ceil(cpus_per_actor). "
+        "On CPU the thread count changes output bits, so it is recorded per image.",
+    )
+
+    @field_validator("actors")
+    @classmethod
+    def _positive(cls, v: int | str) -> int | str:
+        if isinstance(v, int) and v < 1:
+            raise ValueError(f"must be >= 1 or 'auto', got {v}")
+        return v
+
+
+class JobSpec(_Strict):
+    """A batch rendering job: what to render (manifest), with what (model) and where to."""
+
+    name: str = Field(..., min_length=1, description="Job name (recorded in metadata).")
+    manifest: str = Field(
+        ..., description="Parquet manifest URI (local path; relative to the spec file)."
+    )
+    output: str = Field(
+        ..., description="Output folder URI (local path; relative to the spec file)."
+    )
+    model: str | None = Field(None, description="Shorthand for models.base.")
+    models: ModelsSpec | None = Field(None, description="Checkpoints per mode.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Job seed; per-item seeds derive from it.")
+    batch_size: int = Field(4, ge=1, le=256, description="Images per pipeline call.")
+    prompt_overflow: Literal["truncate", "fail"] = Field(
+        "truncate",
+        description="Prompts over 77 CLIP tokens: truncate (as diffusers does, recorded per "
+        "item) or fail the item.",
+    )
+    defaults: RenderParams = Field(default_factory=lambda: RenderParams())
+    compute: ComputeSpec = Field(default_factory=lambda: ComputeSpec())
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", v):
+            raise ValueError(f"use letters, digits, '.', '_' or '-', got {v!r}")
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("model") is not None:
+            if data.get("models") is not None:
+                raise ValueError("set either 'model' or 'models', not both")
+            data = {**data, "models": {"base": data["model"]}, "model": None}
+        return data
+
+    @model_validator(mode="after")
+    def _has_model(self) -> JobSpec:
+        if self.models is None:
+            raise ValueError("set 'model' (a checkpoint) or 'models: {base: ...}'")
+        return self
+
+    def model_for(self, mode: str) -> str:
+        assert self.models is not None
+        if mode == "inpaint" and self.models.inpaint:
+            return self.models.inpaint
+        if mode == "depth2img":
+            if not self.models.depth:
+                raise ValueError("mode depth2img needs models.depth (a depth2img checkpoint)")
+            return self.models.depth
+        return self.models.base
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "(top level)"
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The sub-model reached by following `loc` from `model` (None if not a model)."""
+    current: Any = model
+    for part in loc:
+        field = getattr(current, "model_fields", {}).get(part)
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        current = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if current is None:
+            return None
+    return current
+
+
+def _bounds(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
+    """'1..500' style range of the numeric field at `loc`, from its Field(ge=, le=)."""
+    parent = _model_at(model, loc[:-1])
+    field = parent.model_fields.get(str(loc[-1])) if parent else None
+    if field is None:
+        return None
+    lo = hi = None
+    for m in field.metadata:
+        lo = getattr(m, "ge", None) if getattr(m, "ge", None) is not None else lo
+        lo = f">{m.gt}" if getattr(m, "gt", None) is not None else lo
+        hi = getattr(m, "le", None) if getattr(m, "le", None) is not None else hi
+    if lo is None or hi is None:
+        return None
+    return f"{lo}..{hi}" if not str(lo).startswith(">") else f"{lo} and <= {hi}"
+
+
+_RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
+
+
+def format_errors(source: str, err: ValidationError, model: type[BaseModel] = JobSpec) -> list[str]:
+    """One line per problem: `FILE: field.path: what is wrong, got VALUE`."""
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        where = _loc(loc)
+        if e["type"] == "extra_forbidden":
+            key = str(loc[-1])
+            sub = _model_at(model, loc[:-1])
+            hint = difflib.get_close_matches(key, list(sub.model_fields) if sub else [], n=1)
+            tip = f" (did you mean {hint[0]!r}?)" if hint else ""
+            lines.append(f"{source}: {where}: unknown key{tip}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        bounds = _bounds(model, loc) if e["type"] in _RANGE_ERRORS else None
+        if bounds:
+            lines.append(f"{source}: {where}: must be {bounds}, got {e.get('input')!r}")
+        elif e["type"] == "missing":
+            lines.append(f"{source}: {where}: required field is missing")
+        elif "got" in msg:
+            lines.append(f"{source}: {where}: {msg}")
+        else:
+            lines.append(f"{source}: {where}: {msg}, got {e.get('input')!r}")
+    return lines
+
+
+def parse_spec(data: Any, source: str = "<spec>") -> JobSpec:
+    if not isinstance(data, dict):
+        raise SpecError(
+            [f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}"]
+        )
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(format_errors(source, err)) from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read and validate a YAML spec; relative paths resolve against the spec's folder."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError([f"{path}: spec file not found"]) from None
+    except OSError as err:
+        raise SpecError([f"{path}: cannot read spec: {err.strerror}"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(err, "problem", None) or str(err)
+        raise SpecError([f"{path}: malformed YAML{where}: {problem}"]) from None
+    spec = parse_spec(data, str(path))
+    return resolve_paths(spec, path.parent)
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri
+
+
+def looks_like_hub_id(value: str) -> bool:
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value))
+
+
+def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
+    """Make local paths absolute against `base`; leave URIs and hub ids as they are."""
+
+    def fix(value: str, *, may_be_hub: bool = False) -> str:
+        if is_remote(value) or Path(value).is_absolute():
+            return value
+        candidate = (base / value).resolve()
+        if may_be_hub and not candidate.exists() and looks_like_hub_id(value):
+            return value
+        return str(candidate)
+
+    updates: dict[str, Any] = {"manifest": fix(spec.manifest), "output": fix(spec.output)}
+    assert spec.models is not None
+    models = spec.models.model_copy(
+        update={
+            k: fix(v, may_be_hub=True) for k, v in spec.models.model_dump().items() if v is not None
+        }
+    )
+    updates["models"] = models
+    return spec.model_copy(update=updates)
+
+
+def json_schema() -> dict[str, Any]:
+    schema = JobSpec.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "sdbatch job spec"
+    return schema
+
+
+def dump_spec(spec: JobSpec) -> str:
+    """The resolved spec as YAML (what `OUTPUT/job.yaml` holds)."""
+    data = spec.model_dump(mode="json", exclude={"model"})
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,34 @@
+"""Shared fixtures: offline HF, tiny models built once, one local Ray per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random pipelines (base, inpaint, depth), built with `sdbatch models tiny`'s code."""
+    from sdbatch.tiny import build_tiny
+
+    return build_tiny(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole session (dashboard off), shut down at the end."""
+    import ray
+
+    from sdbatch.runner import init_ray
+
+    init_ray()
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,132 @@
+"""Spec validation: one clear message per problem, naming file, field and value."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdbatch.spec import SpecError, json_schema, load_spec
+
+BASE = """\
+name: cats
+manifest: m.parquet
+output: out
+model: models/base
+"""
+
+
+def problems(tmp_path: Path, text: str) -> list[str]:
+    path = tmp_path / "job.yaml"
+    path.write_text(text)
+    with pytest.raises(SpecError) as info:
+        load_spec(path)
+    return info.value.problems
+
+
+def test_valid_spec_resolves_relative_paths(tmp_path: Path) -> None:
+    (tmp_path / "models/base").mkdir(parents=True)
+    (tmp_path / "job.yaml").write_text(BASE)
+    spec = load_spec(tmp_path / "job.yaml")
+    assert spec.manifest == str(tmp_path / "m.parquet")
+    assert spec.output == str(tmp_path / "out")
+    assert spec.models is not None and spec.models.base == str(tmp_path / "models/base")
+    assert spec.defaults.steps == 20 and spec.batch_size == 4
+
+
+def test_hub_id_kept_when_no_such_folder(tmp_path: Path) -> None:
+    (tmp_path / "job.yaml").write_text(
+        BASE.replace("models/base", "runwayml/stable-diffusion-v1-5")
+    )
+    spec = load_spec(tmp_path / "job.yaml")
+    assert spec.models is not None and spec.models.base == "runwayml/stable-diffusion-v1-5"
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("defaults: {steps: 900}", "job.yaml: defaults.steps: must be 1..500, got 900"),
+        ("defaults: {steps: 0}", "job.yaml: defaults.steps: must be 1..500, got 0"),
+        ("defaults: {width: 65}", "job.yaml: defaults.width: must be a multiple of 8, got 65"),
+        (
+            "defaults: {guidance_scale: -1}",
+            "job.yaml: defaults.guidance_scale: must be 0..100, got -1",
+        ),
+        (
+            "defaults: {scheduler: warp}",
+            "defaults.scheduler: unknown scheduler; valid: default, ddim",
+        ),
+        ("defaults: {num_images: 0}", "defaults.num_images: must be 1..10000, got 0"),
+        ("defaults: {strength: 1.5}", "defaults.strength: must be 0..1, got 1.5"),
+        ("defaults: {mode: paint}", "defaults.mode: "),
+        ("batch_sise: 3", "job.yaml: batch_sise: unknown key (did you mean 'batch_size'?)"),
+        ("defaults: {stpes: 3}", "defaults.stpes: unknown key (did you mean 'steps'?)"),
+        ("seed: -1", "job.yaml: seed: must be 0..9223372036854775807, got -1"),
+        ("seed: 9223372036854775808", "job.yaml: seed: must be 0..9223372036854775807"),
+        ("batch_size: many", "job.yaml: batch_size: "),
+        ("compute: {device: tpu}", "compute.device: "),
+        ("compute: {dtype: float8}", "compute.dtype: "),
+        ("models: {base: x}", "set either 'model' or 'models', not both"),
+    ],
+)
+def test_bad_values_name_field_and_value(tmp_path: Path, extra: str, expected: str) -> None:
+    found = problems(tmp_path, BASE + extra + "\n")
+    assert any(expected in line for line in found), found
+    assert all(line.startswith(str(tmp_path / "job.yaml")) for line in found)
+
+
+def test_every_problem_reported_once(tmp_path: Path) -> None:
+    found = problems(tmp_path, BASE + "defaults: {steps: 0, width: 7}\nbatch_size: 0\n")
+    assert len(found) == 3, found
+
+
+def test_missing_required_fields(tmp_path: Path) -> None:
+    found = problems(tmp_path, "name: x\n")
+    assert any("manifest: required field is missing" in p for p in found)
+    assert any("output: required field is missing" in p for p in found)
+
+
+def test_malformed_yaml_names_line(tmp_path: Path) -> None:
+    found = problems(tmp_path, "name: [unclosed\n")
+    assert "malformed YAML" in found[0] and "line" in found[0]
+
+
+def test_top_level_not_mapping(tmp_path: Path) -> None:
+    assert "expected a mapping" in problems(tmp_path, "- a\n- b\n")[0]
+
+
+def test_missing_spec_file(tmp_path: Path) -> None:
+    with pytest.raises(SpecError, match="spec file not found"):
+        load_spec(tmp_path / "nope.yaml")
+
+
+def test_schema_is_generated_from_models() -> None:
+    schema = json_schema()
+    assert schema["additionalProperties"] is False
+    assert {"name", "manifest", "output", "defaults", "compute"} <= set(schema["properties"])
+    json.dumps(schema)
+
+
+def test_cli_validate_exits_1_without_traceback(tmp_path: Path) -> None:
+    path = tmp_path / "job.yaml"
+    path.write_text(BASE + "defaults: {steps: 900}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdbatch.cli", "validate", str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 1
+    assert "defaults.steps: must be 1..500, got 900" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_cli_stays_light() -> None:
+    """--help, validate and schema never import torch, diffusers or ray."""
+    code = (
+        "import sys; from sdbatch import cli, spec, manifest, plan, runner, models;"
+        "heavy = [m for m in ('torch', 'diffusers', 'ray', 'transformers') if m in sys.modules];"
+        "print(heavy)"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
