@@ -109,11 +109,11 @@ class ManifestInfo:
     modes: set[str] = field(default_factory=set)
 
 
-def _open(uri: str) -> pq.ParquetFile:
+def _open(uri: str, storage: dict[str, Any] | None) -> pq.ParquetFile:
     from .store import open_store, split_uri
 
     parent, name = split_uri(uri)
-    fs, root = open_store(parent).arrow_filesystem()
+    fs, root = open_store(parent, storage).arrow_filesystem()
     try:
         return pq.ParquetFile(fs.open_input_file(f"{root}/{name}"))
     except FileNotFoundError:
@@ -134,7 +134,7 @@ def _id_problem(value: Any) -> str | None:
 
 def validate_manifest(uri: str, spec: JobSpec) -> ManifestInfo:
     """Check columns, types and every value; raise ManifestError listing the problems."""
-    pf = _open(uri)
+    pf = _open(uri, spec.storage.model_dump())
     schema = pf.schema_arrow
     problems: list[str] = []
 
@@ -208,9 +208,11 @@ def validate_manifest(uri: str, spec: JobSpec) -> ManifestInfo:
     return ManifestInfo(uri, row_no, total_items, columns, modes)
 
 
-def iter_rows(uri: str, columns: list[str]) -> Iterator[dict[str, Any]]:
+def iter_rows(
+    uri: str, columns: list[str], storage: dict[str, Any] | None = None
+) -> Iterator[dict[str, Any]]:
     """Manifest rows as dicts, streamed (only `columns` are read)."""
-    pf = _open(uri)
+    pf = _open(uri, storage)
     for batch in pf.iter_batches(batch_size=READ_ROWS, columns=columns):
         yield from batch.to_pylist()
 

@@ -123,9 +123,9 @@ def read_parts(store: Store, prefix: str, columns: list[str] | None = None) -> I
             yield pq.read_table(io.BytesIO(store.read_bytes(key)), columns=columns)
 
 
-def read_metadata(output: str) -> pa.Table:
+def read_metadata(output: str, storage: dict[str, Any] | None = None) -> pa.Table:
     """Every metadata row of a job output, as one table (empty with the schema if none)."""
-    store = open_store(output)
+    store = open_store(output, storage)
     tables = list(read_parts(store, METADATA_PREFIX))
     if not tables:
         return METADATA_SCHEMA.empty_table()
@@ -230,7 +230,7 @@ def run_job(
     import ray
 
     # 1. Check inputs before loading anything.
-    store = open_store(spec.output)
+    store = open_store(spec.output, spec.storage.model_dump())
     store.check_writable()
     info = check_job(spec)
 
@@ -290,7 +290,9 @@ def _plan_blocks(spec: JobSpec, info: ManifestInfo, done: set, remaining: int, a
     from .plan import ITEM_SCHEMA
 
     block_rows = block_rows_for(remaining, spec.batch_size, actors)
-    items = plan_items(iter_rows(spec.manifest, info.columns), spec, done)
+    items = plan_items(
+        iter_rows(spec.manifest, info.columns, spec.storage.model_dump()), spec, done
+    )
     return [
         ray.put(pa.Table.from_pylist(block, schema=ITEM_SCHEMA))
         for block in homogeneous_blocks(items, block_rows)
@@ -324,7 +326,7 @@ def _pipeline(
     )
     return ds.map_batches(
         write_batch,
-        fn_kwargs=dict(output=spec.output, job_name=spec.name),
+        fn_kwargs=dict(output=spec.output, job_name=spec.name, storage=spec.storage.model_dump()),
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=CPU_STAGE_CPUS,

@@ -132,6 +132,25 @@ class ComputeSpec(_Strict):
         return v
 
 
+class StorageSpec(_Strict):
+    """How to reach S3-compatible storage (AWS S3, MinIO, R2, Ceph). Credentials come from
+    the standard AWS environment variables / profiles, never from the spec."""
+
+    endpoint_url: str | None = Field(
+        None,
+        description="S3 endpoint, e.g. http://minio:9000 or https://<account>.r2.cloudflarestorage.com.",
+    )
+    region: str | None = Field(None, description="Region name (R2: 'auto').")
+    addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="Bucket addressing; MinIO and most self-hosted S3 need 'path'."
+    )
+    profile: str | None = Field(None, description="AWS profile name from ~/.aws/config.")
+    max_attempts: int = Field(10, ge=1, le=50, description="Attempts per S3 request (retries + 1).")
+    retry_mode: Literal["standard", "adaptive"] = Field(
+        "standard", description="botocore retry mode (adaptive also rate-limits on SlowDown)."
+    )
+
+
 class JobSpec(_Strict):
     """A batch rendering job: what to render (manifest), with what (model) and where to."""
 
@@ -151,6 +170,7 @@ class JobSpec(_Strict):
         description="Prompts over 77 CLIP tokens: truncate (as diffusers does, recorded per "
         "item) or fail the item.",
     )
+    storage: StorageSpec = Field(default_factory=lambda: StorageSpec())
     defaults: RenderParams = Field(default_factory=lambda: RenderParams())
     compute: ComputeSpec = Field(default_factory=lambda: ComputeSpec())
 

@@ -152,11 +152,13 @@ def encode_png(pixels: np.ndarray, row: dict[str, Any]) -> bytes:
     return buf.getvalue()
 
 
-def write_batch(batch: pa.Table, *, output: str, job_name: str) -> pa.Table:
+def write_batch(
+    batch: pa.Table, *, output: str, job_name: str, storage: dict[str, Any] | None = None
+) -> pa.Table:
     """Encode and store each rendered image; return metadata rows (schema above)."""
     from .store import open_store
 
-    store = open_store(output)
+    store = open_store(output, storage)
     now = datetime.now(timezone.utc)
     rows = []
     for row in batch.to_pylist():
