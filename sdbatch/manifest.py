@@ -110,14 +110,15 @@ class ManifestInfo:
 
 
 def _open(uri: str, storage: dict[str, Any] | None) -> pq.ParquetFile:
-    from .store import open_store, split_uri
+    from .store import StoreError, open_store, split_uri
 
-    parent, name = split_uri(uri)
-    fs, root = open_store(parent, storage).arrow_filesystem()
     try:
-        return pq.ParquetFile(fs.open_input_file(f"{root}/{name}"))
+        parent, name = split_uri(uri)
+        return pq.ParquetFile(open_store(parent, storage).open_input(name))
     except FileNotFoundError:
         raise ManifestError([f"{uri}: manifest not found"]) from None
+    except StoreError as err:  # no credentials, access denied, unreachable endpoint, ...
+        raise ManifestError([str(err)]) from None
     except (pa.ArrowInvalid, OSError) as err:
         raise ManifestError([f"{uri}: not a readable Parquet file: {err}"]) from None
 
@@ -197,8 +198,20 @@ def validate_manifest(uri: str, spec: JobSpec) -> ManifestInfo:
                         problem(f"{where}: {name} {msg}")
             mode = row.get("mode") or spec.defaults.mode
             modes.add(mode)
-            if mode != "txt2img" and mode in MODES and row.get("init_image") is None:
-                problem(f"{where}: mode {mode} needs an init_image, got none")
+            if mode != "txt2img" and mode in MODES:
+                if row.get("init_image") is None:
+                    problem(f"{where}: mode {mode} needs an init_image, got none")
+                if mode == "inpaint" and row.get("mask_image") is None:
+                    problem(f"{where}: mode inpaint needs a mask_image, got none")
+                steps = row.get("steps") or spec.defaults.steps
+                strength = row.get("strength")
+                strength = spec.defaults.strength if strength is None else strength
+                if 0 < strength <= 1 and int(steps * strength) < 1:
+                    problem(
+                        f"{where}: strength {strength:g} × steps {steps} rounds to 0 denoising "
+                        "steps (diffusers refuses it); raise steps or strength, or use strength 0 "
+                        "to keep the input unchanged"
+                    )
             n = row.get("num_images")
             total_items += n if isinstance(n, int) and n > 0 else default_n
     if extra:

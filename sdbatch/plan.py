@@ -8,6 +8,7 @@ what makes resume and `sdbatch rerun` possible.
 from __future__ import annotations
 
 import hashlib
+import posixpath
 import re
 import unicodedata
 from collections.abc import Iterable, Iterator
@@ -49,6 +50,7 @@ ITEM_SCHEMA = pa.schema(
         ("height", pa.int32()),
         ("strength", pa.float64()),
         ("key", pa.string()),
+        ("depth_source", pa.string()),
         ("batch_key", pa.string()),
         *[(c, pa.binary()) for c in IMAGE_COLUMNS],
         *[(f"{c}_uri", pa.string()) for c in IMAGE_COLUMNS],
@@ -65,6 +67,7 @@ BATCH_FIELDS = (
     "guidance_scale",
     "scheduler",
     "strength",
+    "depth_source",
 )
 
 
@@ -106,7 +109,22 @@ def batch_key(item: dict[str, Any]) -> str:
     return "|".join(f"{item[f]}" for f in BATCH_FIELDS)
 
 
-def expand_row(row: dict[str, Any], spec: JobSpec) -> Iterator[dict[str, Any]]:
+def resolve_uri(ref: str, base: str) -> str:
+    """An image URI from a manifest: absolute paths and URLs as-is, else relative to `base`
+    (the manifest's folder or S3 prefix)."""
+    if "://" in ref or ref.startswith("/"):
+        return ref
+    if "://" in base:
+        scheme, _, rest = base.partition("://")
+        return f"{scheme}://{posixpath.normpath(posixpath.join(rest, ref))}"
+    return posixpath.normpath(posixpath.join(base, ref))
+
+
+def manifest_base(manifest_uri: str) -> str:
+    return manifest_uri.rstrip("/").rsplit("/", 1)[0] or "/"
+
+
+def expand_row(row: dict[str, Any], spec: JobSpec, base: str = "/") -> Iterator[dict[str, Any]]:
     """The work items of one manifest row (one per image index)."""
     defaults = spec.defaults.model_dump()
     params = {
@@ -128,7 +146,12 @@ def expand_row(row: dict[str, Any], spec: JobSpec) -> Iterator[dict[str, Any]]:
         for name in IMAGE_COLUMNS:
             value = row.get(name)
             item[name] = value if isinstance(value, bytes) else None
-            item[f"{name}_uri"] = value if isinstance(value, str) else None
+            item[f"{name}_uri"] = resolve_uri(value, base) if isinstance(value, str) else None
+        if item["mode"] == "depth2img":
+            provided = item["depth_map"] is not None or item["depth_map_uri"] is not None
+            item["depth_source"] = "provided" if provided else "estimated"
+        else:
+            item["depth_source"] = None
         item["steps"] = int(item["steps"])
         item["width"] = int(item["width"])
         item["height"] = int(item["height"])
@@ -144,8 +167,9 @@ def plan_items(
     done: set[tuple[str, int]] | frozenset[tuple[str, int]] = frozenset(),
 ) -> Iterator[dict[str, Any]]:
     """All items of `rows` not yet in `done` (a set of `(id, image_index)`)."""
+    base = manifest_base(spec.manifest)
     for row in rows:
-        for item in expand_row(row, spec):
+        for item in expand_row(row, spec, base):
             if (item["id"], item["image_index"]) not in done:
                 yield item
 
@@ -171,5 +195,5 @@ def block_rows_for(total_items: int, batch_size: int, actors: int) -> int:
     """Rows per block: a multiple of the batch size, small enough that every actor gets
     several blocks, large enough that a 10⁶-item job is not a million tiny objects."""
     per_actor = max(1, total_items // max(1, actors * 4))
-    batches = max(1, min(64, per_actor // batch_size))
+    batches = max(1, min(16, per_actor // batch_size))
     return batches * batch_size

@@ -24,7 +24,15 @@ import pyarrow as pa
 
 from . import __version__
 
-IMAGE_INPUTS = ("init_image", "mask_image", "depth_map")
+# Decoded inputs from the prepare stage; consumed here, never copied into metadata.
+IMAGE_INPUTS = (
+    "init_image",
+    "mask_image",
+    "depth_map",
+    "init_pixels",
+    "mask_pixels",
+    "depth_pixels",
+)
 
 
 def environment_fingerprint(device: str) -> dict[str, str]:
@@ -123,6 +131,11 @@ class Renderer:
     def _render_group(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ready, results = [], []
         for item in items:
+            if item.get("status") == "failed":  # the prepare stage already said why
+                results.append(
+                    self._failed(item, item["error_type"], item["error_message"], attempts=1)
+                )
+                continue
             try:
                 item["prompt_truncated"] = self._check_prompt(item)
                 ready.append(item)
@@ -130,6 +143,8 @@ class Renderer:
                 results.append(self._failed(item, err.error_type, str(err), attempts=1))
         if not ready:
             return results
+        if ready[0]["mode"] != "txt2img" and ready[0]["strength"] == 0:
+            return results + [self._unchanged(item) for item in ready]
         try:
             results.extend(self._call(ready))
         except Exception as err:  # noqa: BLE001 - isolate the item that broke the batch
@@ -175,15 +190,13 @@ class Renderer:
             generator=[torch.Generator("cpu").manual_seed(it["seed"]) for it in padded],
             output_type="np",
         )
-        if first["mode"] == "txt2img":
-            kwargs.update(width=first["width"], height=first["height"])
-        else:
-            raise ItemFailure("UnsupportedMode", f"mode {first['mode']!r} is not supported yet")
+        kwargs.update(self._mode_inputs(padded))
         started = time.perf_counter()
         with torch.inference_mode():
             output = pipe(**kwargs)
         seconds = (time.perf_counter() - started) / len(items)
         self.pipeline_calls += 1
+        call_id = f"{self.worker}#{self.pipeline_calls}"
         nsfw = getattr(output, "nsfw_content_detected", None) or [False] * len(padded)
         results = []
         for position, item in enumerate(items):
@@ -213,9 +226,46 @@ class Renderer:
                     position=position,
                     seconds=seconds,
                     scheduler=type(pipe.scheduler).__name__,
+                    call_id=call_id,
                 )
             )
         return results
+
+    def _mode_inputs(self, padded: list[dict[str, Any]]) -> dict[str, Any]:
+        """The pipeline arguments that differ between the four modes."""
+        import torch
+        from PIL import Image
+
+        first = padded[0]
+        size = (first["width"], first["height"])
+        if first["mode"] == "txt2img":
+            return {"width": size[0], "height": size[1]}
+        inputs: dict[str, Any] = {
+            "image": [Image.frombytes("RGB", size, it["init_pixels"]) for it in padded],
+            "strength": first["strength"],
+        }
+        if first["mode"] == "inpaint":
+            inputs["mask_image"] = [Image.frombytes("L", size, it["mask_pixels"]) for it in padded]
+            inputs.update(width=size[0], height=size[1])
+        elif first["mode"] == "depth2img" and first["depth_source"] == "provided":
+            maps = [
+                np.frombuffer(it["depth_pixels"], np.float32).reshape(size[1], size[0])
+                for it in padded
+            ]
+            inputs["depth_map"] = torch.from_numpy(np.stack(maps))
+        return inputs
+
+    def _unchanged(self, item: dict[str, Any]) -> dict[str, Any]:
+        """Strength 0 means 'keep the input': diffusers refuses 0 denoising steps, so the
+        (prepared) init image is returned as is, and the metadata says so."""
+        pixels = np.frombuffer(item["init_pixels"], np.uint8).reshape(
+            item["height"], item["width"], 3
+        )
+        row = self._done(item, pixels.copy(), position=0, seconds=0.0, scheduler=None)
+        row["notes"] = "; ".join(
+            filter(None, [item.get("notes"), "strength 0: init image returned unchanged"])
+        )
+        return row
 
     def _scheduler(self, mode: str, name: str) -> Any:
         from .models import make_scheduler
@@ -245,7 +295,8 @@ class Renderer:
         *,
         position: int,
         seconds: float,
-        scheduler: str,
+        scheduler: str | None,
+        call_id: str | None = None,
     ) -> dict[str, Any]:
         row = self._common(item)
         row.update(
@@ -254,6 +305,7 @@ class Renderer:
             batch_position=position,
             render_seconds=seconds,
             scheduler_class=scheduler,
+            call_id=call_id,
             error_type=None,
             error_message=None,
             attempts=1,
@@ -270,6 +322,7 @@ class Renderer:
             batch_position=None,
             render_seconds=None,
             scheduler_class=None,
+            call_id=None,
             error_type=error_type,
             error_message=message,
             attempts=attempts,

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from .manifest import ManifestInfo, iter_rows, validate_manifest
 from .plan import block_rows_for, homogeneous_blocks, plan_items
 from .spec import JobSpec, dump_spec
-from .store import Store, open_store
+from .store import AWS_ENV_VARS, Store, open_store
 from .write import METADATA_SCHEMA, write_batch
 
 METADATA_PREFIX = "metadata/"
@@ -109,6 +109,11 @@ def check_job(spec: JobSpec) -> ManifestInfo:
     return info
 
 
+def models_for(spec: JobSpec, modes: set[str]) -> dict[str, str]:
+    """Checkpoint per mode, for the modes this job uses only (actors load nothing else)."""
+    return {mode: spec.model_for(mode) for mode in sorted(modes)}
+
+
 def done_items(store: Store) -> set[tuple[str, int]]:
     """(id, image_index) of items with a metadata row and an image on record."""
     done: set[tuple[str, int]] = set()
@@ -156,7 +161,7 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
 
 
 def _forwarded_env() -> dict[str, str]:
-    names = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_OFFLINE")
+    names = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_OFFLINE", *AWS_ENV_VARS)
     env = {n: os.environ[n] for n in names if n in os.environ}
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -243,7 +248,7 @@ def run_job(
     # 3. Models: hash weights once in the driver; actors load only what the modes need.
     from .models import weights_sha256
 
-    models = {mode: spec.model_for(mode) for mode in sorted(info.modes)}
+    models = models_for(spec, info.modes)
     hashes = {ref: weights_sha256(ref) for ref in set(models.values())}
 
     # 4. Ray and placement.
@@ -258,7 +263,9 @@ def run_job(
     parts: list[str] = []
     if remaining > 0:
         refs = _plan_blocks(spec, info, done, remaining, placement.actors)
-        ds = _pipeline(spec, refs, models, hashes, placement)
+        ds = _pipeline(
+            spec, refs, models, hashes, placement, needs_inputs=info.modes != {"txt2img"}
+        )
         parts = _commit_stream(ds, store, run_id, progress, on_progress, flush_rows, flush_seconds)
 
     # 6. The success marker comes last, and only when nothing is missing.
@@ -300,13 +307,30 @@ def _plan_blocks(spec: JobSpec, info: ManifestInfo, done: set, remaining: int, a
 
 
 def _pipeline(
-    spec: JobSpec, refs: list, models: dict[str, str], hashes: dict[str, str], placement: Placement
+    spec: JobSpec,
+    refs: list,
+    models: dict[str, str],
+    hashes: dict[str, str],
+    placement: Placement,
+    needs_inputs: bool,
 ) -> Any:
     import ray.data
 
+    from .prepare import prepare_batch
     from .render import Renderer
 
     ds = ray.data.from_arrow_refs(refs)
+    if needs_inputs:
+        # Fetch + decode input images in CPU tasks, ahead of the actors.
+        ds = ds.map_batches(
+            prepare_batch,
+            fn_kwargs=dict(storage=spec.storage.model_dump()),
+            batch_format="pyarrow",
+            batch_size=None,
+            num_cpus=CPU_STAGE_CPUS,
+        )
+    # batch_size=None: each call gets one planned block (one batch key, a multiple of
+    # batch_size items), so pipeline calls are as full as the plan allows.
     ds = ds.map_batches(
         Renderer,
         fn_constructor_kwargs=dict(
@@ -319,7 +343,7 @@ def _pipeline(
             prompt_overflow=spec.prompt_overflow,
         ),
         compute=ray.data.ActorPoolStrategy(size=placement.actors),
-        batch_size=spec.batch_size,
+        batch_size=None,
         batch_format="pyarrow",
         num_cpus=placement.cpus_per_actor,
         num_gpus=placement.gpus_per_actor or None,

@@ -12,7 +12,12 @@ import yaml
 
 def write_manifest(path: Path, rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), path)
+    if schema is None:  # from_pylist would take the columns of the first row only
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        table = pa.table({c: [row.get(c) for row in rows] for c in columns})
+    else:
+        table = pa.Table.from_pylist(rows, schema=schema)
+    pq.write_table(table, path)
     return path
 
 

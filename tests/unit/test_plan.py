@@ -128,5 +128,5 @@ def test_blocks_are_homogeneous_and_complete() -> None:
 
 def test_block_rows_spread_small_jobs_over_actors() -> None:
     assert block_rows_for(16, 4, 2) == 4
-    assert block_rows_for(10**6, 4, 2) == 256
+    assert block_rows_for(10**6, 4, 2) == 64
     assert block_rows_for(3, 4, 2) == 4
