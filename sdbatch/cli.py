@@ -91,6 +91,15 @@ def run(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show Ray's own logs and bars.")
     ] = False,
+    fresh: Annotated[
+        bool, typer.Option(help="Refuse a non-empty output instead of resuming.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option(help="With --fresh: delete what the output holds first.")
+    ] = False,
+    retry_failed: Annotated[
+        bool, typer.Option(help="Render only the items that failed before.")
+    ] = False,
 ) -> None:
     """Render a job. Resumes from whatever the output folder already holds."""
     from .manifest import ManifestError
@@ -107,6 +116,9 @@ def run(
             on_start=reporter.start,
             on_progress=reporter.update,
             verbose=verbose,
+            fresh=fresh,
+            overwrite=overwrite,
+            retry_failed=retry_failed,
         )
     except (ManifestError, RunError, ModelError, StoreError) as e:
         reporter.stop()
@@ -182,6 +194,89 @@ class _Reporter:
         if self.bar is not None:
             self.bar.stop()
             self.bar = None
+
+
+def _output_and_storage(target: str) -> tuple[str, dict[str, Any] | None]:
+    """`JOB.yaml` → (its output, its storage options); anything else is an output URI
+    (S3 endpoints and credentials then come from the standard AWS environment)."""
+    if target.endswith((".yaml", ".yml")) and Path(target).is_file():
+        spec = _load(Path(target))
+        return spec.output, spec.storage.model_dump()
+    return target, None
+
+
+@app.command()
+def status(
+    target: Annotated[
+        str, typer.Argument(metavar="OUTPUT|JOB.yaml", help="Job output or its spec.")
+    ],
+) -> None:
+    """Done / failed / remaining counts, speed and top failure reasons of a job's output."""
+    from .status import job_status
+    from .store import StoreError
+
+    output, storage = _output_and_storage(target)
+    try:
+        st = job_status(output, storage)
+    except StoreError as e:
+        _fail(str(e))
+    total = "?" if st.total is None else str(st.total)
+    remaining = "?" if st.remaining is None else str(st.remaining)
+    state = "complete" if st.complete else "incomplete (running, interrupted, or with failures)"
+    out.print(f"{st.output}: {state}", markup=False)
+    out.print(f"  done {st.done} / {total}, failed {st.failed}, remaining {remaining}")
+    if st.images_per_second:
+        out.print(f"  latest run: {st.images_per_second:.2f} img/s")
+    for reason, count in st.top_failures:
+        out.print(f"  {count} × {reason}", markup=False)
+
+
+@app.command()
+def rerun(
+    target: Annotated[
+        str, typer.Argument(metavar="OUTPUT|JOB.yaml", help="Job output or its spec.")
+    ],
+    ids: Annotated[
+        list[str] | None, typer.Option("--ids", help="Item ids to regenerate (repeatable).")
+    ] = None,
+    failed: Annotated[bool, typer.Option("--failed", help="Regenerate the failed items.")] = False,
+    to: Annotated[
+        str | None, typer.Option("--to", help="Write regenerated images + metadata here.")
+    ] = None,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify", help="Compare with the stored sha256; exit 1 unless all bit-exact."
+        ),
+    ] = False,
+) -> None:
+    """Regenerate items from their metadata alone (no manifest), optionally verifying them."""
+    from .rerun import RerunError
+    from .rerun import rerun as do_rerun
+
+    if not (to or verify):
+        _fail("rerun needs --to OUTPUT2 (where to write) and/or --verify (compare only)")
+    output, storage = _output_and_storage(target)
+    try:
+        report = do_rerun(output, ids=ids, failed=failed, to=to, verify=verify, storage=storage)
+    except RerunError as e:
+        _fail(str(e))
+    for o in report.outcomes:
+        if o.status == "differs":
+            psnr = "inf" if o.psnr is None or o.psnr == float("inf") else f"{o.psnr:.1f} dB"
+            out.print(
+                f"  {o.id}[{o.image_index}]: differs: max pixel diff {o.max_diff}, PSNR {psnr}",
+                markup=False,
+            )
+        elif o.status not in ("exact", "rendered"):
+            out.print(f"  {o.id}[{o.image_index}]: {o.status}: {o.detail}", markup=False)
+    n = len(report.outcomes)
+    if verify:
+        out.print(f"reproduced {report.exact}/{n} bit-exact")
+        if not report.all_exact:
+            raise typer.Exit(1)
+    else:
+        out.print(f"regenerated {n} item(s) into {to}")
 
 
 @models_app.command("tiny")

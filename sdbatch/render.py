@@ -131,6 +131,7 @@ class Renderer:
     def _render_group(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ready, results = [], []
         for item in items:
+            _fault_hook(item)
             if item.get("status") == "failed":  # the prepare stage already said why
                 results.append(
                     self._failed(item, item["error_type"], item["error_message"], attempts=1)
@@ -175,12 +176,31 @@ class Renderer:
                 too_long = True
         return too_long
 
-    def _call(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def render_alone(self, item: dict[str, Any], position: int = 0) -> dict[str, Any]:
+        """Render one item in a call of `batch_size` images, at `position` (for reruns)."""
+        try:
+            item["prompt_truncated"] = self._check_prompt(item)
+        except ItemFailure as err:
+            return self._failed(item, err.error_type, str(err))
+        if item["mode"] != "txt2img" and item["strength"] == 0:
+            return self._unchanged(item)
+        return self._call([item], position=min(position, self.batch_size - 1))[0]
+
+    def _call(
+        self, items: list[dict[str, Any]], position: int | None = None
+    ) -> list[dict[str, Any]]:
+        """One pipeline call of exactly batch_size images; padding copies items[0].
+
+        `position` puts a single item at that slot (reruns); else items take the first slots.
+        """
         import torch
 
         first = items[0]
         pipe = self.pipes[first["mode"]]
         padded = items + [first] * (self.batch_size - len(items))
+        slots = list(range(len(items))) if position is None else [position]
+        for item in items:
+            _fault_hook(item, inside_call=True)
         pipe.scheduler = self._scheduler(first["mode"], first["scheduler"])
         kwargs: dict[str, Any] = dict(
             prompt=[it["prompt"] for it in padded],
@@ -199,7 +219,7 @@ class Renderer:
         call_id = f"{self.worker}#{self.pipeline_calls}"
         nsfw = getattr(output, "nsfw_content_detected", None) or [False] * len(padded)
         results = []
-        for position, item in enumerate(items):
+        for item, position in zip(items, slots, strict=True):
             image = output.images[position]
             if not np.isfinite(image).all():
                 results.append(
@@ -328,6 +348,31 @@ class Renderer:
             attempts=attempts,
         )
         return row
+
+
+def _fault_hook(item: dict[str, Any], inside_call: bool = False) -> None:
+    """Test-only fault injection, set through the SDBATCH_FAULT environment variable:
+
+    `crash:ID:MARKER` kills this actor process at item ID once (MARKER is a file created
+    on the first crash), `crashloop:ID` kills it every time, `hang:ID` blocks forever,
+    `raise:ID` makes every pipeline call that contains ID raise (like a CUDA OOM would).
+    """
+    spec = os.environ.get("SDBATCH_FAULT")
+    if not spec:
+        return
+    kind, _, rest = spec.partition(":")
+    target, _, marker = rest.partition(":")
+    if item["id"] != target or inside_call != (kind == "raise"):
+        return
+    if kind == "crash" and marker and not os.path.exists(marker):
+        open(marker, "w").close()
+        os._exit(17)
+    if kind == "crashloop":
+        os._exit(17)
+    if kind == "hang":
+        time.sleep(10**6)
+    if kind == "raise":
+        raise RuntimeError(f"injected failure for {target} (SDBATCH_FAULT)")
 
 
 def _short(err: BaseException, limit: int = 500) -> str:

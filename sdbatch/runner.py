@@ -10,10 +10,12 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
+import queue
+import threading
 import time
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -26,13 +28,14 @@ import pyarrow.parquet as pq
 from .manifest import ManifestInfo, iter_rows, validate_manifest
 from .plan import block_rows_for, homogeneous_blocks, plan_items
 from .spec import JobSpec, dump_spec
-from .store import AWS_ENV_VARS, Store, open_store
+from .store import AWS_ENV_VARS, Store, open_store, unwrap_task_error
 from .write import METADATA_SCHEMA, write_batch
 
 METADATA_PREFIX = "metadata/"
 FAILURES_PREFIX = "failures/"
 SUCCESS_KEY = "_SUCCESS"
 SPEC_KEY = "job.yaml"
+RUN_KEY = "_RUN.json"
 # CPUs kept free for the read/prepare/write tasks so the actor pool can never take
 # them all (Ray Data then hangs silently on a 2-CPU machine).
 CPU_STAGE_CPUS = 0.25
@@ -40,6 +43,10 @@ CPU_STAGE_CPUS = 0.25
 
 class RunError(Exception):
     """A job that cannot start or cannot finish; the message says why."""
+
+
+class Stalled(Exception):
+    """No item finished within the watchdog interval."""
 
 
 @dataclass
@@ -115,11 +122,27 @@ def models_for(spec: JobSpec, modes: set[str]) -> dict[str, str]:
 
 
 def done_items(store: Store) -> set[tuple[str, int]]:
-    """(id, image_index) of items with a metadata row and an image on record."""
+    """(id, image_index) of items with a metadata row whose image exists.
+
+    One listing of images/ (not a request per item), so this stays cheap on S3.
+    """
+    images = set(store.list("images/"))
     done: set[tuple[str, int]] = set()
-    for table in read_parts(store, METADATA_PREFIX, columns=["id", "image_index"]):
-        done.update(zip(table["id"].to_pylist(), table["image_index"].to_pylist(), strict=True))
+    for table in read_parts(store, METADATA_PREFIX, columns=["id", "image_index", "key"]):
+        for item_id, k, key in zip(
+            *(table[c].to_pylist() for c in ("id", "image_index", "key")), strict=True
+        ):
+            if key in images:
+                done.add((item_id, k))
     return done
+
+
+def failed_items(store: Store) -> set[tuple[str, int]]:
+    """(id, image_index) of items with a failure row (they may have succeeded since)."""
+    failed: set[tuple[str, int]] = set()
+    for table in read_parts(store, FAILURES_PREFIX, columns=["id", "image_index"]):
+        failed.update(zip(table["id"].to_pylist(), table["image_index"].to_pylist(), strict=True))
+    return failed
 
 
 def read_parts(store: Store, prefix: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
@@ -140,7 +163,8 @@ def read_metadata(output: str, storage: dict[str, Any] | None = None) -> pa.Tabl
 # ---------------------------------------------------------------- Ray
 
 
-def init_ray(address: str | None = None, verbose: bool = False) -> None:
+def init_ray(address: str | None = None, verbose: bool = False) -> bool:
+    """Connect to `address` (or RAY_ADDRESS), else start a local Ray; True if we started it."""
     import ray
 
     if not verbose:
@@ -149,7 +173,7 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         logging.getLogger("ray").setLevel(logging.ERROR)
     if ray.is_initialized():
-        return
+        return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     ray.init(
         address=address,
@@ -158,10 +182,18 @@ def init_ray(address: str | None = None, verbose: bool = False) -> None:
         logging_level=logging.INFO if verbose else logging.ERROR,
         runtime_env={"env_vars": _forwarded_env()},
     )
+    return not (address or os.environ.get("RAY_ADDRESS"))
 
 
 def _forwarded_env() -> dict[str, str]:
-    names = ("HF_HUB_OFFLINE", "HF_HOME", "HF_HUB_CACHE", "TRANSFORMERS_OFFLINE", *AWS_ENV_VARS)
+    names = (
+        "HF_HUB_OFFLINE",
+        "HF_HOME",
+        "HF_HUB_CACHE",
+        "TRANSFORMERS_OFFLINE",
+        "SDBATCH_FAULT",
+        *AWS_ENV_VARS,
+    )
     env = {n: os.environ[n] for n in names if n in os.environ}
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -198,7 +230,7 @@ def place(spec: JobSpec, cluster: dict[str, float]) -> Placement:
     # Ray's CPU count is bookkeeping; threads are set separately. Shrink the logical
     # reservation so the pool always fits beside the CPU stages.
     cpus_per_actor = min(c.cpus_per_actor, free_cpus / actors)
-    threads = c.torch_threads or max(1, math.ceil(c.cpus_per_actor))
+    threads = c.threads()
     return Placement(actors, round(cpus_per_actor, 3), gpus_per_actor, threads, device)
 
 
@@ -210,6 +242,8 @@ def quiet_ray_data(verbose: bool) -> None:
     ctx.enable_operator_progress_bars = verbose
     ctx.print_on_execution_start = verbose
     ctx.enable_auto_log_stats = False
+    # A write task's StoreError reaches the driver as a StoreError (not UserCodeException).
+    ctx.raise_original_map_exception = True
     if not verbose:
         # Ray Data logs execution notes to the console and everything to its session
         # log file; keep the file (it is what explains a hang), quiet the console.
@@ -228,22 +262,31 @@ def run_job(
     on_progress: Callable[[Progress], None] | None = None,
     on_start: Callable[[Progress, Placement], None] | None = None,
     verbose: bool = False,
-    flush_rows: int = 256,
-    flush_seconds: float = 10.0,
+    fresh: bool = False,
+    overwrite: bool = False,
+    retry_failed: bool = False,
 ) -> RunResult:
-    """Run a job to completion; resumes from whatever the output already holds."""
+    """Run a job to completion; resumes from whatever the output already holds.
+
+    fresh: refuse a non-empty output (unless overwrite: clear it first).
+    retry_failed: render only items with a failure row and no image yet.
+    """
     import ray
 
-    # 1. Check inputs before loading anything.
+    # 1. Check inputs and the output before loading anything.
     store = open_store(spec.output, spec.storage.model_dump())
     store.check_writable()
     info = check_job(spec)
+    if fresh:
+        _start_fresh(store, overwrite)
+    _check_same_render(spec, store)
 
     # 2. What is already done (resume) and what remains.
     done = done_items(store)
-    progress = Progress(total=info.total_items, skipped=len(done))
+    only = failed_items(store) - done if retry_failed else None
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     store.write_bytes(SPEC_KEY, dump_spec(spec).encode(), content_type="application/yaml")
+    store.delete(SUCCESS_KEY)
 
     # 3. Models: hash weights once in the driver; actors load only what the modes need.
     from .models import weights_sha256
@@ -252,23 +295,44 @@ def run_job(
     hashes = {ref: weights_sha256(ref) for ref in set(models.values())}
 
     # 4. Ray and placement.
-    init_ray(address, verbose)
+    owns_ray = init_ray(address, verbose)
     quiet_ray_data(verbose)
     placement = place(spec, ray.cluster_resources())
+
+    # 5. Plan into homogeneous blocks (one batch key per block, a multiple of batch_size).
+    refs, planned = _plan_blocks(spec, info, done, only, placement.actors)
+    progress = Progress(total=info.total_items, skipped=info.total_items - planned)
+    store.write_bytes(
+        RUN_KEY,
+        json.dumps(
+            {
+                "run_id": run_id,
+                "total": info.total_items,
+                "planned": planned,
+                "started_at": datetime.now(timezone.utc).isoformat(),
+            }
+        ).encode(),
+        content_type="application/json",
+    )
     if on_start:
         on_start(progress, placement)
 
-    # 5. Plan into homogeneous blocks (one batch key per block, a multiple of batch_size).
-    remaining = info.total_items - len(done)
+    # 6. Render, write, and commit metadata parts as results stream back.
     parts: list[str] = []
-    if remaining > 0:
-        refs = _plan_blocks(spec, info, done, remaining, placement.actors)
+    if planned:
         ds = _pipeline(
             spec, refs, models, hashes, placement, needs_inputs=info.modes != {"txt2img"}
         )
-        parts = _commit_stream(ds, store, run_id, progress, on_progress, flush_rows, flush_seconds)
+        try:
+            parts = _commit_stream(ds, store, run_id, progress, on_progress, spec.execution)
+        except Stalled as err:
+            if owns_ray:
+                ray.shutdown()  # the only way to stop a hung actor's work from here
+            raise RunError(str(err)) from None
+        except ray.exceptions.RayError as err:
+            raise RunError(_explain_ray_error(err, spec)) from None
 
-    # 6. The success marker comes last, and only when nothing is missing.
+    # 7. The success marker comes last, and only when every item is done.
     result = RunResult(
         name=spec.name,
         output=store.uri,
@@ -282,7 +346,7 @@ def run_job(
         run_id=run_id,
         metadata_parts=parts,
     )
-    if progress.done + progress.skipped == info.total_items:
+    if len(done_items(store)) >= info.total_items:
         store.write_bytes(
             SUCCESS_KEY,
             json.dumps(result.summary(), indent=2).encode(),
@@ -291,19 +355,84 @@ def run_job(
     return result
 
 
-def _plan_blocks(spec: JobSpec, info: ManifestInfo, done: set, remaining: int, actors: int) -> list:
+def _start_fresh(store: Store, overwrite: bool) -> None:
+    existing = [k for k in store.list() if k != "_sdbatch_write_probe"]
+    if not existing:
+        return
+    if not overwrite:
+        raise RunError(
+            f"{store.uri}: output is not empty ({len(existing)} objects); --fresh needs "
+            "--overwrite to delete them, or choose another output"
+        )
+    for key in existing:
+        store.delete(key)
+
+
+def _check_same_render(spec: JobSpec, store: Store) -> None:
+    """Refuse to resume into an output whose items were rendered with other settings."""
+    from .spec import SpecError, parse_spec, render_signature, signature_changes
+
+    if not store.exists(SPEC_KEY):
+        return
+    import yaml
+
+    try:
+        old = parse_spec(yaml.safe_load(store.read_bytes(SPEC_KEY)), store.uri_of(SPEC_KEY))
+    except (SpecError, yaml.YAMLError):
+        raise RunError(
+            f"{store.uri_of(SPEC_KEY)}: unreadable stored spec; use --fresh --overwrite"
+        ) from None
+    changes = signature_changes(render_signature(old), render_signature(spec))
+    if changes:
+        raise RunError(
+            "\n".join(
+                [f"{store.uri}: this output was rendered with different settings:"]
+                + [f"  {c}" for c in changes]
+                + ["resuming would mix images from both; use a new output, or --fresh --overwrite"]
+            )
+        )
+
+
+def _explain_ray_error(err: Exception, spec: JobSpec) -> str:
+    text = str(err)
+    if (
+        "ActorDiedError" in type(err).__name__
+        or "actor died" in text.lower()
+        or "restart" in text.lower()
+    ):
+        return (
+            f"a render actor kept dying (more than execution.max_actor_restarts="
+            f"{spec.execution.max_actor_restarts} restarts); committed images are kept and a rerun "
+            f"resumes. Last error: {text.splitlines()[0] if text else type(err).__name__}"
+        )
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return f"the job failed in Ray: {lines[-1] if lines else type(err).__name__}"
+
+
+def _plan_blocks(
+    spec: JobSpec,
+    info: ManifestInfo,
+    done: set[tuple[str, int]],
+    only: set[tuple[str, int]] | None,
+    actors: int,
+) -> tuple[list, int]:
+    """Object refs of planned blocks, and how many items they hold."""
     import ray
 
     from .plan import ITEM_SCHEMA
 
-    block_rows = block_rows_for(remaining, spec.batch_size, actors)
+    estimate = len(only) if only is not None else max(1, info.total_items - len(done))
+    block_rows = block_rows_for(estimate, spec.batch_size, actors)
     items = plan_items(
         iter_rows(spec.manifest, info.columns, spec.storage.model_dump()), spec, done
     )
-    return [
-        ray.put(pa.Table.from_pylist(block, schema=ITEM_SCHEMA))
-        for block in homogeneous_blocks(items, block_rows)
-    ]
+    if only is not None:
+        items = (it for it in items if (it["id"], it["image_index"]) in only)
+    refs, count = [], 0
+    for block in homogeneous_blocks(items, block_rows):
+        refs.append(ray.put(pa.Table.from_pylist(block, schema=ITEM_SCHEMA)))
+        count += len(block)
+    return refs, count
 
 
 def _pipeline(
@@ -319,6 +448,8 @@ def _pipeline(
     from .prepare import prepare_batch
     from .render import Renderer
 
+    # Environment read now, not at ray.init: a connected cluster gets this job's settings.
+    env = {"env_vars": _forwarded_env()}
     ds = ray.data.from_arrow_refs(refs)
     if needs_inputs:
         # Fetch + decode input images in CPU tasks, ahead of the actors.
@@ -328,32 +459,41 @@ def _pipeline(
             batch_format="pyarrow",
             batch_size=None,
             num_cpus=CPU_STAGE_CPUS,
+            runtime_env=env,
         )
     # batch_size=None: each call gets one planned block (one batch key, a multiple of
     # batch_size items), so pipeline calls are as full as the plan allows.
-    ds = ds.map_batches(
-        Renderer,
-        fn_constructor_kwargs=dict(
-            models=models,
-            model_hashes=hashes,
-            batch_size=spec.batch_size,
-            device=placement.device,
-            dtype=spec.compute.dtype,
-            torch_threads=placement.torch_threads,
-            prompt_overflow=spec.prompt_overflow,
-        ),
-        compute=ray.data.ActorPoolStrategy(size=placement.actors),
-        batch_size=None,
-        batch_format="pyarrow",
-        num_cpus=placement.cpus_per_actor,
-        num_gpus=placement.gpus_per_actor or None,
-    )
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for actor restarts yet; ray_remote_args it is.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        ds = ds.map_batches(
+            Renderer,
+            fn_constructor_kwargs=dict(
+                models=models,
+                model_hashes=hashes,
+                batch_size=spec.batch_size,
+                device=placement.device,
+                dtype=spec.compute.dtype,
+                torch_threads=placement.torch_threads,
+                prompt_overflow=spec.prompt_overflow,
+            ),
+            compute=ray.data.ActorPoolStrategy(size=placement.actors),
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=placement.cpus_per_actor,
+            num_gpus=placement.gpus_per_actor or None,
+            # Ray Data restarts dead actors forever by default; a crash loop must end.
+            max_restarts=spec.execution.max_actor_restarts,
+            max_task_retries=spec.execution.max_actor_restarts + 1,
+            runtime_env=env,
+        )
     return ds.map_batches(
         write_batch,
         fn_kwargs=dict(output=spec.output, job_name=spec.name, storage=spec.storage.model_dump()),
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=CPU_STAGE_CPUS,
+        runtime_env=env,
     )
 
 
@@ -363,18 +503,20 @@ def _commit_stream(
     run_id: str,
     progress: Progress,
     on_progress: Callable[[Progress], None] | None,
-    flush_rows: int,
-    flush_seconds: float,
+    execution: Any,
 ) -> list[str]:
-    """Append written rows to metadata/failure parts as they stream in."""
+    """Append written rows to metadata/failure parts as they stream in.
+
+    The dataset is consumed on a helper thread so the driver can notice a stall: if no
+    item finishes within `execution.watchdog_seconds`, Stalled names the render actors.
+    """
     parts: list[str] = []
-    ok_rows: list[pa.Table] = []
-    failed_rows: list[pa.Table] = []
+    pending: dict[str, list[pa.Table]] = {METADATA_PREFIX: [], FAILURES_PREFIX: []}
     last_flush = time.monotonic()
 
     def flush() -> None:
-        nonlocal ok_rows, failed_rows, last_flush
-        for prefix, tables in ((METADATA_PREFIX, ok_rows), (FAILURES_PREFIX, failed_rows)):
+        nonlocal last_flush
+        for prefix, tables in pending.items():
             tables = [t for t in tables if t.num_rows]
             if tables:
                 key = f"{prefix}part-{run_id}-{len(parts):05d}.parquet"
@@ -384,23 +526,78 @@ def _commit_stream(
                     key, buf.getvalue(), content_type="application/vnd.apache.parquet"
                 )
                 parts.append(key)
-        ok_rows, failed_rows, last_flush = [], [], time.monotonic()
+            pending[prefix] = []
+        last_flush = time.monotonic()
 
+    results: queue.Queue = queue.Queue(maxsize=64)
+    done_marker = object()
+
+    def consume() -> None:
+        try:
+            for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+                results.put(table)
+            results.put(done_marker)
+        except BaseException as err:  # noqa: BLE001 - handed to the driver thread
+            results.put(err)
+
+    threading.Thread(target=consume, name="sdbatch-consume", daemon=True).start()
+    watchdog = execution.watchdog_seconds or None
+    last_item = time.monotonic()
     try:
-        for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            ok_mask = pc.equal(table["status"], "ok")
-            ok = table.filter(ok_mask)
-            bad = table.filter(pc.invert(ok_mask))
-            ok_rows.append(ok)
-            failed_rows.append(bad)
+        while True:
+            try:
+                got = results.get(timeout=min(watchdog or 5.0, 5.0))
+            except queue.Empty:
+                if watchdog and time.monotonic() - last_item > watchdog:
+                    raise Stalled(_stall_report(watchdog)) from None
+                if time.monotonic() - last_flush > execution.commit_seconds:
+                    flush()
+                continue
+            if got is done_marker:
+                break
+            if isinstance(got, BaseException):
+                raise unwrap_task_error(got)
+            last_item = time.monotonic()
+            ok_mask = pc.equal(got["status"], "ok")
+            ok, bad = got.filter(ok_mask), got.filter(pc.invert(ok_mask))
+            pending[METADATA_PREFIX].append(ok)
+            pending[FAILURES_PREFIX].append(bad)
             progress.done += ok.num_rows
             progress.failed += bad.num_rows
             if on_progress:
                 on_progress(progress)
-            pending = sum(t.num_rows for t in ok_rows) + sum(t.num_rows for t in failed_rows)
-            if pending >= flush_rows or time.monotonic() - last_flush > flush_seconds:
+            rows = sum(t.num_rows for ts in pending.values() for t in ts)
+            if (
+                rows >= execution.commit_rows
+                or time.monotonic() - last_flush > execution.commit_seconds
+            ):
                 flush()
     finally:
         # Whatever was written before an interruption is committed, so resume skips it.
         flush()
     return parts
+
+
+def _stall_report(seconds: float) -> str:
+    lines = [f"no image finished in {seconds:g} s (execution.watchdog_seconds); stopping."]
+    try:
+        # GCS's actor table: works without the dashboard (which sdbatch leaves off).
+        from ray._private.state import actors as actor_table
+
+        actors = [a for a in actor_table().values() if "Renderer" in a.get("ActorClassName", "")]
+        for a in actors:
+            host = a.get("Address", {}).get("IPAddress", "?")
+            lines.append(
+                f"  render actor {a['ActorID'][:12]} pid {a.get('Pid')} on {host}: {a['State']}"
+                f" ({a.get('NumRestarts', 0)} restarts)"
+            )
+        alive = [a for a in actors if a["State"] == "ALIVE"]
+        if alive:
+            lines.append(
+                f"  {len(alive)} actor(s) alive but not finishing: stuck in a pipeline call "
+                "(hung GPU/driver, deadlock) or starved of CPU."
+            )
+    except Exception as err:  # noqa: BLE001 - the report must not hide the stall
+        lines.append(f"  (could not list actors: {err})")
+    lines.append("Committed images are kept; the same command resumes.")
+    return "\n".join(lines)

@@ -7,6 +7,7 @@ list come from these models. This module must stay light: no torch, diffusers or
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -124,6 +125,10 @@ class ComputeSpec(_Strict):
         "On CPU the thread count changes output bits, so it is recorded per image.",
     )
 
+    def threads(self) -> int:
+        """torch threads per actor: explicit, else ceil(cpus_per_actor)."""
+        return self.torch_threads or max(1, math.ceil(self.cpus_per_actor))
+
     @field_validator("actors")
     @classmethod
     def _positive(cls, v: int | str) -> int | str:
@@ -151,6 +156,33 @@ class StorageSpec(_Strict):
     )
 
 
+class ExecutionSpec(_Strict):
+    """How the driver commits work and guards an overnight run."""
+
+    commit_rows: int = Field(
+        256,
+        ge=1,
+        le=1_000_000,
+        description="Commit a metadata part every this many finished items.",
+    )
+    commit_seconds: float = Field(
+        30.0,
+        gt=0,
+        le=3600,
+        description="... or at least this often (seconds), whichever comes first.",
+    )
+    watchdog_seconds: float = Field(
+        900.0,
+        ge=0,
+        le=86_400,
+        description="Fail the job, naming the render actors, if no item finishes for this long "
+        "(0 = off). Covers model loading, so keep it above the slowest actor start-up.",
+    )
+    max_actor_restarts: int = Field(
+        3, ge=0, le=100, description="Restarts per render actor before the job fails (crash loops)."
+    )
+
+
 class JobSpec(_Strict):
     """A batch rendering job: what to render (manifest), with what (model) and where to."""
 
@@ -171,6 +203,7 @@ class JobSpec(_Strict):
         "item) or fail the item.",
     )
     storage: StorageSpec = Field(default_factory=lambda: StorageSpec())
+    execution: ExecutionSpec = Field(default_factory=lambda: ExecutionSpec())
     defaults: RenderParams = Field(default_factory=lambda: RenderParams())
     compute: ComputeSpec = Field(default_factory=lambda: ComputeSpec())
 
@@ -332,6 +365,33 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
     )
     updates["models"] = models
     return spec.model_copy(update=updates)
+
+
+def render_signature(spec: JobSpec) -> dict[str, Any]:
+    """The spec fields that change pixels of already planned items (for resume checks)."""
+    c = spec.compute
+    return {
+        "models": spec.models.model_dump() if spec.models else None,
+        "seed": spec.seed,
+        "batch_size": spec.batch_size,
+        "prompt_overflow": spec.prompt_overflow,
+        "defaults": spec.defaults.model_dump(),
+        "compute.device": c.device,
+        "compute.dtype": c.dtype,
+        "compute.torch_threads": c.threads(),
+    }
+
+
+def signature_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """'field: old → new' for each difference between two render signatures."""
+    changes = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changes += signature_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changes.append(f"{prefix}{key}: {a!r} → {b!r}")
+    return changes
 
 
 def json_schema() -> dict[str, Any]:

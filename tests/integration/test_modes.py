@@ -3,7 +3,6 @@ bad inputs as failure rows, and actors that load only what the job needs."""
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np

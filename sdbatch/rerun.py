@@ -1,0 +1,232 @@
+"""Regenerate items from their metadata rows alone, and verify they reproduce bit for bit.
+
+A metadata (or failure) row holds everything an item needs: prompt, seed, every render
+parameter, the checkpoint and its weights hash, the input image URIs and hashes, and the
+batch size, batch position and torch thread count it was rendered with. Rerunning pads
+a pipeline call to that batch size with the item at its stored position, on the stored
+number of threads, which is what makes the bytes come out identical on the same stack.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .plan import ITEM_SCHEMA
+from .runner import FAILURES_PREFIX, METADATA_PREFIX, done_items, read_parts
+from .store import Store, open_store
+from .write import METADATA_SCHEMA, encode_png
+
+
+@dataclass
+class Outcome:
+    id: str
+    image_index: int
+    status: str  # exact | differs | failed | weights-changed | input-changed
+    detail: str = ""
+    max_diff: int | None = None
+    psnr: float | None = None
+
+
+@dataclass
+class RerunReport:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def exact(self) -> int:
+        return sum(o.status == "exact" for o in self.outcomes)
+
+    @property
+    def all_exact(self) -> bool:
+        return bool(self.outcomes) and self.exact == len(self.outcomes)
+
+
+class RerunError(Exception):
+    pass
+
+
+def select_rows(store: Store, ids: list[str] | None, failed: bool) -> list[dict[str, Any]]:
+    """Metadata rows to rerun: by id (all image indexes), or the failed items."""
+    if failed:
+        done = done_items(store)
+        rows = [
+            r
+            for t in read_parts(store, FAILURES_PREFIX)
+            for r in t.to_pylist()
+            if (r["id"], r["image_index"]) not in done
+        ]
+        latest = {(r["id"], r["image_index"]): r for r in rows}  # last failure wins
+        rows = list(latest.values())
+    else:
+        rows = [r for t in read_parts(store, METADATA_PREFIX) for r in t.to_pylist()]
+        if ids is not None:
+            wanted = set(ids)
+            rows = [r for r in rows if r["id"] in wanted]
+            missing = wanted - {r["id"] for r in rows}
+            if missing:
+                raise RerunError(f"{store.uri}: no metadata for id(s) {', '.join(sorted(missing))}")
+    if not rows:
+        raise RerunError(f"{store.uri}: nothing to rerun")
+    return rows
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10 * math.log10(255**2 / mse)
+
+
+def rerun(
+    output: str,
+    *,
+    ids: list[str] | None = None,
+    failed: bool = False,
+    to: str | None = None,
+    verify: bool = False,
+    storage: dict[str, Any] | None = None,
+) -> RerunReport:
+    """Render the chosen items again from metadata; write them to `to`, compare if `verify`."""
+    from .models import weights_sha256
+    from .prepare import InputError, prepare_item
+    from .render import Renderer
+
+    # 1. Choose rows and check that the weights are still the ones recorded.
+    source = open_store(output, storage)
+    rows = select_rows(source, ids, failed)
+    target = open_store(to, storage) if to else None
+    report = RerunReport()
+    current_hash: dict[str, str | None] = {}
+    for model in {r["model"] for r in rows}:
+        try:
+            current_hash[model] = weights_sha256(model)
+        except Exception:  # noqa: BLE001 - a missing model is reported per item
+            current_hash[model] = None
+
+    # 2. Group by what an actor is built with: models, batch size, threads, device, dtype.
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        if current_hash[row["model"]] != row["model_sha256"] and row.get("model_sha256"):
+            now = current_hash[row["model"]]
+            report.outcomes.append(
+                Outcome(
+                    row["id"],
+                    row["image_index"],
+                    "weights-changed",
+                    f"{row['model']}: recorded {row['model_sha256'][:12]}, now {now[:12] if now else 'missing'}",
+                )
+            )
+            continue
+        key = (
+            row["mode"],
+            row["model"],
+            row["batch_size"],
+            row["torch_threads"],
+            row["device"],
+            row["dtype"],
+        )
+        groups[key].append(row)
+
+    written: list[dict[str, Any]] = []
+    for (mode, model, batch_size, threads, device, dtype), group in groups.items():
+        renderer = Renderer(
+            models={mode: model},
+            model_hashes={model: current_hash[model] or ""},
+            batch_size=int(batch_size or 1),
+            device=device or "auto",
+            dtype=dtype or "auto",
+            torch_threads=int(threads or 1),
+        )
+        for row in group:
+            # 3. Rebuild the work item and its inputs exactly as the first run saw them.
+            item = {name: row.get(name) for name in ITEM_SCHEMA.names}
+            item.update(init_image=None, mask_image=None, depth_map=None)
+            item["batch_key"] = "rerun"
+            if mode != "txt2img":
+                try:
+                    prepare_item(item, storage)
+                except InputError as err:
+                    report.outcomes.append(
+                        Outcome(row["id"], row["image_index"], "failed", str(err))
+                    )
+                    continue
+                changed = [
+                    c
+                    for c in ("init_image_sha256", "mask_image_sha256", "depth_map_sha256")
+                    if row.get(c) and item.get(c) != row[c]
+                ]
+                if changed:
+                    report.outcomes.append(
+                        Outcome(row["id"], row["image_index"], "input-changed", ", ".join(changed))
+                    )
+                    continue
+            result = renderer.render_alone(item, position=int(row.get("batch_position") or 0))
+            if result["status"] != "ok":
+                report.outcomes.append(
+                    Outcome(
+                        row["id"],
+                        row["image_index"],
+                        "failed",
+                        f"{result['error_type']}: {result['error_message']}",
+                    )
+                )
+                continue
+            pixels = np.frombuffer(result["pixels"], np.uint8).reshape(
+                row["height"], row["width"], 3
+            )
+            # The PNG's sdbatch chunk must carry the recorded position, as the original did.
+            record = {**result, "batch_position": row.get("batch_position")}
+            data = encode_png(pixels, record)
+            digest = hashlib.sha256(data).hexdigest()
+            if target is not None:
+                target.write_bytes(row["key"], data, content_type="image/png")
+                written.append({**row, "sha256": digest, "image_uri": target.uri_of(row["key"])})
+            # 4. Compare with what the first run stored.
+            if row.get("sha256") == digest:
+                report.outcomes.append(Outcome(row["id"], row["image_index"], "exact"))
+            elif verify and row.get("image_uri"):
+                old = _stored_pixels(source, row)
+                diff = (
+                    int(np.abs(old.astype(np.int16) - pixels.astype(np.int16)).max())
+                    if old is not None
+                    else None
+                )
+                report.outcomes.append(
+                    Outcome(
+                        row["id"],
+                        row["image_index"],
+                        "differs",
+                        "",
+                        diff,
+                        _psnr(old, pixels) if old is not None else None,
+                    )
+                )
+            else:
+                report.outcomes.append(Outcome(row["id"], row["image_index"], "rendered"))
+    if target is not None and written:
+        buf = io.BytesIO()
+        table = pa.Table.from_pylist(
+            [{n: r.get(n) for n in METADATA_SCHEMA.names} for r in written], schema=METADATA_SCHEMA
+        )
+        pq.write_table(table, buf)
+        target.write_bytes(
+            f"{METADATA_PREFIX}part-rerun-{hashlib.sha256(buf.getvalue()).hexdigest()[:12]}.parquet",
+            buf.getvalue(),
+        )
+    return report
+
+
+def _stored_pixels(store: Store, row: dict[str, Any]) -> np.ndarray | None:
+    from PIL import Image
+
+    try:
+        data = store.read_bytes(row["key"])
+    except FileNotFoundError:
+        return None
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))

@@ -1,0 +1,73 @@
+"""What an output holds right now: done / failed / remaining, speed, top failure reasons.
+
+Reads only committed files (metadata and failure parts, `_RUN.json`, `_SUCCESS`), so it
+works while a job is running, after it finished, and after it crashed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .runner import FAILURES_PREFIX, METADATA_PREFIX, RUN_KEY, SUCCESS_KEY, done_items, read_parts
+from .store import open_store
+
+
+@dataclass
+class JobStatus:
+    output: str
+    total: int | None
+    done: int
+    failed: int
+    complete: bool
+    images_per_second: float | None
+    top_failures: list[tuple[str, int]] = field(default_factory=list)
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.total is None else max(0, self.total - self.done - self.failed)
+
+
+def job_status(output: str, storage: dict[str, Any] | None = None, top: int = 5) -> JobStatus:
+    store = open_store(output, storage)
+    done = done_items(store)
+    reasons: Counter[str] = Counter()
+    failed: set[tuple[str, int]] = set()
+    for table in read_parts(
+        store, FAILURES_PREFIX, ["id", "image_index", "error_type", "error_message"]
+    ):
+        for row in table.to_pylist():
+            key = (row["id"], row["image_index"])
+            if key in done or key in failed:
+                continue
+            failed.add(key)
+            reasons[f"{row['error_type']}: {(row['error_message'] or '')[:100]}"] += 1
+    run = json.loads(store.read_bytes(RUN_KEY)) if store.exists(RUN_KEY) else {}
+    return JobStatus(
+        output=store.uri,
+        total=run.get("total"),
+        done=len(done),
+        failed=len(failed),
+        complete=store.exists(SUCCESS_KEY),
+        images_per_second=_latest_rate(store, run),
+        top_failures=reasons.most_common(top),
+    )
+
+
+def _latest_rate(store: Any, run: dict[str, Any]) -> float | None:
+    """Images per second of the latest run, from its committed rows' timestamps."""
+    run_id, started = run.get("run_id"), run.get("started_at")
+    if not run_id or not started:
+        return None
+    stamps = []
+    for key in store.list(METADATA_PREFIX):
+        if run_id in key:
+            for table in read_parts(store, key, ["created_at"]):
+                stamps += table["created_at"].to_pylist()
+    if not stamps:
+        return None
+    seconds = (max(stamps) - datetime.fromisoformat(started)).total_seconds()
+    return len(stamps) / seconds if seconds > 0 else None

@@ -1,0 +1,288 @@
+"""Overnight safety: driver and actor crashes, stalls, failures as data, verified reruns."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from sdbatch.runner import RunError, read_metadata, run_job
+from sdbatch.spec import dump_spec, load_spec
+from sdbatch.status import job_status
+from tests.helpers import prompts, write_manifest, write_spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+SDBATCH = [sys.executable, "-m", "sdbatch.cli"]
+
+
+def cli_job(tmp_path: Path, model: Path, n: int, name: str = "job", **fields) -> Path:
+    manifest = write_manifest(tmp_path / f"{name}.parquet", prompts(n))
+    fields.setdefault("compute", {"actors": 1, "cpus_per_actor": 1})
+    fields.setdefault("execution", {"commit_rows": 8, "commit_seconds": 1})
+    return write_spec(
+        tmp_path / f"{name}.yaml",
+        manifest=str(manifest),
+        output=str(tmp_path / f"out-{name}"),
+        model=str(model),
+        defaults={"steps": 2},
+        **fields,
+    )
+
+
+def start(spec: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [*SDBATCH, "run", str(spec), "--progress", "none"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {})},
+        start_new_session=True,  # its own process group: the local Ray it starts dies with it
+    )
+
+
+def kill_when(proc: subprocess.Popen, images: Path, count: int, timeout: float = 240) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        n = len(list(images.glob("*/*.png"))) if images.exists() else 0
+        if n >= count:
+            proc.kill()  # SIGKILL the driver: no cleanup, no final commit
+            proc.wait()
+            os.killpg(proc.pid, signal.SIGKILL)  # then whatever it started (raylet, GCS, actors)
+            return n
+        if proc.poll() is not None:
+            pytest.fail(f"job ended before {count} images: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.1)
+    proc.kill()
+    pytest.fail(f"no {count} images within {timeout} s")
+
+
+def sha_by_item(output: str) -> dict[tuple[str, int], str]:
+    meta = read_metadata(output).to_pandas()
+    assert not meta.duplicated(["id", "image_index"]).any(), "an item was recorded twice"
+    return {(r.id, r.image_index): r.sha256 for r in meta.itertuples()}
+
+
+def test_driver_killed_twice_then_resumes_exactly_once(
+    tmp_path: Path, tiny_models, ray_session
+) -> None:
+    spec_path = cli_job(tmp_path, tiny_models["base"], 200)
+    spec = load_spec(spec_path)
+    images = Path(spec.output, "images")
+    first = kill_when(start(spec_path), images, 60)
+    assert not Path(spec.output, "_SUCCESS").exists()
+    second = kill_when(start(spec_path), images, 140)
+    assert first < second < 200
+    done = start(spec_path)
+    out, err = done.communicate(timeout=300)
+    assert done.returncode == 0, err[-3000:]
+    assert "already done" in out
+
+    got = sha_by_item(spec.output)
+    assert len(got) == 200 and len(list(images.glob("*/*.png"))) == 200
+    # An uninterrupted run of the same job, for comparison.
+    reference = load_spec(cli_job(tmp_path, tiny_models["base"], 200, name="reference"))
+    run_job(reference)
+    assert got == sha_by_item(reference.output)
+    status = job_status(spec.output)
+    assert (status.done, status.failed, status.remaining, status.complete) == (200, 0, 0, True)
+
+
+def test_actor_crash_mid_batch_recovers_without_losing_items(
+    tmp_path, tiny_models, ray_session, monkeypatch
+) -> None:
+    marker = tmp_path / "crashed-once"
+    monkeypatch.setenv("SDBATCH_FAULT", f"crash:item-013:{marker}")
+    spec = load_spec(cli_job(tmp_path, tiny_models["base"], 24))
+    result = run_job(spec)
+    assert marker.exists(), "the fault hook never fired"
+    assert (result.done, result.failed) == (24, 0)
+    assert len(sha_by_item(spec.output)) == 24
+
+
+def test_crash_looping_actor_fails_the_job_with_a_message(
+    tmp_path, tiny_models, ray_session, monkeypatch
+) -> None:
+    monkeypatch.setenv("SDBATCH_FAULT", "crashloop:item-003")
+    spec = load_spec(
+        cli_job(
+            tmp_path, tiny_models["base"], 8, execution={"max_actor_restarts": 0, "commit_rows": 4}
+        )
+    )
+    with pytest.raises(RunError, match=r"render actor kept dying .*max_actor_restarts=0"):
+        run_job(spec)
+    assert not Path(spec.output, "_SUCCESS").exists()
+
+
+def test_watchdog_names_stuck_actors_instead_of_hanging(tmp_path, tiny_models) -> None:
+    spec_path = cli_job(
+        tmp_path, tiny_models["base"], 12, execution={"watchdog_seconds": 20, "commit_rows": 4}
+    )
+    proc = start(spec_path, {"SDBATCH_FAULT": "hang:item-005"})
+    try:
+        _, err = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1
+    assert "no image finished in 20 s" in err
+    assert "render actor" in err and "ALIVE" in err
+    assert "Traceback" not in err
+
+
+def test_failing_item_is_isolated_then_retried_alone(
+    tmp_path, tiny_models, ray_session, monkeypatch
+) -> None:
+    monkeypatch.setenv("SDBATCH_FAULT", "raise:item-006")
+    spec = load_spec(cli_job(tmp_path, tiny_models["base"], 12))
+    result = run_job(spec)
+    assert (result.done, result.failed) == (11, 1)
+    fails = pd.read_parquet(Path(spec.output, "failures"))
+    row = fails.iloc[0]
+    assert (row.id, row.error_type, row.attempts) == ("item-006", "RuntimeError", 2)
+    assert "injected failure" in row.error_message and pd.notna(row.created_at)
+    status = job_status(spec.output)
+    assert (status.done, status.failed, status.remaining) == (11, 1, 0)
+    assert status.top_failures[0][0].startswith("RuntimeError: injected failure")
+
+    monkeypatch.delenv("SDBATCH_FAULT")
+    again = run_job(spec, retry_failed=True)
+    assert (again.done, again.failed, again.skipped) == (1, 0, 11)
+    assert len(sha_by_item(spec.output)) == 12
+    assert job_status(spec.output).complete
+
+
+def test_changed_spec_is_refused_with_the_differences(tmp_path, tiny_models) -> None:
+    spec = load_spec(cli_job(tmp_path, tiny_models["base"], 4))
+    Path(spec.output).mkdir()
+    Path(spec.output, "job.yaml").write_text(dump_spec(spec))
+    changed = spec.model_copy(
+        update={"seed": 99, "defaults": spec.defaults.model_copy(update={"steps": 5})}
+    )
+    with pytest.raises(RunError) as info:
+        run_job(changed)
+    message = str(info.value)
+    assert "defaults.steps: 2 → 5" in message and "seed: 7 → 99" in message
+    with pytest.raises(RunError, match="output is not empty .* --fresh needs --overwrite"):
+        run_job(spec, fresh=True)
+
+
+def test_rerun_verifies_bit_exact_and_detects_changed_weights(
+    tmp_path, tiny_models, ray_session
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["base"], model)
+    # 22 items in batches of 4: five full batches and a final partial one.
+    spec_path = cli_job(tmp_path, model, 22, compute={"actors": 2, "cpus_per_actor": 1})
+    spec = load_spec(spec_path)
+    run_job(spec)
+    meta = read_metadata(spec.output).to_pandas()
+    ids = sorted(meta["id"])[:20]
+    assert (meta.set_index("id").loc[ids, "batch_position"] != meta["batch_position"].max()).any()
+    args = [*SDBATCH, "rerun", spec.output, "--verify", *[a for i in ids for a in ("--ids", i)]]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "reproduced 20/20 bit-exact" in proc.stdout
+
+    # Regenerate two items into a new output: same bytes.
+    to = tmp_path / "again"
+    proc = subprocess.run(
+        [*SDBATCH, "rerun", str(spec_path), "--ids", ids[0], "--ids", ids[-1], "--to", str(to)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for item_id in (ids[0], ids[-1]):
+        key = meta.set_index("id").loc[item_id, "key"]
+        assert Path(to, key).read_bytes() == Path(spec.output, key).read_bytes()
+
+    # Change one weight of the UNet: reruns must say so rather than "differ" quietly.
+    from safetensors.numpy import load_file, save_file
+
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + np.float32(0.01)
+    save_file(tensors, weights)
+    proc = subprocess.run(
+        [*SDBATCH, "rerun", spec.output, "--verify", "--ids", ids[0]],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 1
+    assert "weights-changed" in proc.stdout and "reproduced 0/1 bit-exact" in proc.stdout
+
+
+def test_black_and_nan_outputs_are_failures_not_successes(tmp_path, tiny_models) -> None:
+    """A broken checkpoint: its VAE decodes to black (huge negative bias) or NaN."""
+    from safetensors.numpy import load_file, save_file
+
+    from sdbatch.render import Renderer
+
+    results = {}
+    for kind, value in (("black", -1e4), ("nan", np.nan)):
+        model = tmp_path / kind
+        shutil.copytree(tiny_models["base"], model)
+        path = model / "vae" / "diffusion_pytorch_model.safetensors"
+        tensors = load_file(path)
+        tensors["decoder.conv_out.bias"] = np.full_like(tensors["decoder.conv_out.bias"], value)
+        save_file(tensors, path)
+        renderer = Renderer(models={"txt2img": str(model)}, model_hashes={}, batch_size=2)
+        item = {
+            "id": kind,
+            "image_index": 0,
+            "seed": 1,
+            "prompt": "a cat",
+            "negative_prompt": "",
+            "mode": "txt2img",
+            "model": str(model),
+            "steps": 2,
+            "guidance_scale": 7.5,
+            "scheduler": "ddim",
+            "width": 64,
+            "height": 64,
+            "strength": 1.0,
+            "key": "k",
+            "depth_source": None,
+            "batch_key": "b",
+        }
+        results[kind] = renderer._render_group([item])[0]
+    assert (results["black"]["status"], results["black"]["error_type"]) == ("failed", "BlackImage")
+    assert (results["nan"]["status"], results["nan"]["error_type"]) == ("failed", "NonFiniteOutput")
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, tiny_models) -> None:
+    spec_path = cli_job(tmp_path, tiny_models["base"], 120)
+    spec = load_spec(spec_path)
+    proc = start(spec_path)
+    deadline = time.monotonic() + 240
+    # Interrupt once some work is committed, so resuming has something to skip.
+    while time.monotonic() < deadline and job_status(spec.output).done < 16:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert "run the same command to resume" in err and "Traceback" not in err
+    committed = len(sha_by_item(spec.output))
+    assert 16 <= committed < 120
+    resumed = start(spec_path)
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-2000:]
+    assert f"{committed} already done" in out
+    assert len(sha_by_item(spec.output)) == 120
+    assert yaml.safe_load(Path(spec.output, "job.yaml").read_text())["name"] == "test"
