@@ -216,6 +216,14 @@ def validate_manifest(uri: str, spec: JobSpec) -> ManifestInfo:
             total_items += n if isinstance(n, int) and n > 0 else default_n
     if extra:
         problems.append(f"{uri}: ... and {extra} more problems")
+    if spec.sweep and not problems:
+        cells = len(spec.sweep.grid())
+        total_items *= cells
+        if total_items > spec.sweep.max_items:
+            problems.append(
+                f"{uri}: the sweep expands {row_no} rows × {cells} grid cells into "
+                f"{total_items:,} items, over sweep.max_items={spec.sweep.max_items:,}"
+            )
     if problems:
         raise ManifestError(problems)
     return ManifestInfo(uri, row_no, total_items, columns, modes)

@@ -8,6 +8,7 @@ what makes resume and `sdbatch rerun` possible.
 from __future__ import annotations
 
 import hashlib
+import json
 import posixpath
 import re
 import unicodedata
@@ -37,6 +38,8 @@ IMAGE_COLUMNS = ("init_image", "mask_image", "depth_map")
 ITEM_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
+        ("row_id", pa.string()),
+        ("sweep", pa.string()),
         ("image_index", pa.int32()),
         ("seed", pa.int64()),
         ("prompt", pa.string()),
@@ -124,41 +127,61 @@ def manifest_base(manifest_uri: str) -> str:
     return manifest_uri.rstrip("/").rsplit("/", 1)[0] or "/"
 
 
+def sweep_label(cell: dict[str, Any]) -> str:
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cell.items())
+
+
 def expand_row(row: dict[str, Any], spec: JobSpec, base: str = "/") -> Iterator[dict[str, Any]]:
-    """The work items of one manifest row (one per image index)."""
+    """The work items of one manifest row: one per image index (× sweep cell).
+
+    With a sweep, each grid cell is its own item with id `ROW@k=v,...`. Its seed derives
+    from that id (so cells get different noise), unless `sweep.same_seed` keeps the
+    row's own seeds across the grid.
+    """
     defaults = spec.defaults.model_dump()
-    params = {
+    row_params = {
         name: (row[name] if row.get(name) is not None else defaults[name]) for name in OVERRIDES
     }
-    item_id = str(row["id"])
+    row_id = str(row["id"])
     row_seed = row.get("seed")
-    model = spec.model_for(params["mode"])
-    for k in range(int(params["num_images"])):
-        item = {
-            "id": item_id,
-            "image_index": k,
-            "seed": item_seed(spec.seed, item_id, k, row_seed),
-            "prompt": row["prompt"],
-            "model": model,
-            "key": image_key(item_id, k),
-            **{name: params[name] for name in OVERRIDES if name != "num_images"},
-        }
-        for name in IMAGE_COLUMNS:
-            value = row.get(name)
-            item[name] = value if isinstance(value, bytes) else None
-            item[f"{name}_uri"] = resolve_uri(value, base) if isinstance(value, str) else None
-        if item["mode"] == "depth2img":
-            provided = item["depth_map"] is not None or item["depth_map_uri"] is not None
-            item["depth_source"] = "provided" if provided else "estimated"
-        else:
-            item["depth_source"] = None
-        item["steps"] = int(item["steps"])
-        item["width"] = int(item["width"])
-        item["height"] = int(item["height"])
-        item["guidance_scale"] = float(item["guidance_scale"])
-        item["strength"] = float(item["strength"]) if item["mode"] != "txt2img" else 1.0
-        item["batch_key"] = batch_key(item)
-        yield item
+    cells = spec.sweep.grid() if spec.sweep else [{}]
+    same_seed = spec.sweep.same_seed if spec.sweep else True
+    for cell in cells:
+        params = {**row_params, **cell}
+        item_id = f"{row_id}@{sweep_label(cell)}" if cell else row_id
+        model = spec.model_for(params["mode"])
+        for k in range(int(params["num_images"])):
+            if same_seed:
+                seed = item_seed(spec.seed, row_id, k, row_seed)
+            else:
+                seed = item_seed(spec.seed if row_seed is None else int(row_seed), item_id, k)
+            item = {
+                "id": item_id,
+                "row_id": row_id,
+                "sweep": json.dumps(cell, sort_keys=True) if cell else None,
+                "image_index": k,
+                "seed": seed,
+                "prompt": row["prompt"],
+                "model": model,
+                "key": image_key(item_id, k, spec.output_options.extension),
+                **{name: params[name] for name in OVERRIDES if name != "num_images"},
+            }
+            for name in IMAGE_COLUMNS:
+                value = row.get(name)
+                item[name] = value if isinstance(value, bytes) else None
+                item[f"{name}_uri"] = resolve_uri(value, base) if isinstance(value, str) else None
+            if item["mode"] == "depth2img":
+                provided = item["depth_map"] is not None or item["depth_map_uri"] is not None
+                item["depth_source"] = "provided" if provided else "estimated"
+            else:
+                item["depth_source"] = None
+            item["steps"] = int(item["steps"])
+            item["width"] = int(item["width"])
+            item["height"] = int(item["height"])
+            item["guidance_scale"] = float(item["guidance_scale"])
+            item["strength"] = float(item["strength"]) if item["mode"] != "txt2img" else 1.0
+            item["batch_key"] = batch_key(item)
+            yield item
 
 
 def plan_items(

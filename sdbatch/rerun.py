@@ -20,10 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .plan import ITEM_SCHEMA
+from .plan import ITEM_SCHEMA, image_key
 from .runner import FAILURES_PREFIX, METADATA_PREFIX, done_items, read_parts
 from .store import Store, open_store
-from .write import METADATA_SCHEMA, encode_png
+from .write import CONTENT_TYPES, METADATA_SCHEMA, encode_image
 
 
 @dataclass
@@ -100,6 +100,7 @@ def rerun(
     # 1. Choose rows and check that the weights are still the ones recorded.
     source = open_store(output, storage)
     rows = select_rows(source, ids, failed)
+    options = _image_options(source)
     target = open_store(to, storage) if to else None
     report = RerunReport()
     current_hash: dict[str, str | None] = {}
@@ -182,11 +183,24 @@ def rerun(
             )
             # The PNG's sdbatch chunk must carry the recorded position, as the original did.
             record = {**result, "batch_position": row.get("batch_position")}
-            data = encode_png(pixels, record)
+            data = encode_image(pixels, record, options)
             digest = hashlib.sha256(data).hexdigest()
             if target is not None:
-                target.write_bytes(row["key"], data, content_type="image/png")
-                written.append({**row, "sha256": digest, "image_uri": target.uri_of(row["key"])})
+                key = image_key(row["id"], row["image_index"], row["key"].rsplit(".", 1)[-1])
+                if row.get("member"):  # from a shard: regenerate as a plain file
+                    key = image_key(row["id"], row["image_index"], row["member"].rsplit(".", 1)[-1])
+                target.write_bytes(
+                    key, data, content_type=CONTENT_TYPES[options.get("format", "png")]
+                )
+                written.append(
+                    {
+                        **row,
+                        "key": key,
+                        "member": None,
+                        "sha256": digest,
+                        "image_uri": target.uri_of(key),
+                    }
+                )
             # 4. Compare with what the first run stored.
             if row.get("sha256") == digest:
                 report.outcomes.append(Outcome(row["id"], row["image_index"], "exact"))
@@ -222,11 +236,32 @@ def rerun(
     return report
 
 
+def _image_options(store: Store) -> dict[str, Any]:
+    """Encoding options the job used (from its stored job.yaml); PNG if unknown."""
+    import yaml
+
+    from .spec import parse_spec
+
+    try:
+        spec = parse_spec(yaml.safe_load(store.read_bytes("job.yaml")), store.uri_of("job.yaml"))
+        return spec.output_options.model_dump()
+    except Exception:  # noqa: BLE001 - older outputs: PNG files
+        return {"format": "png"}
+
+
 def _stored_pixels(store: Store, row: dict[str, Any]) -> np.ndarray | None:
+    import tarfile
+
     from PIL import Image
 
     try:
         data = store.read_bytes(row["key"])
     except FileNotFoundError:
         return None
+    if row.get("member"):
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            member = tar.extractfile(row["member"])
+            if member is None:
+                return None
+            data = member.read()
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))

@@ -29,7 +29,7 @@ from .manifest import ManifestInfo, iter_rows, validate_manifest
 from .plan import block_rows_for, homogeneous_blocks, plan_items
 from .spec import JobSpec, dump_spec
 from .store import AWS_ENV_VARS, Store, open_store, unwrap_task_error
-from .write import METADATA_SCHEMA, write_batch
+from .write import METADATA_SCHEMA, ShardPacker, write_batch
 
 METADATA_PREFIX = "metadata/"
 FAILURES_PREFIX = "failures/"
@@ -55,6 +55,7 @@ class Progress:
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    actor_seconds: float = 0.0  # time inside pipeline calls, summed over images
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -87,6 +88,7 @@ class RunResult:
     images_per_second: float
     actors: int
     run_id: str
+    actor_seconds_per_image: float | None
     metadata_parts: list[str] = field(default_factory=list)
 
     def summary(self) -> dict[str, Any]:
@@ -126,7 +128,7 @@ def done_items(store: Store) -> set[tuple[str, int]]:
 
     One listing of images/ (not a request per item), so this stays cheap on S3.
     """
-    images = set(store.list("images/"))
+    images = set(store.list("images/")) | set(store.list("shards/"))
     done: set[tuple[str, int]] = set()
     for table in read_parts(store, METADATA_PREFIX, columns=["id", "image_index", "key"]):
         for item_id, k, key in zip(
@@ -135,6 +137,19 @@ def done_items(store: Store) -> set[tuple[str, int]]:
             if key in images:
                 done.add((item_id, k))
     return done
+
+
+def _drop_orphan_shards(store: Store) -> None:
+    """Delete shards no metadata row points to: an interrupted run uploaded them but did
+    not commit their rows, so their items render again and would be read twice."""
+    shards = set(store.list("shards/"))
+    if not shards:
+        return
+    referenced: set[str] = set()
+    for table in read_parts(store, METADATA_PREFIX, columns=["key"]):
+        referenced.update(table["key"].to_pylist())
+    for key in shards - referenced:
+        store.delete(key)
 
 
 def failed_items(store: Store) -> set[tuple[str, int]]:
@@ -282,6 +297,7 @@ def run_job(
     _check_same_render(spec, store)
 
     # 2. What is already done (resume) and what remains.
+    _drop_orphan_shards(store)
     done = done_items(store)
     only = failed_items(store) - done if retry_failed else None
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -324,7 +340,11 @@ def run_job(
             spec, refs, models, hashes, placement, needs_inputs=info.modes != {"txt2img"}
         )
         try:
-            parts = _commit_stream(ds, store, run_id, progress, on_progress, spec.execution)
+            packer = None
+            if spec.output_options.layout == "webdataset":
+                o = spec.output_options
+                packer = ShardPacker(store, run_id, o.shard_size, o.extension)
+            parts = _commit_stream(ds, store, run_id, progress, on_progress, spec.execution, packer)
         except Stalled as err:
             if owns_ray:
                 ray.shutdown()  # the only way to stop a hung actor's work from here
@@ -344,6 +364,9 @@ def run_job(
         images_per_second=round(progress.rate, 3),
         actors=placement.actors,
         run_id=run_id,
+        actor_seconds_per_image=(
+            round(progress.actor_seconds / progress.done, 4) if progress.done else None
+        ),
         metadata_parts=parts,
     )
     if len(done_items(store)) >= info.total_items:
@@ -489,7 +512,12 @@ def _pipeline(
         )
     return ds.map_batches(
         write_batch,
-        fn_kwargs=dict(output=spec.output, job_name=spec.name, storage=spec.storage.model_dump()),
+        fn_kwargs=dict(
+            output=spec.output,
+            job_name=spec.name,
+            storage=spec.storage.model_dump(),
+            image_options=spec.output_options.model_dump(),
+        ),
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=CPU_STAGE_CPUS,
@@ -504,6 +532,7 @@ def _commit_stream(
     progress: Progress,
     on_progress: Callable[[Progress], None] | None,
     execution: Any,
+    packer: ShardPacker | None = None,
 ) -> list[str]:
     """Append written rows to metadata/failure parts as they stream in.
 
@@ -560,10 +589,15 @@ def _commit_stream(
             last_item = time.monotonic()
             ok_mask = pc.equal(got["status"], "ok")
             ok, bad = got.filter(ok_mask), got.filter(pc.invert(ok_mask))
-            pending[METADATA_PREFIX].append(ok)
+            if packer is not None:
+                bad = bad.drop_columns(["encoded"])
+                pending[METADATA_PREFIX].extend(packer.add(ok))
+            else:
+                pending[METADATA_PREFIX].append(ok)
             pending[FAILURES_PREFIX].append(bad)
             progress.done += ok.num_rows
             progress.failed += bad.num_rows
+            progress.actor_seconds += pc.sum(ok["render_seconds"]).as_py() or 0.0
             if on_progress:
                 on_progress(progress)
             rows = sum(t.num_rows for ts in pending.values() for t in ts)
@@ -574,6 +608,8 @@ def _commit_stream(
                 flush()
     finally:
         # Whatever was written before an interruption is committed, so resume skips it.
+        if packer is not None:
+            pending[METADATA_PREFIX].append(packer.close())
         flush()
     return parts
 

@@ -183,6 +183,83 @@ class ExecutionSpec(_Strict):
     )
 
 
+class OutputOptions(_Strict):
+    """How images are encoded and laid out; written in the spec as `output: {uri: ..., format: ...}`."""
+
+    format: Literal["png", "webp", "jpeg"] = Field("png", description="png | webp | jpeg")
+    quality: int = Field(95, ge=1, le=100, description="WebP/JPEG quality (1..100).")
+    lossless: bool = Field(False, description="Lossless WebP (as DiffusionDB uses).")
+    layout: Literal["files", "webdataset"] = Field(
+        "files", description="files (one object per image) | webdataset (tar shards)"
+    )
+    shard_size: int = Field(1000, ge=1, le=1_000_000, description="Samples per WebDataset shard.")
+
+    @model_validator(mode="after")
+    def _lossless_webp_only(self) -> OutputOptions:
+        if self.lossless and self.format != "webp":
+            raise ValueError(f"lossless applies to format webp only, got format {self.format!r}")
+        return self
+
+    @property
+    def extension(self) -> str:
+        return {"png": "png", "webp": "webp", "jpeg": "jpg"}[self.format]
+
+
+# Parameters a sweep may vary; each must also be a RenderParams field.
+SWEEPABLE = (
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "width",
+    "height",
+    "strength",
+    "negative_prompt",
+)
+
+
+class SweepSpec(_Strict):
+    """Expand every manifest row over a parameter grid (like A1111's X/Y/Z plot)."""
+
+    steps: list[int] | None = None
+    guidance_scale: list[float] | None = None
+    scheduler: list[str] | None = None
+    width: list[int] | None = None
+    height: list[int] | None = None
+    strength: list[float] | None = None
+    negative_prompt: list[str] | None = None
+    same_seed: bool = Field(
+        False,
+        description="Keep each row's seed across the grid (compare parameters on identical "
+        "noise); otherwise every grid cell gets its own derived seed.",
+    )
+    max_items: int = Field(10_000_000, ge=1, description="Refuse sweeps that expand beyond this.")
+
+    @model_validator(mode="after")
+    def _values_valid(self) -> SweepSpec:
+        for name in SWEEPABLE:
+            values = getattr(self, name)
+            if values is None:
+                continue
+            if not values:
+                raise ValueError(f"sweep.{name} is an empty list")
+            for i, v in enumerate(values):
+                try:
+                    RenderParams.model_validate({name: v})
+                except ValidationError as err:
+                    msg = format_errors("", err, RenderParams)[0].split(": ", 2)[-1]
+                    raise ValueError(f"{name}[{i}] {msg}") from None
+        return self
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every combination, in a stable order (first parameter varies slowest)."""
+        combos: list[dict[str, Any]] = [{}]
+        for name in SWEEPABLE:
+            values = getattr(self, name)
+            if values is not None:
+                combos = [{**c, name: v} for c in combos for v in values]
+        return combos
+
+
 class JobSpec(_Strict):
     """A batch rendering job: what to render (manifest), with what (model) and where to."""
 
@@ -191,8 +268,15 @@ class JobSpec(_Strict):
         ..., description="Parquet manifest URI (local path; relative to the spec file)."
     )
     output: str = Field(
-        ..., description="Output folder URI (local path; relative to the spec file)."
+        ...,
+        description="Output folder URI (local path relative to the spec file, or s3://...). "
+        "May also be a mapping {uri, format, quality, lossless, layout, shard_size}.",
     )
+    output_options: OutputOptions = Field(
+        default_factory=lambda: OutputOptions(),
+        description="Filled from the mapping form of `output`.",
+    )
+    sweep: SweepSpec | None = Field(None, description="Parameter grid applied to every row.")
     model: str | None = Field(None, description="Shorthand for models.base.")
     models: ModelsSpec | None = Field(None, description="Checkpoints per mode.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Job seed; per-item seeds derive from it.")
@@ -217,6 +301,11 @@ class JobSpec(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _one_model(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("output"), dict):
+            options = dict(data["output"])
+            data = {**data, "output": options.pop("uri", None), "output_options": options}
+            if data["output"] is None:
+                raise ValueError("output: a mapping needs 'uri' (the output folder)")
         if isinstance(data, dict) and data.get("model") is not None:
             if data.get("models") is not None:
                 raise ValueError("set either 'model' or 'models', not both")
@@ -241,7 +330,9 @@ class JobSpec(_Strict):
 
 
 def _loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "(top level)"
+    text = ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "(top level)"
+    # Users write `output: {format: ...}`; the model keeps those under output_options.
+    return text.replace("output_options", "output", 1)
 
 
 def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -289,8 +380,14 @@ def format_errors(source: str, err: ValidationError, model: type[BaseModel] = Jo
         if e["type"] == "extra_forbidden":
             key = str(loc[-1])
             sub = _model_at(model, loc[:-1])
-            hint = difflib.get_close_matches(key, list(sub.model_fields) if sub else [], n=1)
-            tip = f" (did you mean {hint[0]!r}?)" if hint else ""
+            valid = [f for f in (sub.model_fields if sub else {}) if f != "output_options"]
+            hint = difflib.get_close_matches(key, valid, n=1)
+            if hint:
+                tip = f" (did you mean {hint[0]!r}?)"
+            elif 0 < len(valid) <= 12:
+                tip = f" (valid: {', '.join(valid)})"
+            else:
+                tip = ""
             lines.append(f"{source}: {where}: unknown key{tip}")
             continue
         msg = e["msg"].removeprefix("Value error, ")

@@ -22,6 +22,8 @@ import pyarrow as pa
 METADATA_SCHEMA = pa.schema(
     [
         ("id", pa.string()),
+        ("row_id", pa.string()),
+        ("sweep", pa.string()),
         ("image_index", pa.int32()),
         ("status", pa.string()),
         ("mode", pa.string()),
@@ -38,6 +40,7 @@ METADATA_SCHEMA = pa.schema(
         ("model", pa.string()),
         ("model_sha256", pa.string()),
         ("key", pa.string()),
+        ("member", pa.string()),
         ("image_uri", pa.string()),
         ("sha256", pa.string()),
         ("batch_size", pa.int32()),
@@ -70,6 +73,8 @@ METADATA_SCHEMA = pa.schema(
 # identical renders give identical bytes (no timestamps or timings inside the image).
 REPRODUCIBLE_FIELDS = (
     "id",
+    "row_id",
+    "sweep",
     "image_index",
     "mode",
     "prompt",
@@ -152,35 +157,167 @@ def infotext(row: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def encode_png(pixels: np.ndarray, row: dict[str, Any]) -> bytes:
+def record_json(row: dict[str, Any]) -> str:
+    """The reproducible record of an item, as stored inside its image."""
+    return json.dumps(
+        {k: row.get(k) for k in REPRODUCIBLE_FIELDS}, sort_keys=True, ensure_ascii=False
+    )
+
+
+# EXIF tags for JPEG/WebP, where PNG text chunks don't exist: A1111 reads its infotext
+# from UserComment ("UNICODE\0" + UTF-16BE), the JSON record goes in ImageDescription.
+_EXIF_IFD, _USER_COMMENT, _IMAGE_DESCRIPTION = 0x8769, 0x9286, 0x010E
+CONTENT_TYPES = {"png": "image/png", "webp": "image/webp", "jpeg": "image/jpeg"}
+
+
+def encode_image(
+    pixels: np.ndarray, row: dict[str, Any], options: dict[str, Any] | None = None
+) -> bytes:
+    """Encode pixels with the item's parameters embedded (PNG text chunks or EXIF)."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-    info = PngInfo()
-    info.add_text("parameters", infotext(row))
-    record = {k: row.get(k) for k in REPRODUCIBLE_FIELDS}
-    info.add_text("sdbatch", json.dumps(record, sort_keys=True, ensure_ascii=False))
+    options = options or {}
+    fmt = options.get("format", "png")
+    image = Image.fromarray(pixels, "RGB")
     buf = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buf, format="PNG", pnginfo=info)
+    if fmt == "png":
+        info = PngInfo()
+        info.add_text("parameters", infotext(row))
+        info.add_text("sdbatch", record_json(row))
+        image.save(buf, format="PNG", pnginfo=info)
+        return buf.getvalue()
+    exif = Image.Exif()
+    exif[_IMAGE_DESCRIPTION] = json.dumps(json.loads(record_json(row)), sort_keys=True)
+    exif.get_ifd(_EXIF_IFD)[_USER_COMMENT] = b"UNICODE\0" + infotext(row).encode("utf-16-be")
+    quality = int(options.get("quality", 95))
+    if fmt == "webp":
+        image.save(
+            buf,
+            format="WEBP",
+            quality=quality,
+            lossless=bool(options.get("lossless")),
+            method=4,
+            exif=exif,
+        )
+    elif fmt == "jpeg":
+        image.save(buf, format="JPEG", quality=quality, subsampling=0, exif=exif)
+    else:
+        raise ValueError(f"unknown image format {fmt!r}")
     return buf.getvalue()
 
 
+def encode_png(pixels: np.ndarray, row: dict[str, Any]) -> bytes:
+    return encode_image(pixels, row, {"format": "png"})
+
+
 def write_batch(
-    batch: pa.Table, *, output: str, job_name: str, storage: dict[str, Any] | None = None
+    batch: pa.Table,
+    *,
+    output: str,
+    job_name: str,
+    storage: dict[str, Any] | None = None,
+    image_options: dict[str, Any] | None = None,
 ) -> pa.Table:
-    """Encode and store each rendered image; return metadata rows (schema above)."""
+    """Encode each rendered image and store it; return metadata rows (schema above).
+
+    With the webdataset layout nothing is stored here: the encoded bytes travel back in
+    an `encoded` column and the driver packs them into tar shards.
+    """
     from .store import open_store
 
+    options = image_options or {}
+    shards = options.get("layout") == "webdataset"
+    content_type = CONTENT_TYPES[options.get("format", "png")]
     store = open_store(output, storage)
     now = datetime.now(timezone.utc)
-    rows = []
+    rows, encoded = [], []
     for row in batch.to_pylist():
         pixels = row.pop("pixels", None)
         row.update(job_name=job_name, created_at=now, image_uri=None, sha256=None)
+        data = None
         if row["status"] == "ok":
             image = np.frombuffer(pixels, dtype=np.uint8).reshape(row["height"], row["width"], 3)
-            data = encode_png(image, row)
-            store.write_bytes(row["key"], data, content_type="image/png")
-            row.update(image_uri=store.uri_of(row["key"]), sha256=hashlib.sha256(data).hexdigest())
+            data = encode_image(image, row, options)
+            row["sha256"] = hashlib.sha256(data).hexdigest()
+            if not shards:
+                store.write_bytes(row["key"], data, content_type=content_type)
+                row["image_uri"] = store.uri_of(row["key"])
         rows.append({name: row.get(name) for name in METADATA_SCHEMA.names})
-    return pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+        encoded.append(data)
+    table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+    if shards:
+        table = table.append_column("encoded", pa.array(encoded, pa.binary()))
+    return table
+
+
+class ShardPacker:
+    """Packs encoded images into WebDataset tar shards (`{sample}.{ext}` + `{sample}.json`).
+
+    Runs in the driver, which sees every finished item. A shard is uploaded whole when it
+    holds `shard_size` samples (or at the end of the run); only then are its samples'
+    metadata rows released for commit, so an interrupted run never records an item whose
+    shard does not exist, and resume re-renders what the lost open shard held.
+    """
+
+    def __init__(self, store: Any, run_id: str, shard_size: int, extension: str):
+        self.store, self.run_id, self.shard_size, self.extension = (
+            store,
+            run_id,
+            shard_size,
+            extension,
+        )
+        self.seq = 0
+        self._reset()
+
+    def _reset(self) -> None:
+        import tarfile
+
+        self.buf = io.BytesIO()
+        self.tar = tarfile.open(fileobj=self.buf, mode="w")
+        self.rows: list[dict[str, Any]] = []
+
+    def _add_member(self, name: str, data: bytes) -> None:
+        import tarfile
+
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = len(data), 0, 0o644
+        self.tar.addfile(info, io.BytesIO(data))
+
+    def add(self, table: pa.Table) -> list[pa.Table]:
+        """Add finished items (rows with `encoded`); return metadata of shards closed now."""
+        closed = []
+        for row in table.to_pylist():
+            data = row.pop("encoded")
+            # WebDataset splits a member name at its first dot: keep the sample key dot-free.
+            sample = row["key"].rsplit("/", 1)[-1].rsplit(".", 1)[0].replace(".", "_")
+            self._add_member(f"{sample}.{self.extension}", data)
+            self._add_member(
+                f"{sample}.json",
+                json.dumps(
+                    {**{k: row.get(k) for k in REPRODUCIBLE_FIELDS}, "sha256": row["sha256"]},
+                    sort_keys=True,
+                ).encode(),
+            )
+            row["member"] = f"{sample}.{self.extension}"
+            self.rows.append(row)
+            if len(self.rows) >= self.shard_size:
+                closed.append(self.close())
+        return [t for t in closed if t.num_rows]
+
+    def close(self) -> pa.Table:
+        """Upload the open shard (if it has samples) and return its metadata rows."""
+        if not self.rows:
+            return METADATA_SCHEMA.empty_table()
+        self.tar.close()
+        key = f"shards/{self.run_id}-{self.seq:05d}.tar"
+        self.store.write_bytes(key, self.buf.getvalue(), content_type="application/x-tar")
+        for row in self.rows:
+            row.update(key=key, image_uri=f"{self.store.uri_of(key)}#{row['member']}")
+        table = pa.Table.from_pylist(
+            [{n: r.get(n) for n in METADATA_SCHEMA.names} for r in self.rows],
+            schema=METADATA_SCHEMA,
+        )
+        self.seq += 1
+        self._reset()
+        return table

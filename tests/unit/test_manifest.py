@@ -113,3 +113,22 @@ def test_million_rows_stream(tmp_path: Path) -> None:
     pq.write_table(table, tmp_path / "big.parquet", row_group_size=65536)
     info = validate_manifest(str(tmp_path / "big.parquet"), SPEC)
     assert info.total_items == n
+
+
+def test_sweep_beyond_the_limit_is_refused_with_the_count(tmp_path: Path) -> None:
+    spec = parse_spec(
+        {
+            "name": "t",
+            "manifest": "/m",
+            "output": "/o",
+            "model": "/m",
+            "sweep": {"guidance_scale": [1, 2, 3], "steps": [1, 2], "max_items": 50},
+        }
+    )
+    path = write_manifest(
+        tmp_path / "m.parquet", [{"id": str(i), "prompt": "p"} for i in range(10)]
+    )
+    with pytest.raises(
+        ManifestError, match=r"10 rows × 6 grid cells into 60 items, over sweep.max_items=50"
+    ):
+        validate_manifest(str(path), spec)

@@ -130,3 +130,39 @@ def test_block_rows_spread_small_jobs_over_actors() -> None:
     assert block_rows_for(16, 4, 2) == 4
     assert block_rows_for(10**6, 4, 2) == 64
     assert block_rows_for(3, 4, 2) == 4
+
+
+def test_sweep_expands_every_row_over_the_grid() -> None:
+    s = spec(sweep={"guidance_scale": [5, 7.5, 10], "steps": [20, 30]})
+    rows = [{"id": "a", "prompt": "p", "seed": 100}, {"id": "b", "prompt": "q"}]
+    items = list(plan_items(rows, s))
+    assert len(items) == 12
+    assert {it["row_id"] for it in items} == {"a", "b"}
+    a = [it for it in items if it["row_id"] == "a"]
+    assert [it["id"] for it in a][:2] == [
+        "a@steps=20,guidance_scale=5",
+        "a@steps=20,guidance_scale=7.5",
+    ]
+    assert {(it["steps"], it["guidance_scale"]) for it in a} == {
+        (st, g) for st in (20, 30) for g in (5, 7.5, 10)
+    }
+    assert len({it["seed"] for it in a}) == 6  # each cell its own noise
+    assert len({it["key"] for it in items}) == 12
+    assert len({it["batch_key"] for it in items}) == 6
+
+
+def test_sweep_same_seed_keeps_the_rows_seed() -> None:
+    s = spec(sweep={"guidance_scale": [5, 10], "same_seed": True})
+    items = list(
+        plan_items([{"id": "a", "prompt": "p", "seed": 100}, {"id": "b", "prompt": "q"}], s)
+    )
+    assert [it["seed"] for it in items if it["row_id"] == "a"] == [100, 100]
+    b = [it["seed"] for it in items if it["row_id"] == "b"]
+    assert b[0] == b[1] == item_seed(42, "b", 0)
+
+
+def test_output_format_sets_the_key_extension() -> None:
+    s = spec(output={"uri": "/o", "format": "webp", "lossless": True})
+    assert next(plan_items([{"id": "a", "prompt": "p"}], s))["key"].endswith(".webp")
+    s = spec(output={"uri": "/o", "format": "jpeg", "quality": 80})
+    assert next(plan_items([{"id": "a", "prompt": "p"}], s))["key"].endswith(".jpg")

@@ -130,3 +130,51 @@ def test_cli_stays_light() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ("sweep: {cfg: [1, 2]}", "sweep.cfg: unknown key (valid: steps, guidance_scale"),
+        ("sweep: {steps: [20, 900]}", "sweep: steps[1] must be 1..500, got 900"),
+        ("sweep: {scheduler: [ddim, warp]}", "sweep: scheduler[1] unknown scheduler"),
+        ("sweep: {steps: []}", "sweep.steps is an empty list"),
+    ],
+)
+def test_bad_sweeps(tmp_path: Path, extra: str, expected: str) -> None:
+    found = problems(tmp_path, BASE + extra + "\n")
+    assert any(expected in p for p in found), found
+
+
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        (
+            "{uri: out, format: gif}",
+            "output.format: Input should be 'png', 'webp' or 'jpeg', got 'gif'",
+        ),
+        ("{uri: out, layout: zip}", "output.layout: "),
+        ("{uri: out, format: jpeg, quality: 0}", "output.quality: must be 1..100, got 0"),
+        ("{uri: out, format: png, lossless: true}", "lossless applies to format webp only"),
+        ("{format: png}", "output: a mapping needs 'uri'"),
+    ],
+)
+def test_bad_output_options(tmp_path: Path, output: str, expected: str) -> None:
+    found = problems(tmp_path, BASE.replace("output: out", f"output: {output}"))
+    assert any(expected in p for p in found), found
+
+
+def test_output_mapping_form(tmp_path: Path) -> None:
+    (tmp_path / "job.yaml").write_text(
+        BASE.replace(
+            "output: out",
+            "output: {uri: out, format: webp, lossless: true, layout: webdataset, shard_size: 10}",
+        )
+    )
+    spec = load_spec(tmp_path / "job.yaml")
+    assert spec.output == str(tmp_path / "out")
+    assert (
+        spec.output_options.format,
+        spec.output_options.layout,
+        spec.output_options.shard_size,
+    ) == ("webp", "webdataset", 10)
