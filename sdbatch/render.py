@@ -90,6 +90,8 @@ class Renderer:
         dtype: str = "auto",
         torch_threads: int = 1,
         prompt_overflow: str = "truncate",
+        render_options: dict[str, bool] | None = None,
+        warmup_sizes: list[tuple[str, int, int]] | None = None,
     ):
         from .models import load_pipeline, quiet_libraries, resolve_device
 
@@ -105,15 +107,59 @@ class Renderer:
         self.batch_size = batch_size
         self.prompt_overflow = prompt_overflow
         self.model_hashes = model_hashes
+        self.render_options = dict(render_options or {})
+        self.options_json = (
+            json.dumps(self.render_options, sort_keys=True) if self.render_options else None
+        )
         shared: dict[str, Any] = {}
+        offload = bool(self.render_options.get("cpu_offload")) and self.device == "cuda"
         self.pipes = {
-            mode: load_pipeline(mode, ref, self.device, self.torch_dtype, shared)
+            mode: load_pipeline(
+                mode, ref, "cpu" if offload else self.device, self.torch_dtype, shared
+            )
             for mode, ref in models.items()
         }
+        self._apply_options(offload)
+        # fp16 VAEs (SD 1.x/2.x) can overflow to NaN; those batches are decoded again in fp32.
+        self.vae_fallback = self.torch_dtype == torch.float16
         self.default_schedulers = {mode: p.scheduler for mode, p in self.pipes.items()}
         self.env = json.dumps(environment_fingerprint(self.device), sort_keys=True)
         self.pipeline_calls = 0
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.worker = f"{socket.gethostname()}:{_node_id()[:12]}:{os.getpid()}"
+        if self.render_options.get("torch_compile"):
+            for mode, width, height in warmup_sizes or []:
+                self._warm_up(mode, width, height)
+
+    def _apply_options(self, offload: bool) -> None:
+        import torch
+
+        seen: set[int] = set()
+        for pipe in self.pipes.values():
+            if id(pipe.unet) not in seen:
+                seen.add(id(pipe.unet))
+                if self.render_options.get("channels_last"):
+                    pipe.unet.to(memory_format=torch.channels_last)
+                if self.render_options.get("torch_compile"):
+                    pipe.unet = torch.compile(pipe.unet)
+            if self.render_options.get("vae_tiling"):
+                pipe.vae.enable_tiling()
+            if self.render_options.get("vae_slicing"):
+                pipe.vae.enable_slicing()
+            if offload:
+                pipe.enable_model_cpu_offload()
+
+    def _warm_up(self, mode: str, width: int, height: int) -> None:
+        """Compile for this image size now, not inside the first real batch."""
+        if mode != "txt2img":
+            return  # input modes compile on their first batch (they need real images)
+        pipe = self.pipes[mode]
+        pipe(
+            prompt=[""] * self.batch_size,
+            num_inference_steps=1,
+            width=width,
+            height=height,
+            output_type="latent",
+        )
 
     # 1. Group the batch by render parameters; 2. render each group padded to
     # batch_size; 3. on a failed call, retry item by item to isolate the bad one.
@@ -176,6 +222,33 @@ class Renderer:
                 too_long = True
         return too_long
 
+    def _call_with_vae_fallback(self, pipe: Any, kwargs: dict[str, Any]) -> Any:
+        """Run to latents, then decode as diffusers does; decode again in fp32 if fp16
+        overflows to NaN (noted per image)."""
+        import torch
+        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
+
+        latents = pipe(**{**kwargs, "output_type": "latent"}).images
+        vae = pipe.vae
+        scaled = latents / vae.config.scaling_factor
+        image = vae.decode(scaled, return_dict=False, generator=kwargs["generator"])[0]
+        self._vae_upcast = False
+        if not torch.isfinite(image).all():
+            vae.to(torch.float32)
+            try:
+                image = vae.decode(
+                    scaled.float(), return_dict=False, generator=kwargs["generator"]
+                )[0]
+            finally:
+                vae.to(self.torch_dtype)
+            self._vae_upcast = True
+        image, nsfw = pipe.run_safety_checker(image, pipe._execution_device, latents.dtype)
+        denormalize = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
+        images = pipe.image_processor.postprocess(
+            image, output_type="np", do_denormalize=denormalize
+        )
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+
     def render_alone(self, item: dict[str, Any], position: int = 0) -> dict[str, Any]:
         """Render one item in a call of `batch_size` images, at `position` (for reruns)."""
         try:
@@ -213,7 +286,10 @@ class Renderer:
         kwargs.update(self._mode_inputs(padded))
         started = time.perf_counter()
         with torch.inference_mode():
-            output = pipe(**kwargs)
+            if self.vae_fallback:
+                output = self._call_with_vae_fallback(pipe, kwargs)
+            else:
+                output = pipe(**kwargs)
         seconds = (time.perf_counter() - started) / len(items)
         self.pipeline_calls += 1
         call_id = f"{self.worker}#{self.pipeline_calls}"
@@ -249,6 +325,11 @@ class Renderer:
                     call_id=call_id,
                 )
             )
+        if getattr(self, "_vae_upcast", False):
+            for row in results:
+                if row["status"] == "ok":
+                    note = "fp16 VAE decode overflowed to NaN; decoded again in float32"
+                    row["notes"] = "; ".join(filter(None, [row.get("notes"), note]))
         return results
 
     def _mode_inputs(self, padded: list[dict[str, Any]]) -> dict[str, Any]:
@@ -304,6 +385,7 @@ class Renderer:
             dtype=self.dtype_name,
             env=self.env,
             worker=self.worker,
+            render_options=self.options_json,
             prompt_truncated=bool(item.get("prompt_truncated", False)),
         )
         return row
@@ -348,6 +430,17 @@ class Renderer:
             attempts=attempts,
         )
         return row
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        if not ray.is_initialized():  # reruns and calibration run outside Ray
+            return "local"
+        return ray.get_runtime_context().get_node_id() or "local"
+    except Exception:  # noqa: BLE001 - outside Ray (reruns, calibration)
+        return "local"
 
 
 def _fault_hook(item: dict[str, Any], inside_call: bool = False) -> None:

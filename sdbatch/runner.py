@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import queue
+import re
 import threading
 import time
 import uuid
@@ -232,16 +233,19 @@ def place(spec: JobSpec, cluster: dict[str, float]) -> Placement:
     free_cpus = max(cpus - 2 * CPU_STAGE_CPUS, 0.1)
     if c.actors == "auto":
         if gpus_per_actor > 0:
-            actors = max(1, int(gpus // gpus_per_actor))
+            actors = int(gpus // gpus_per_actor)
+            if actors < 1:
+                raise RunError(
+                    f"compute.actors: auto counts GPUs, and the cluster has {gpus:g} now; on an "
+                    "autoscaling cluster set compute.actors to the number of GPU actors you want "
+                    "(the autoscaler then adds nodes), or use device: cpu"
+                )
         else:
             actors = max(1, int(free_cpus // c.cpus_per_actor))
     else:
+        # More than the cluster holds now is fine: Ray's autoscaler adds nodes for the
+        # pending actors (a fixed cluster would wait; the watchdog then reports it).
         actors = c.actors
-    if gpus_per_actor > 0 and actors * gpus_per_actor > gpus:
-        raise RunError(
-            f"compute: {actors} actors × {gpus_per_actor} GPUs needs {actors * gpus_per_actor:g} "
-            f"GPUs, the cluster has {gpus:g}"
-        )
     # Ray's CPU count is bookkeeping; threads are set separately. Shrink the logical
     # reservation so the pool always fits beside the CPU stages.
     cpus_per_actor = min(c.cpus_per_actor, free_cpus / actors)
@@ -249,10 +253,14 @@ def place(spec: JobSpec, cluster: dict[str, float]) -> Placement:
     return Placement(actors, round(cpus_per_actor, 3), gpus_per_actor, threads, device)
 
 
-def quiet_ray_data(verbose: bool) -> None:
+def configure_ray_data(spec: JobSpec, verbose: bool) -> None:
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
+    # Start rendering only once every actor of the pool is up: otherwise the first actor
+    # to finish loading takes all the blocks of a small job. Too few resources for the
+    # pool then end in Ray's "Timed out while starting actors" instead of a silent wait.
+    ctx.wait_for_min_actors_s = int(spec.execution.watchdog_seconds) or 3600
     ctx.enable_progress_bars = verbose
     ctx.enable_operator_progress_bars = verbose
     ctx.print_on_execution_start = verbose
@@ -312,11 +320,11 @@ def run_job(
 
     # 4. Ray and placement.
     owns_ray = init_ray(address, verbose)
-    quiet_ray_data(verbose)
+    configure_ray_data(spec, verbose)
     placement = place(spec, ray.cluster_resources())
 
     # 5. Plan into homogeneous blocks (one batch key per block, a multiple of batch_size).
-    refs, planned = _plan_blocks(spec, info, done, only, placement.actors)
+    refs, planned, sizes = _plan_blocks(spec, info, done, only, placement.actors)
     progress = Progress(total=info.total_items, skipped=info.total_items - planned)
     store.write_bytes(
         RUN_KEY,
@@ -336,9 +344,7 @@ def run_job(
     # 6. Render, write, and commit metadata parts as results stream back.
     parts: list[str] = []
     if planned:
-        ds = _pipeline(
-            spec, refs, models, hashes, placement, needs_inputs=info.modes != {"txt2img"}
-        )
+        ds = _pipeline(spec, refs, models, hashes, placement, info.modes != {"txt2img"}, sizes)
         try:
             packer = None
             if spec.output_options.layout == "webdataset":
@@ -418,18 +424,25 @@ def _check_same_render(spec: JobSpec, store: Store) -> None:
 
 def _explain_ray_error(err: Exception, spec: JobSpec) -> str:
     text = str(err)
-    if (
-        "ActorDiedError" in type(err).__name__
-        or "actor died" in text.lower()
-        or "restart" in text.lower()
-    ):
+    # The user's exception inside a Ray error: its last "module.SomeError: message" line.
+    cause = next(
+        (
+            ln.strip()
+            for ln in reversed(text.splitlines())
+            if re.match(r"^\s*[\w.]+(Error|Exception): ", ln)
+        ),
+        "",
+    )
+    if "creation task" in text:
+        return f"a render actor failed to start: {cause or text.splitlines()[0]}"
+    if "actor died" in text.lower() or "restart" in text.lower():
         return (
             f"a render actor kept dying (more than execution.max_actor_restarts="
             f"{spec.execution.max_actor_restarts} restarts); committed images are kept and a rerun "
-            f"resumes. Last error: {text.splitlines()[0] if text else type(err).__name__}"
+            f"resumes. Last error: {cause or text.splitlines()[0]}"
         )
     lines = [ln for ln in text.splitlines() if ln.strip()]
-    return f"the job failed in Ray: {lines[-1] if lines else type(err).__name__}"
+    return f"the job failed in Ray: {cause or (lines[-1] if lines else type(err).__name__)}"
 
 
 def _plan_blocks(
@@ -438,8 +451,8 @@ def _plan_blocks(
     done: set[tuple[str, int]],
     only: set[tuple[str, int]] | None,
     actors: int,
-) -> tuple[list, int]:
-    """Object refs of planned blocks, and how many items they hold."""
+) -> tuple[list, int, set[tuple[str, int, int]]]:
+    """Object refs of planned blocks, how many items they hold, and their (mode, w, h)."""
     import ray
 
     from .plan import ITEM_SCHEMA
@@ -451,20 +464,30 @@ def _plan_blocks(
     )
     if only is not None:
         items = (it for it in items if (it["id"], it["image_index"]) in only)
-    refs, count = [], 0
+    refs, count, sizes = [], 0, set()
     for block in homogeneous_blocks(items, block_rows):
         refs.append(ray.put(pa.Table.from_pylist(block, schema=ITEM_SCHEMA)))
         count += len(block)
-    return refs, count
+        sizes.add((block[0]["mode"], block[0]["width"], block[0]["height"]))
+    return refs, count, sizes
 
 
-def _pipeline(
+def _pipeline(*args: Any) -> Any:
+    with warnings.catch_warnings():
+        # Ray 2.60 routes runtime_env and actor restarts through ray_remote_args, which it
+        # now flags as deprecated; there is no named parameter for them yet.
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return _build_pipeline(*args)
+
+
+def _build_pipeline(
     spec: JobSpec,
     refs: list,
     models: dict[str, str],
     hashes: dict[str, str],
     placement: Placement,
     needs_inputs: bool,
+    sizes: set[tuple[str, int, int]],
 ) -> Any:
     import ray.data
 
@@ -486,30 +509,30 @@ def _pipeline(
         )
     # batch_size=None: each call gets one planned block (one batch key, a multiple of
     # batch_size items), so pipeline calls are as full as the plan allows.
-    with warnings.catch_warnings():
-        # Ray 2.60 has no named parameter for actor restarts yet; ray_remote_args it is.
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        ds = ds.map_batches(
-            Renderer,
-            fn_constructor_kwargs=dict(
-                models=models,
-                model_hashes=hashes,
-                batch_size=spec.batch_size,
-                device=placement.device,
-                dtype=spec.compute.dtype,
-                torch_threads=placement.torch_threads,
-                prompt_overflow=spec.prompt_overflow,
-            ),
-            compute=ray.data.ActorPoolStrategy(size=placement.actors),
-            batch_size=None,
-            batch_format="pyarrow",
-            num_cpus=placement.cpus_per_actor,
-            num_gpus=placement.gpus_per_actor or None,
-            # Ray Data restarts dead actors forever by default; a crash loop must end.
-            max_restarts=spec.execution.max_actor_restarts,
-            max_task_retries=spec.execution.max_actor_restarts + 1,
-            runtime_env=env,
-        )
+    ds = ds.map_batches(
+        Renderer,
+        fn_constructor_kwargs=dict(
+            models=models,
+            model_hashes=hashes,
+            batch_size=spec.batch_size,
+            device=placement.device,
+            dtype=spec.compute.dtype,
+            torch_threads=placement.torch_threads,
+            prompt_overflow=spec.prompt_overflow,
+            render_options=spec.compute.render_options(),
+            warmup_sizes=sorted(sizes),
+        ),
+        compute=ray.data.ActorPoolStrategy(size=placement.actors),
+        batch_size=None,
+        batch_format="pyarrow",
+        num_cpus=placement.cpus_per_actor,
+        num_gpus=placement.gpus_per_actor or None,
+        resources=spec.compute.resources or None,
+        # Ray Data restarts dead actors forever by default; a crash loop must end.
+        max_restarts=spec.execution.max_actor_restarts,
+        max_task_retries=spec.execution.max_actor_restarts + 1,
+        runtime_env=env,
+    )
     return ds.map_batches(
         write_batch,
         fn_kwargs=dict(

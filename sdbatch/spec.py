@@ -113,9 +113,29 @@ class ComputeSpec(_Strict):
     )
     cpus_per_actor: float = Field(1.0, gt=0, le=256, description="CPU threads per render actor.")
     gpus_per_actor: float = Field(0, ge=0, le=8, description="GPUs per actor (0.5 = two per GPU).")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per actor, e.g. {render_node: 1} to pin actors to "
+        "nodes started with --resources.",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto | cpu | cuda")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="auto = float16 on CUDA, float32 on CPU."
+    )
+    channels_last: bool = Field(
+        False, description="UNet in channels_last memory format (GPU speed-up)."
+    )
+    torch_compile: bool = Field(
+        False, description="torch.compile the UNet once per actor, warmed up per image size."
+    )
+    vae_tiling: bool = Field(
+        False, description="Decode large images in tiles (less memory; changes pixels)."
+    )
+    vae_slicing: bool = Field(
+        False, description="Decode a batch one image at a time (less memory)."
+    )
+    cpu_offload: bool = Field(
+        False, description="enable_model_cpu_offload for small GPUs (CUDA only; slower)."
     )
     torch_threads: int | None = Field(
         None,
@@ -124,6 +144,11 @@ class ComputeSpec(_Strict):
         description="torch intra-op threads per actor; default ceil(cpus_per_actor). "
         "On CPU the thread count changes output bits, so it is recorded per image.",
     )
+
+    def render_options(self) -> dict[str, bool]:
+        """Pipeline options that may change pixels; recorded with every image."""
+        names = ("channels_last", "torch_compile", "vae_tiling", "vae_slicing", "cpu_offload")
+        return {n: getattr(self, n) for n in names if getattr(self, n)}
 
     def threads(self) -> int:
         """torch threads per actor: explicit, else ceil(cpus_per_actor)."""
@@ -476,6 +501,7 @@ def render_signature(spec: JobSpec) -> dict[str, Any]:
         "compute.device": c.device,
         "compute.dtype": c.dtype,
         "compute.torch_threads": c.threads(),
+        "compute.render_options": c.render_options(),
     }
 
 

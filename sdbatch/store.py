@@ -1,19 +1,60 @@
 """One storage interface for every byte sdbatch reads or writes.
 
-`open_store(uri)` returns a Store rooted at a local folder or an `s3://bucket/prefix`.
-Keys are relative, '/'-separated. Writes are atomic: a reader never sees a partial object
-under its final key (temp file + rename locally; S3 PUTs are atomic by nature).
+`open_store(uri, options)` returns a Store rooted at a local folder or at
+`s3://bucket/prefix` (any S3 endpoint: AWS, MinIO, R2, Ceph; `options` is the spec's
+`storage` section). Keys are relative, '/'-separated and can never leave the root.
+
+Writes are whole-object and atomic: a reader never sees a partial object under its final
+key (temp file + rename locally; an S3 PUT is visible only once complete). Keys are
+deterministic (plan.image_key), so a rerun, or a PUT that botocore retries because its
+response was lost, overwrites the same key with the same bytes. We overwrite rather than
+use a conditional `If-None-Match` put on purpose: after an interrupted run an image can
+exist without its metadata row, and the rerun's overwrite keeps the metadata's sha256 the
+hash of the object actually stored; conditional puts also aren't supported everywhere.
+
+S3 goes through boto3 only, with one client per process and storage options, created
+lazily on first use (never pickled from the driver to Ray workers). Credentials come
+from the standard AWS chain and never appear in messages: every error is turned into a
+StoreError (or FileNotFoundError for a missing object) naming the URI and the cause.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
 import os
+import posixpath
 import tempfile
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlparse
+
+from .spec import StorageSpec
+
+PROBE_KEY = "_sdbatch_write_probe"
+# Standard AWS settings (never credentials) that runner forwards to Ray workers through
+# the runtime env. Credentials are deliberately not forwarded: Ray writes runtime-env
+# variables in clear text to its logs (runtime_env_agent.log) and, on a cluster, to the
+# job table. Local Ray workers inherit the driver's environment anyway; cluster nodes
+# use their own credential chain (instance role, node env, shared files + AWS_PROFILE).
+AWS_ENV_VARS = (
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_PROFILE",
+    "AWS_CONFIG_FILE",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_CA_BUNDLE",
+    "AWS_EC2_METADATA_DISABLED",
+    "AWS_REQUEST_CHECKSUM_CALCULATION",
+    "AWS_RESPONSE_CHECKSUM_VALIDATION",
+)
+_SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 class StoreError(Exception):
@@ -24,38 +65,57 @@ class Store:
     uri: str
 
     def read_bytes(self, key: str) -> bytes:
+        """The object's bytes; FileNotFoundError naming its URI if there is none."""
         raise NotImplementedError
 
     def write_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        """Write the whole object atomically, replacing any object under `key`."""
         raise NotImplementedError
 
     def exists(self, key: str) -> bool:
         raise NotImplementedError
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        """Keys under `prefix`, relative to the store root, in no particular order."""
+        """Keys equal to `prefix` or under `prefix/`, relative to the root, in no order."""
         raise NotImplementedError
 
     def delete(self, key: str) -> None:
+        """Remove `key`; a missing key is not an error."""
         raise NotImplementedError
 
     def uri_of(self, key: str) -> str:
-        return f"{self.uri.rstrip('/')}/{key}"
+        return f"{self.uri.rstrip('/')}/{clean_key(key, self.uri)}"
 
-    def arrow_filesystem(self) -> tuple[Any, str]:
-        """(pyarrow filesystem, root path in it) for reading Parquet parts."""
+    def open_input(self, key: str) -> IO[bytes]:
+        """A seekable binary file to read `key` from (for Parquet); FileNotFoundError if absent."""
         raise NotImplementedError
 
     def check_writable(self) -> None:
         """Write and remove a probe object; raise StoreError naming the URI if we can't."""
-        key = "_sdbatch_write_probe"
         try:
-            self.write_bytes(key, b"probe")
-            self.delete(key)
+            self.write_bytes(PROBE_KEY, b"probe")
+            self.delete(PROBE_KEY)
         except StoreError:
             raise
         except Exception as err:  # noqa: BLE001 - any failure here means "not writable"
             raise StoreError(f"{self.uri}: output is not writable: {err}") from None
+
+
+def clean_key(key: str, root: str, *, allow_root: bool = False) -> str:
+    """`key` normalised ('a/./b' → 'a/b'); StoreError if it is absolute or leaves the root."""
+    if key.startswith(("/", "\\")):
+        raise StoreError(f"{root}: key {key!r} is absolute; keys are relative to the root")
+    norm = posixpath.normpath(key) if key else "."
+    if norm == ".." or norm.startswith("../"):
+        raise StoreError(f"{root}: key {key!r} escapes the output folder")
+    if norm == ".":
+        if allow_root:
+            return ""
+        raise StoreError(f"{root}: empty key {key!r}")
+    return norm
+
+
+# ---------------------------------------------------------------- local folder
 
 
 class LocalStore(Store):
@@ -63,16 +123,16 @@ class LocalStore(Store):
         self.root = Path(root).expanduser().resolve()
         self.uri = str(self.root)
 
-    def _path(self, key: str) -> Path:
-        path = (self.root / key).resolve()
-        if path != self.root and self.root not in path.parents:
+    def _path(self, key: str, allow_root: bool = False) -> Path:
+        path = (self.root / clean_key(key, self.uri, allow_root=allow_root)).resolve()
+        if path != self.root and self.root not in path.parents:  # e.g. through a symlink
             raise StoreError(f"{self.uri}: key {key!r} escapes the output folder")
         return path
 
     def read_bytes(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise FileNotFoundError(f"{self.uri_of(key)}: no such file") from None
 
     def write_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
@@ -94,9 +154,9 @@ class LocalStore(Store):
         return self._path(key).is_file()
 
     def list(self, prefix: str = "") -> Iterator[str]:
-        base = self._path(prefix) if prefix else self.root
+        base = self._path(prefix, allow_root=True)
         if base.is_file():
-            yield prefix
+            yield base.relative_to(self.root).as_posix()
             return
         if not base.is_dir():
             return
@@ -110,32 +170,398 @@ class LocalStore(Store):
         self._path(key).unlink(missing_ok=True)
 
     def uri_of(self, key: str) -> str:
-        return str(self.root / key)
+        return str(self.root / clean_key(key, self.uri))
 
-    def arrow_filesystem(self) -> tuple[Any, str]:
-        import pyarrow.fs as pafs
+    def open_input(self, key: str) -> IO[bytes]:
+        try:
+            return open(self._path(key), "rb")  # noqa: SIM115 - the caller owns the file
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise FileNotFoundError(f"{self.uri_of(key)}: no such file") from None
 
-        return pafs.LocalFileSystem(), str(self.root)
+
+# ---------------------------------------------------------------- S3
 
 
-_local = threading.local()
+class S3Store(Store):
+    """`s3://bucket/prefix` on any S3 endpoint, through boto3."""
+
+    def __init__(self, uri: str, options: dict[str, Any] | None = None):
+        parsed = urlparse(uri)
+        self.bucket = parsed.netloc
+        if not self.bucket:
+            raise StoreError(f"{uri}: an S3 URI needs a bucket: s3://bucket/prefix")
+        self.prefix = clean_key(parsed.path.strip("/"), uri, allow_root=True)
+        self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        try:
+            self.options = StorageSpec.model_validate(options or {})
+        except ValueError as err:
+            raise StoreError(f"{uri}: invalid storage options: {err}") from None
+
+    # Stores are pickled into Ray tasks by callers; only the URI and options travel,
+    # each process builds (and caches) its own client.
+    @property
+    def client(self) -> Any:
+        return _client(self.options)
+
+    def _full(self, key: str) -> str:
+        key = clean_key(key, self.uri)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    @contextmanager
+    def _errors(self, where: str, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except (StoreError, FileNotFoundError):
+            raise
+        except Exception as err:  # noqa: BLE001 - every botocore failure becomes readable
+            if _error_code(err) in _MISSING_OBJECT:
+                raise FileNotFoundError(f"{where}: no such file") from None
+            cause = describe_error(err, self.bucket, self.options)
+            raise StoreError(f"{where}: {doing}: {cause}") from None
+
+    def _get(self, full_key: str, **kwargs: Any) -> bytes:
+        # botocore retries a request until its response headers arrive; a connection
+        # that drops mid-body is retried here, up to the same number of attempts.
+        for attempt in range(1, self.options.max_attempts + 1):
+            response = self.client.get_object(Bucket=self.bucket, Key=full_key, **kwargs)
+            try:
+                return response["Body"].read()
+            except Exception as err:  # noqa: BLE001
+                if attempt == self.options.max_attempts or not _is_stream_error(err):
+                    raise
+        raise AssertionError("unreachable")
+
+    def read_bytes(self, key: str) -> bytes:
+        full = self._full(key)
+        with self._errors(self.uri_of(key), "cannot read"):
+            return self._get(full)
+
+    def write_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
+        full = self._full(key)
+        with self._errors(self.uri_of(key), "cannot write"):
+            self._put(full, data, content_type)
+
+    def _put(self, full_key: str, data: bytes, content_type: str | None) -> None:
+        # Content-MD5 is checked by every S3 implementation, so a corrupted upload fails
+        # (and is retried) rather than being stored.
+        md5 = base64.b64encode(hashlib.md5(data).digest()).decode()
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=full_key,
+            Body=data,
+            ContentType=content_type or "application/octet-stream",
+            ContentMD5=md5,
+        )
+
+    def exists(self, key: str) -> bool:
+        full = self._full(key)
+        try:
+            with self._errors(self.uri_of(key), "cannot check"):
+                self.client.head_object(Bucket=self.bucket, Key=full)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        # Folder semantics, as LocalStore: 'meta' is 'meta' and 'meta/…', never 'metadata/…'.
+        rel = clean_key(prefix, self.uri, allow_root=True)
+        root = f"{self.prefix}/" if self.prefix else ""
+        search = f"{root}{rel}" if rel else root
+        with self._errors(self.uri_of(rel) if rel else self.uri, "cannot list"):
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=search
+            )
+            for page in pages:
+                for obj in page.get("Contents", ()):
+                    key = obj["Key"][len(root) :]
+                    if key.endswith("/"):  # a console's "folder" marker, not data
+                        continue
+                    if not rel or key == rel or key.startswith(f"{rel}/"):
+                        yield key
+
+    def delete(self, key: str) -> None:
+        full = self._full(key)
+        with self._errors(self.uri_of(key), "cannot delete"):
+            self.client.delete_object(Bucket=self.bucket, Key=full)
+
+    def uri_of(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._full(key)}"
+
+    def open_input(self, key: str) -> IO[bytes]:
+        full = self._full(key)
+        with self._errors(self.uri_of(key), "cannot read"):
+            head = self.client.head_object(Bucket=self.bucket, Key=full)
+        raw = _RangeReader(self, key, full, head["ContentLength"], head.get("ETag"))
+        return io.BufferedReader(raw, buffer_size=1 << 20)
+
+    def check_writable(self) -> None:
+        from botocore.exceptions import ClientError
+
+        with self._errors(self.uri, "output is not writable"):
+            self._put(self._full(PROBE_KEY), b"probe", "text/plain")
+            try:
+                self.client.delete_object(Bucket=self.bucket, Key=self._full(PROBE_KEY))
+            except ClientError as err:
+                # Writing is what a job needs; a role without s3:DeleteObject may keep
+                # the 5-byte probe.
+                if _error_code(err) not in _ACCESS_DENIED:
+                    raise
+
+
+class _RangeReader(io.RawIOBase):
+    """A read-only, seekable view of one S3 object through ranged GETs.
+
+    Every GET carries the ETag seen when the file was opened, so an object replaced
+    mid-read fails loudly instead of mixing two versions.
+    """
+
+    def __init__(self, store: S3Store, key: str, full_key: str, size: int, etag: str | None):
+        self.store, self.key, self.full_key, self.size, self.etag = store, key, full_key, size, etag
+        self.pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
+        if base + offset < 0:
+            raise ValueError(f"{self.store.uri_of(self.key)}: negative seek position")
+        self.pos = base + offset
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self.size - self.pos)
+        if n <= 0:
+            return 0
+        extra = {"IfMatch": self.etag} if self.etag else {}
+        with self.store._errors(self.store.uri_of(self.key), "cannot read"):
+            data = self.store._get(
+                self.full_key, Range=f"bytes={self.pos}-{self.pos + n - 1}", **extra
+            )
+        buffer[: len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+# ---------------------------------------------------------------- S3 clients
+
+_clients: dict[tuple[Any, ...], Any] = {}
+_clients_lock = threading.Lock()
+# Credential values this process has loaded; scrubbed from any text we produce.
+_secrets: set[str] = set()
+
+
+def _client(options: StorageSpec) -> Any:
+    """The boto3 S3 client for these options in this process (clients are thread-safe)."""
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
+    # The AWS environment is part of the key (hashed: it holds secrets), so a changed
+    # environment gets a new client instead of stale credentials.
+    env_hash = hashlib.sha256(repr(env).encode()).hexdigest()
+    key = (os.getpid(), *options.model_dump().items(), env_hash)
+    client = _clients.get(key)
+    if client is None:
+        with _clients_lock:
+            client = _clients.get(key)
+            if client is None:
+                client = _clients[key] = _make_client(options)
+    return client
+
+
+def _make_client(options: StorageSpec) -> Any:
+    import boto3
+    from botocore.config import Config
+
+    session = boto3.session.Session(profile_name=options.profile)
+    extra: dict[str, Any] = {}
+    if options.endpoint_url:
+        # boto3 >= 1.36 sends CRC32 checksum headers that several S3-compatible servers
+        # reject; other endpoints get them only where the API requires one (our PUTs
+        # carry Content-MD5 instead). An explicit AWS_* setting still wins.
+        if "AWS_REQUEST_CHECKSUM_CALCULATION" not in os.environ:
+            extra["request_checksum_calculation"] = "when_required"
+        if "AWS_RESPONSE_CHECKSUM_VALIDATION" not in os.environ:
+            extra["response_checksum_validation"] = "when_required"
+    config = Config(
+        region_name=options.region,
+        # total_max_attempts counts the first try, as storage.max_attempts does
+        # (botocore's own "max_attempts" key counts retries only).
+        retries={"total_max_attempts": options.max_attempts, "mode": options.retry_mode},
+        s3={"addressing_style": options.addressing_style},
+        max_pool_connections=32,
+        # A blackholed endpoint should fail in tens of seconds, not 10 × botocore's 60 s.
+        connect_timeout=10,
+        user_agent_extra="sdbatch",
+        **extra,
+    )
+    client = session.client("s3", endpoint_url=options.endpoint_url, config=config)
+    credentials = session.get_credentials()
+    if credentials is not None:
+        frozen = credentials.get_frozen_credentials()
+        _secrets.update(s for s in (frozen.access_key, frozen.secret_key, frozen.token) if s)
+    return client
+
+
+# ---------------------------------------------------------------- errors
+
+_MISSING_OBJECT = {"NoSuchKey", "404", "NotFound"}
+_ACCESS_DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "AccountProblem"}
+_BAD_KEY_ID = {"InvalidAccessKeyId"}
+_BAD_SIGNATURE = {"SignatureDoesNotMatch"}
+_BAD_TOKEN = {"ExpiredToken", "TokenRefreshRequired", "InvalidToken", "ExpiredTokenException"}
+_WRONG_REGION = {"PermanentRedirect", "AuthorizationHeaderMalformed", "301", "400 Redirect"}
+_CHANGED = {"PreconditionFailed", "412"}
+_SERVER_TROUBLE = {"SlowDown", "ServiceUnavailable", "InternalError", "503", "500", "502", "504"}
+
+
+def _error_code(err: BaseException) -> str | None:
+    response = getattr(err, "response", None)
+    if not isinstance(response, dict):
+        return None
+    return str(response.get("Error", {}).get("Code") or "") or None
+
+
+def _is_stream_error(err: BaseException) -> bool:
+    from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+
+    return isinstance(err, (ResponseStreamingError, IncompleteReadError))
+
+
+def redact(text: str) -> str:
+    """`text` with every AWS credential value this process knows replaced by '***'."""
+    secrets = set(_secrets)
+    secrets.update(os.environ[n] for n in _SECRET_ENV_VARS if os.environ.get(n))
+    # Real key ids and secrets are 16+ characters; shorter test values such as "testing"
+    # would only mangle ordinary words.
+    for secret in sorted((x for x in secrets if len(x) >= 8), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _endpoint(options: StorageSpec) -> str:
+    if not options.endpoint_url:
+        return "the AWS S3 endpoint"
+    parsed = urlparse(options.endpoint_url)
+    host = parsed.hostname or ""
+    port = f":{parsed.port}" if parsed.port else ""
+    return f"{parsed.scheme}://{host}{port}"  # never the user:password part
+
+
+def describe_error(err: BaseException, bucket: str, options: StorageSpec | None = None) -> str:
+    """One line saying what went wrong talking to S3, without any credential value."""
+    from botocore import exceptions as bx
+
+    options = options or StorageSpec()
+    attempts = f"after {options.max_attempts} attempt{'s' if options.max_attempts > 1 else ''}"
+    code = _error_code(err)
+    if isinstance(err, bx.ClientError) or code:
+        response = getattr(err, "response", {}) or {}
+        error = response.get("Error", {})
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        message = error.get("Message") or ""
+        if code == "NoSuchBucket":
+            text = f"bucket {bucket!r} does not exist at {_endpoint(options)}"
+        elif code in _ACCESS_DENIED:
+            text = (
+                f"access denied to bucket {bucket!r} (the credentials in use lack "
+                "permission; check the IAM and bucket policies)"
+            )
+        elif code in _BAD_KEY_ID:
+            text = f"the access key ID is not known to {_endpoint(options)} (wrong credentials?)"
+        elif code in _BAD_SIGNATURE:
+            text = "the request signature does not match (wrong secret access key?)"
+        elif code in _BAD_TOKEN:
+            text = "the session token has expired or is invalid"
+        elif code in _WRONG_REGION:
+            region = error.get("Region") or response.get("ResponseMetadata", {}).get(
+                "HTTPHeaders", {}
+            ).get("x-amz-bucket-region")
+            where = f" ({region})" if region else ""
+            text = f"bucket {bucket!r} is in another region{where}; set storage.region"
+        elif code in _CHANGED:
+            text = "the object changed while it was being read; run again"
+        elif code in _SERVER_TROUBLE:
+            text = (
+                f"the endpoint kept failing ({code}{': ' + message if message else ''}) {attempts}"
+            )
+        else:
+            text = f"{code} (HTTP {status}){': ' + message if message else ''}"
+    elif isinstance(err, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        text = (
+            "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE or storage.profile, or run where an instance role provides them"
+        )
+    elif isinstance(err, bx.ProfileNotFound):
+        text = f"AWS profile {options.profile!r} not found in the AWS config files"
+    elif isinstance(err, (bx.EndpointConnectionError, bx.ConnectTimeoutError)):
+        text = f"endpoint {_endpoint(options)} is unreachable {attempts} ({err})"
+    elif isinstance(err, (bx.ConnectionClosedError, bx.ReadTimeoutError)):
+        text = f"the connection to {_endpoint(options)} dropped or timed out {attempts} ({err})"
+    elif isinstance(err, bx.SSLError):
+        text = f"TLS error talking to {_endpoint(options)}: {err}"
+    else:
+        text = f"{type(err).__name__}: {err}"
+    return redact(text)
+
+
+def unwrap_task_error(err: BaseException) -> BaseException:
+    """A StoreError raised in a Ray task reaches the driver as RayTaskError(StoreError),
+    whose text is the worker's whole traceback; this returns the original one-line
+    StoreError (anything else unchanged)."""
+    if not isinstance(err, StoreError) or type(err) is StoreError:
+        return err
+    cause = getattr(err, "cause", None)
+    source = cause if isinstance(cause, StoreError) else err
+    text = str(source.args[0]) if source.args else str(source)
+    return StoreError(text.splitlines()[0] if text else type(err).__name__)
+
+
+# ---------------------------------------------------------------- opening stores
 
 
 def open_store(uri: str, options: dict[str, Any] | None = None) -> Store:
-    """The store for a URI: a local path or `file://` URI (S3 comes with the S3 backend)."""
+    """The store for a URI: a local path, a `file://` URI or `s3://bucket/prefix`."""
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         return LocalStore(parsed.path if parsed.scheme == "file" else uri)
-    raise StoreError(f"{uri}: unsupported storage scheme {parsed.scheme!r} (use a local path)")
+    if parsed.scheme == "s3":
+        return S3Store(uri, options)
+    raise StoreError(
+        f"{uri}: unsupported storage scheme {parsed.scheme!r} "
+        "(use a local path or s3://bucket/prefix)"
+    )
 
 
 def split_uri(uri: str) -> tuple[str, str]:
     """('parent URI', 'name') of a file URI, for reading one object through a store."""
     uri = uri.rstrip("/")
     head, _, name = uri.rpartition("/")
+    if head.endswith(":/"):  # 's3://bucket' has no parent folder above the bucket
+        raise StoreError(f"{uri}: not an object URI (expected s3://bucket/key)")
     return (head or "/", name)
 
 
 def read_uri(uri: str, options: dict[str, Any] | None = None) -> bytes:
+    """The bytes of one file or object (e.g. an init image named in a manifest)."""
     parent, name = split_uri(uri)
     return open_store(parent, options).read_bytes(name)
+
+
+__all__: list[str] = [
+    "AWS_ENV_VARS",
+    "LocalStore",
+    "S3Store",
+    "Store",
+    "StoreError",
+    "describe_error",
+    "open_store",
+    "read_uri",
+    "redact",
+    "split_uri",
+    "unwrap_task_error",
+]

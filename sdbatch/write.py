@@ -59,6 +59,7 @@ METADATA_SCHEMA = pa.schema(
         ("depth_source", pa.string()),
         ("notes", pa.string()),
         ("call_id", pa.string()),
+        ("render_options", pa.string()),
         ("env", pa.string()),
         ("worker", pa.string()),
         ("job_name", pa.string()),
@@ -99,6 +100,7 @@ REPRODUCIBLE_FIELDS = (
     "device",
     "dtype",
     "prompt_truncated",
+    "render_options",
 )
 
 A1111_SAMPLERS = {

@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.s3server import S3Server, use_fake_aws_env
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Fake AWS credentials before Ray starts (its local workers inherit this environment).
+use_fake_aws_env()
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,3 +36,11 @@ def ray_session():
     init_ray()
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 over HTTP on 127.0.0.1:<free port> for the whole session."""
+    server = S3Server()
+    yield server
+    server.stop()

@@ -1,0 +1,139 @@
+"""The same job on a multi-node cluster and on an existing `ray start` cluster."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from sdbatch.runner import read_metadata, run_job
+from sdbatch.spec import load_spec
+from tests.helpers import prompts, write_manifest, write_spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+HERE = Path(__file__).parent
+
+
+def job(tmp_path: Path, model: Path, name: str, **compute) -> Path:
+    manifest = write_manifest(tmp_path / "m.parquet", prompts(16))
+    return write_spec(
+        tmp_path / f"{name}.yaml",
+        manifest=str(manifest),
+        output=str(tmp_path / f"out-{name}"),
+        model=str(model),
+        defaults={"steps": 2},
+        compute={"actors": 2, "cpus_per_actor": 1, **compute},
+    )
+
+
+def isolated_env() -> dict[str, str]:
+    """A Ray temp dir of its own, so no `ray_current_cluster` file leaks to other tests."""
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def sha256s(output: str) -> dict:
+    meta = read_metadata(output).to_pandas()
+    return {(r.id, r.image_index): r.sha256 for r in meta.itertuples()}
+
+
+def test_multi_node_spreads_work_and_matches_single_node(
+    tmp_path, tiny_models, ray_session
+) -> None:
+    spec_path = job(tmp_path, tiny_models["base"], "cluster", resources={"render_node": 1})
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "cluster_job.py"), str(spec_path)],
+        capture_output=True,
+        text=True,
+        timeout=500,
+        env=isolated_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    report = json.loads(line.removeprefix("RESULT "))
+    assert report["done"] == 16
+    workers = {w[:12] for w in report["workers"]}
+    # Both worker nodes rendered (the custom resource keeps actors off the head).
+    assert set(report["rendered_on"]) == workers, report
+
+    single = load_spec(job(tmp_path, tiny_models["base"], "single", actors=1))
+    run_job(single)
+    assert sha256s(load_spec(spec_path).output) == sha256s(single.output)
+
+
+def test_run_against_an_existing_ray_start_cluster(tmp_path, tiny_models) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = isolated_env()
+    head = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ray.scripts.scripts",
+            "start",
+            "--head",
+            "--node-ip-address=127.0.0.1",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--block",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        spec_path = job(tmp_path, tiny_models["base"], "attached", actors=1)
+        deadline = time.monotonic() + 120
+        while True:  # wait until the head answers
+            probe = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    f"import ray; ray.init(address='127.0.0.1:{port}'); print('up')",
+                ],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=120,
+            )
+            if "up" in probe.stdout or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "sdbatch.cli",
+                "run",
+                str(spec_path),
+                "--address",
+                f"127.0.0.1:{port}",
+                "--progress",
+                "none",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=400,
+            env=env,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (
+            "16 rendered" in proc.stdout.replace("\n", " ") or "16 images rendered" in proc.stdout
+        )
+        assert len(sha256s(load_spec(spec_path).output)) == 16
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
