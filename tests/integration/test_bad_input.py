@@ -1,0 +1,298 @@
+"""The bad-input matrix: every case names file/field/value, never a traceback, loses nothing.
+
+Spec and manifest problems are caught before rendering (one CLI call each, in process).
+Per-item problems become failure rows of one shared job. A new case is one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from sdbatch.cli import app
+from sdbatch.runner import read_metadata, run_job
+from sdbatch.spec import load_spec
+from tests.helpers import write_manifest, write_spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+LONG_PROMPT = "a very detailed photo of " + "a red fox and a lighthouse " * 20
+
+GOOD_ROWS = [{"id": "a", "prompt": "a cat"}, {"id": "b", "prompt": "a dog"}]
+ID_PROMPT = pa.schema([("id", pa.string()), ("prompt", pa.string())])
+
+
+@pytest.fixture
+def case(tmp_path: Path, tiny_models):
+    """Build a job folder: spec text edits and manifest rows, return the spec path."""
+
+    def build(spec_edit=None, rows=None, schema=None, spec_text=None, model=None):
+        manifest = write_manifest(
+            tmp_path / "m.parquet", GOOD_ROWS if rows is None else rows, schema
+        )
+        path = write_spec(
+            tmp_path / "job.yaml",
+            manifest=str(manifest),
+            output=str(tmp_path / "out"),
+            model=str(model or tiny_models["base"]),
+        )
+        if spec_text is not None:
+            path.write_text(spec_text)
+        elif spec_edit:
+            path.write_text(path.read_text() + spec_edit + "\n")
+        return path
+
+    return build
+
+
+def not_a_model(tmp_path: Path) -> Path:
+    (tmp_path / "empty-model").mkdir(exist_ok=True)
+    return tmp_path / "empty-model"
+
+
+# (case id, how to build it, command, expected words in the error)
+PRE_RENDER = [
+    ("malformed-yaml", dict(spec_text="name: [oops\n"), "validate", "malformed YAML (line"),
+    (
+        "unknown-key",
+        dict(spec_edit="batchsize: 3"),
+        "validate",
+        "batchsize: unknown key (did you mean 'batch_size'?)",
+    ),
+    ("wrong-type", dict(spec_edit="seed: lots"), "validate", "seed: "),
+    (
+        "negative-seed",
+        dict(spec_edit="seed: -5"),
+        "validate",
+        "seed: must be 0..9223372036854775807, got -5",
+    ),
+    (
+        "seed-over-2^63",
+        dict(spec_edit="seed: 9223372036854775808"),
+        "validate",
+        "seed: must be 0..9223372036854775807",
+    ),
+    (
+        "width-not-8",
+        dict(spec_edit="defaults: {width: 100}"),
+        "validate",
+        "defaults.width: must be a multiple of 8, got 100",
+    ),
+    (
+        "steps-0",
+        dict(spec_edit="defaults: {steps: 0}"),
+        "validate",
+        "defaults.steps: must be 1..500, got 0",
+    ),
+    (
+        "unknown-scheduler",
+        dict(spec_edit="defaults: {scheduler: warp}"),
+        "validate",
+        "unknown scheduler; valid: default, ddim",
+    ),
+    (
+        "num-images-0",
+        dict(spec_edit="defaults: {num_images: 0}"),
+        "validate",
+        "defaults.num_images: must be 1..10000, got 0",
+    ),
+    ("manifest-no-rows", dict(rows=[], schema=ID_PROMPT), "validate", "manifest has no rows"),
+    (
+        "no-prompt-column",
+        dict(rows=[{"id": "a", "text": "x"}]),
+        "validate",
+        "missing required column 'prompt'",
+    ),
+    (
+        "null-prompt",
+        dict(rows=[{"id": "a", "prompt": None}, {"id": "b", "prompt": "x"}]),
+        "validate",
+        "row 0 (id 'a'): prompt is null",
+    ),
+    (
+        "duplicate-ids",
+        dict(rows=[{"id": "a", "prompt": "x"}, {"id": "a", "prompt": "y"}]),
+        "validate",
+        "row 1 (id 'a'): duplicate id",
+    ),
+    ("empty-id", dict(rows=[{"id": "", "prompt": "x"}]), "validate", "row 0: id is empty"),
+    (
+        "dots-id",
+        dict(rows=[{"id": "./..", "prompt": "x"}]),
+        "validate",
+        "id './..' is only dots/slashes",
+    ),
+    (
+        "manifest-steps-0",
+        dict(rows=[{"id": "a", "prompt": "x", "steps": 0}]),
+        "validate",
+        "row 0 (id 'a'): steps must be 1..500, got 0",
+    ),
+    (
+        "missing-init-image",
+        dict(rows=[{"id": "a", "prompt": "x", "mode": "img2img"}]),
+        "validate",
+        "mode img2img needs an init_image",
+    ),
+    (
+        "strength-out-of-range",
+        dict(
+            rows=[
+                {
+                    "id": "a",
+                    "prompt": "x",
+                    "mode": "img2img",
+                    "init_image": "i.png",
+                    "strength": 1.5,
+                }
+            ]
+        ),
+        "validate",
+        "strength must be 0..1, got 1.5",
+    ),
+    (
+        "unknown-mode",
+        dict(rows=[{"id": "a", "prompt": "x", "mode": "outpaint"}]),
+        "validate",
+        "mode must be one of txt2img, img2img, inpaint, depth2img, got 'outpaint'",
+    ),
+    (
+        "model-path-missing",
+        dict(model=Path("/nonexistent/model")),
+        "validate",
+        "model /nonexistent/model: folder not found",
+    ),
+    ("model-without-index", dict(model="EMPTY"), "validate", "no model_index.json"),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "build", "command", "expected"), PRE_RENDER, ids=[c[0] for c in PRE_RENDER]
+)
+def test_caught_before_rendering(case, tmp_path, name, build, command, expected) -> None:
+    if build.get("model") == "EMPTY":
+        build = {**build, "model": not_a_model(tmp_path)}
+    path = case(**build)
+    result = CliRunner().invoke(app, [command, str(path)])
+    assert result.exit_code == 1, result.output
+    assert expected in result.output, result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out" / "metadata").exists()
+
+
+def test_missing_manifest_and_unwritable_output(case, tmp_path) -> None:
+    path = case()
+    text = path.read_text()
+    path.write_text(text.replace(str(tmp_path / "m.parquet"), str(tmp_path / "nope.parquet")))
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert result.exit_code == 1 and "nope.parquet: manifest not found" in result.output
+    # An output under a regular file can never be created (root ignores chmod, so use this).
+    (tmp_path / "a-file").write_text("x")
+    path.write_text(text.replace(str(tmp_path / "out"), str(tmp_path / "a-file" / "out")))
+    result = CliRunner().invoke(app, ["run", str(path)])
+    assert (
+        result.exit_code == 1 and "a-file/out" in result.output and "cannot write" in result.output
+    )
+    assert "Traceback" not in result.output
+
+
+# Per-item problems: one job, one failure row (or a recorded note) per case.
+PER_ITEM = [
+    (
+        "corrupt-png",
+        {"mode": "img2img", "init_image": "corrupt.png"},
+        "CorruptImage",
+        "corrupt.png: cannot decode image",
+    ),
+    (
+        "image-uri-missing",
+        {"mode": "img2img", "init_image": "missing.png"},
+        "MissingInput",
+        "missing.png: not found",
+    ),
+    (
+        "mask-size-mismatch",
+        {"mode": "inpaint", "init_image": "init.png", "mask_image": "small_mask.png"},
+        "MaskSizeMismatch",
+        "mask is 32x32, init_image is 64x64",
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def per_item_job(tmp_path_factory, tiny_models, ray_session):
+    root = tmp_path_factory.mktemp("per-item")
+    Image.fromarray(np.full((64, 64, 3), 120, np.uint8)).save(root / "init.png")
+    Image.fromarray(np.zeros((32, 32), np.uint8)).save(root / "small_mask.png")
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    rows = [{"id": name, "prompt": "x", "strength": 0.5, **cells} for name, cells, _, _ in PER_ITEM]
+    rows += [{"id": "long-prompt", "prompt": LONG_PROMPT}, {"id": "fine", "prompt": "a cat"}]
+    manifest = write_manifest(root / "m.parquet", rows)
+    spec = load_spec(
+        write_spec(
+            root / "job.yaml",
+            manifest=str(manifest),
+            output=str(root / "out"),
+            model=str(tiny_models["base"]),
+            defaults={"steps": 2},
+            compute={"actors": 1, "cpus_per_actor": 1},
+        )
+    )
+    result = run_job(spec)
+    failures = pd.read_parquet(Path(spec.output, "failures")).set_index("id")
+    return result, failures, read_metadata(spec.output).to_pandas().set_index("id")
+
+
+@pytest.mark.parametrize(
+    ("name", "cells", "error_type", "message"), PER_ITEM, ids=[c[0] for c in PER_ITEM]
+)
+def test_per_item_failure_rows(per_item_job, name, cells, error_type, message) -> None:
+    result, failures, meta = per_item_job
+    assert failures.loc[name, "error_type"] == error_type
+    assert message in failures.loc[name, "error_message"]
+    assert name not in meta.index
+    assert result.failed == len(PER_ITEM) and result.done == 2  # nothing else lost
+
+
+def test_long_prompt_truncated_and_recorded(per_item_job) -> None:
+    _, _, meta = per_item_job
+    assert bool(meta.loc["long-prompt", "prompt_truncated"]) is True
+    assert bool(meta.loc["fine", "prompt_truncated"]) is False
+
+
+def test_long_prompt_fails_when_asked(tiny_models) -> None:
+    from sdbatch.render import Renderer
+
+    renderer = Renderer(
+        models={"txt2img": str(tiny_models["base"])},
+        model_hashes={},
+        batch_size=1,
+        prompt_overflow="fail",
+    )
+    row = renderer.render_alone(
+        {
+            "id": "x",
+            "image_index": 0,
+            "seed": 1,
+            "prompt": LONG_PROMPT,
+            "negative_prompt": "",
+            "mode": "txt2img",
+            "model": str(tiny_models["base"]),
+            "steps": 2,
+            "guidance_scale": 7.5,
+            "scheduler": "ddim",
+            "width": 64,
+            "height": 64,
+            "strength": 1.0,
+            "key": "k",
+            "depth_source": None,
+            "batch_key": "b",
+        }
+    )
+    assert (row["status"], row["error_type"]) == ("failed", "PromptTooLong")
+    assert "CLIP tokens, limit 77" in row["error_message"]
