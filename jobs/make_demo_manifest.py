@@ -1,13 +1,16 @@
-"""Write the demo manifest: 24 varied prompts, a few with their own seed or settings.
+"""Write the demo manifests.
 
-Usage: python jobs/make_demo_manifest.py [OUT.parquet]
+python jobs/make_demo_manifest.py [OUT.parquet]          # 24 txt2img prompts (make demo)
+python jobs/make_demo_manifest.py --modes OUT.parquet    # all four modes, with input images
 """
 
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 SUBJECTS = [
     "a red fox",
@@ -22,7 +25,7 @@ SUBJECTS = [
 STYLES = ["watercolor", "35mm photo, golden hour", "isometric pixel art"]
 
 
-def main(out: str = "jobs/data/demo.parquet") -> None:
+def txt2img(out: str) -> None:
     rows = []
     for i, (subject, style) in enumerate((s, t) for s in SUBJECTS for t in STYLES):
         rows.append(
@@ -50,5 +53,56 @@ def main(out: str = "jobs/data/demo.parquet") -> None:
     print(f"wrote {len(rows)} rows to {out}")
 
 
+def modes(out: str) -> None:
+    """Four modes side by side; input images next to the manifest (URIs are relative)."""
+    folder = Path(out).parent / "inputs"
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:64, 0:64]
+    Image.fromarray(np.stack([xx * 4, yy * 4, (xx + yy) * 2], -1).astype(np.uint8)).save(
+        folder / "init.png"
+    )
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(folder / "mask.png")
+    rows = []
+    for i, subject in enumerate(SUBJECTS):
+        rows.append({"id": f"t{i}", "prompt": subject, "mode": "txt2img"})
+        rows.append(
+            {
+                "id": f"i{i}",
+                "prompt": f"{subject}, oil painting",
+                "mode": "img2img",
+                "init_image": "inputs/init.png",
+                "strength": 0.6,
+            }
+        )
+        rows.append(
+            {
+                "id": f"p{i}",
+                "prompt": f"{subject} in the middle",
+                "mode": "inpaint",
+                "init_image": "inputs/init.png",
+                "mask_image": "inputs/mask.png",
+                "strength": 0.9,
+            }
+        )
+        rows.append(
+            {
+                "id": f"d{i}",
+                "prompt": f"{subject}, same layout",
+                "mode": "depth2img",
+                "init_image": "inputs/init.png",
+                "strength": 0.7,
+            }
+        )
+    columns = ["id", "prompt", "mode", "init_image", "mask_image", "strength"]
+    pq.write_table(pa.table({c: [r.get(c) for r in rows] for c in columns}), out)
+    print(f"wrote {len(rows)} rows to {out}")
+
+
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    args = sys.argv[1:]
+    if args and args[0] == "--modes":
+        modes(args[1] if len(args) > 1 else "jobs/data/modes.parquet")
+    else:
+        txt2img(*args)
