@@ -209,10 +209,6 @@ def encode_image(
     return buf.getvalue()
 
 
-def encode_png(pixels: np.ndarray, row: dict[str, Any]) -> bytes:
-    return encode_image(pixels, row, {"format": "png"})
-
-
 def write_batch(
     batch: pa.Table,
     *,
