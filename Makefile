@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install models demo test test-unit test-integration lint format bench clean
+.PHONY: help install models demo test test-unit test-integration lint format bench clean browser
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-18s %s\n", $$1, $$2}'
@@ -37,8 +37,19 @@ jobs/data/demo.parquet: jobs/make_demo_manifest.py | $(VENV)/.installed
 demo: install models jobs/data/demo.parquet ## Render the demo job on local Ray into out/demo
 	HF_HUB_OFFLINE=1 $(VENV)/bin/sdbatch run jobs/demo.yaml --progress plain --every 2
 
-test: install lint ## Lint, then run the whole test suite (unit + integration)
+test: install lint browser ## Lint, then run the whole test suite (unit + integration)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests
+
+# The gallery test drives headless Chromium; Debian's packages, installed only if missing
+# (root, or sudo). Works unattended (CI=true, no stdin).
+browser: ## Install chromium + chromedriver (Debian packages) if missing, for the gallery test
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
+		echo "browser: /usr/bin/chromium and /usr/bin/chromedriver present"; \
+	else \
+		if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO="sudo -n"; fi; \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver </dev/null; \
+	fi
 
 test-unit: install ## Fast tests without Ray
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/unit

@@ -68,6 +68,57 @@ def validate(
 
 
 @app.command()
+def plan(
+    spec_path: Annotated[Path, typer.Argument(metavar="JOB.yaml", help="Job spec.")],
+    calibrate: Annotated[
+        int, typer.Option(help="Render N items on one in-process actor to estimate time.")
+    ] = 0,
+) -> None:
+    """Show what a job will render (per mode/size/steps/scheduler/model), what is done, and an estimate."""
+    from rich.table import Table
+
+    from .estimate import plan_report
+    from .manifest import ManifestError
+    from .models import ModelError
+    from .runner import RunError
+    from .store import StoreError
+
+    spec = _load(spec_path)
+    try:
+        report = plan_report(spec, calibrate=calibrate)
+    except (ManifestError, RunError, ModelError, StoreError) as e:
+        _fail(getattr(e, "problems", None) or str(e).splitlines())
+    table = Table(title=f"{spec.name}: {report.total} images")
+    for column in ("mode", "size", "steps", "scheduler", "model", "done", "remaining"):
+        table.add_column(
+            column, justify="right" if column in ("steps", "done", "remaining") else "left"
+        )
+    for group in sorted(set(report.groups) | set(report.done_groups)):
+        mode, width, height, steps, scheduler, model = group
+        table.add_row(
+            mode,
+            f"{width}x{height}",
+            str(steps),
+            scheduler,
+            Path(model).name or model,
+            str(report.done_groups[group]),
+            str(report.groups[group]),
+        )
+    out.print(table)
+    out.print(
+        f"done {report.done}, remaining {report.remaining} in {report.batches} batches of "
+        f"≤{spec.batch_size}"
+    )
+    if report.gpu_seconds is None:
+        out.print(f"estimate: {report.source}")
+    else:
+        out.print(
+            f"estimate: {report.gpu_seconds:,.0f} actor-seconds, ~{report.wall_seconds:,.0f} s wall "
+            f"on {report.actors} actor(s), plus start-up ({report.source})"
+        )
+
+
+@app.command()
 def schema() -> None:
     """Print the JSON schema of job specs (generated from the pydantic models)."""
     from .spec import json_schema
@@ -128,12 +179,27 @@ def run(
         err.print("interrupted: finished images are committed; run the same command to resume")
         raise typer.Exit(130) from None
     reporter.stop()
-    out.print(
-        f"[bold]{result.name}[/bold]: {result.done} rendered, {result.failed} failed, "
-        f"{result.skipped} already done, of {result.total} — {result.wall_seconds:.1f} s, "
-        f"{result.images_per_second:.2f} img/s on {result.actors} actor(s)"
+    from rich.table import Table
+
+    table = Table(
+        title=f"{result.name}: {result.done + result.skipped}/{result.total} done",
+        show_header=False,
     )
-    out.print(f"images and metadata: {result.output}")
+    per_image = result.actor_seconds_per_image
+    for label, value in (
+        ("rendered", str(result.done)),
+        ("failed", str(result.failed)),
+        ("already done", str(result.skipped)),
+        ("wall time", f"{result.wall_seconds:.1f} s"),
+        ("throughput", f"{result.images_per_second:.2f} img/s on {result.actors} actor(s)"),
+        ("actor-seconds per image", "-" if per_image is None else f"{per_image:.3f} s"),
+        ("output", result.output),
+    ):
+        table.add_row(label, value)
+    out.print(table)
+    out.print(
+        f"{result.done} images rendered in {result.wall_seconds:.1f} s; images and metadata: {result.output}"
+    )
     if result.failed:
         out.print(f"[yellow]{result.failed} items failed; see {result.output}/failures/[/yellow]")
         raise typer.Exit(2)
@@ -277,6 +343,72 @@ def rerun(
             raise typer.Exit(1)
     else:
         out.print(f"regenerated {n} item(s) into {to}")
+
+
+@app.command("gallery")
+def gallery(
+    target: Annotated[
+        str, typer.Argument(metavar="OUTPUT|JOB.yaml", help="Job output or its spec.")
+    ],
+    out_path: Annotated[
+        str | None,
+        typer.Option(
+            "--out",
+            help="Where to write the page (default OUTPUT/index.html); for an S3 output, "
+            "a key inside it.",
+        ),
+    ] = None,
+    limit: Annotated[
+        int, typer.Option(min=0, help="At most N images (and N failures) on the page; 0: all.")
+    ] = 1000,
+    where: Annotated[
+        str | None,
+        typer.Option(help="SQL predicate over the metadata columns, e.g. \"mode = 'inpaint'\"."),
+    ] = None,
+) -> None:
+    """Write a static HTML contact sheet of a job's images, failures and sweeps."""
+    from .gallery import GalleryError, build_gallery
+    from .store import StoreError
+
+    output, storage = _output_and_storage(target)
+    try:
+        g = build_gallery(output, storage, out=out_path, limit=limit or None, where=where)
+    except (GalleryError, StoreError) as e:
+        _fail(str(e))
+    more = f" (of {g.matching_images}; raise --limit)" if g.images < g.matching_images else ""
+    out.print(f"{g.uri}", markup=False)
+    out.print(
+        f"  {g.images} images{more}, {g.matching_failures} failed item(s)"
+        + (f", {g.sweep_grids} sweep grid(s)" if g.sweep_grids else ""),
+        markup=False,
+    )
+
+
+@app.command("inspect")
+def inspect_image(
+    image: Annotated[
+        str, typer.Argument(metavar="IMAGE", help="A PNG sdbatch wrote (path or s3://…).")
+    ],
+    as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON record.")] = False,
+) -> None:
+    """Print the A1111 infotext and the sdbatch record embedded in an image."""
+    from .gallery import GalleryError, read_image_info
+    from .store import StoreError
+
+    try:
+        parameters, record = read_image_info(image)
+    except (GalleryError, StoreError, FileNotFoundError) as e:
+        _fail(str(e))
+    text = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False)
+    if as_json:
+        print(text)
+        return
+    # Prompts are user text: no rich markup, emoji codes or re-wrapping may touch them.
+    plain: dict[str, Any] = {"markup": False, "emoji": False, "soft_wrap": True}
+    out.print("parameters:", style="bold", **plain)
+    out.print(parameters if parameters is not None else "(none)", **plain)
+    out.print("\nsdbatch:", style="bold", **plain)
+    out.print(text, **plain)
 
 
 @models_app.command("tiny")

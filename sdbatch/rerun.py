@@ -181,9 +181,7 @@ def rerun(
             pixels = np.frombuffer(result["pixels"], np.uint8).reshape(
                 row["height"], row["width"], 3
             )
-            # The PNG's sdbatch chunk must carry the recorded position, as the original did.
-            record = {**result, "batch_position": row.get("batch_position")}
-            data = encode_image(pixels, record, options)
+            data = encode_image(pixels, result, options)
             digest = hashlib.sha256(data).hexdigest()
             if target is not None:
                 key = image_key(row["id"], row["image_index"], row["key"].rsplit(".", 1)[-1])

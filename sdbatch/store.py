@@ -57,6 +57,10 @@ AWS_ENV_VARS = (
 _SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 class StoreError(Exception):
     """A storage problem that stops the job; the message names the URI and the cause."""
 
@@ -145,6 +149,8 @@ class LocalStore(Store):
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            # mkstemp creates 0600; outputs are shared (web servers, other users): umask rules.
+            os.chmod(tmp, 0o666 & ~_UMASK)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -543,6 +549,8 @@ def split_uri(uri: str) -> tuple[str, str]:
     head, _, name = uri.rpartition("/")
     if head.endswith(":/"):  # 's3://bucket' has no parent folder above the bucket
         raise StoreError(f"{uri}: not an object URI (expected s3://bucket/key)")
+    if not uri.startswith("/") and "://" not in uri and not head:
+        return (".", name)  # a bare relative file name: the current folder
     return (head or "/", name)
 
 

@@ -95,7 +95,6 @@ REPRODUCIBLE_FIELDS = (
     "depth_map_sha256",
     "depth_source",
     "batch_size",
-    "batch_position",
     "torch_threads",
     "device",
     "dtype",
@@ -138,17 +137,24 @@ def _num(value: float) -> str:
     return f"{value:g}"
 
 
+def _quote(value: str) -> str:
+    """A1111's quote(): values holding ',', ':' or newlines are JSON strings."""
+    if any(c in value for c in ",:\n"):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
 def infotext(row: dict[str, Any]) -> str:
     """AUTOMATIC1111's `parameters` text, readable by its PNG Info tab and Civitai."""
     model_name = str(row["model"]).rstrip("/").rsplit("/", 1)[-1]
     fields = [
         f"Steps: {row['steps']}",
-        f"Sampler: {sampler_name(row)}",
+        f"Sampler: {_quote(sampler_name(row))}",
         f"CFG scale: {_num(row['guidance_scale'])}",
         f"Seed: {row['seed']}",
         f"Size: {row['width']}x{row['height']}",
         f"Model hash: {(row.get('model_sha256') or '')[:10]}",
-        f"Model: {model_name}",
+        f"Model: {_quote(model_name)}",
     ]
     if row["mode"] != "txt2img":
         fields.append(f"Denoising strength: {_num(row['strength'])}")
