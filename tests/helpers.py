@@ -49,3 +49,14 @@ def write_spec(path: Path, **fields: Any) -> Path:
             spec[key] = value
     path.write_text(yaml.safe_dump(spec))
     return path
+
+
+def work_item(model: str, **fields: Any) -> dict[str, Any]:
+    """A planned txt2img work item, for tests that drive a Renderer directly."""
+    item = {
+        "id": "a", "image_index": 0, "seed": 1, "prompt": "a cat", "negative_prompt": "",
+        "mode": "txt2img", "model": str(model), "steps": 3, "guidance_scale": 7.5,
+        "scheduler": "ddim", "width": 64, "height": 64, "strength": 1.0, "key": "k",
+        "depth_source": None, "batch_key": "b",
+    }  # fmt: skip
+    return {**item, **fields}

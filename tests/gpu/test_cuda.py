@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sdbatch.render import Renderer
+from tests.helpers import work_item
 
 pytestmark = [
     pytest.mark.gpu,
@@ -21,24 +22,7 @@ def test_fp16_on_cuda_is_finite_and_faithful_to_plain_diffusers(tiny_models) -> 
     model = str(tiny_models["base"])
     renderer = Renderer(models={"txt2img": model}, model_hashes={}, batch_size=4, device="cuda")
     assert renderer.dtype_name == "float16"
-    item = {
-        "id": "a",
-        "image_index": 0,
-        "seed": 3,
-        "prompt": "a cat",
-        "negative_prompt": "",
-        "mode": "txt2img",
-        "model": model,
-        "steps": 4,
-        "guidance_scale": 7.5,
-        "scheduler": "ddim",
-        "width": 64,
-        "height": 64,
-        "strength": 1.0,
-        "key": "k",
-        "depth_source": None,
-        "batch_key": "b",
-    }
+    item = work_item(model, id="a", seed=3, prompt="a cat", steps=4)
     row = renderer.render_alone(item)
     assert row["status"] == "ok"
     ours = np.frombuffer(row["pixels"], np.uint8).reshape(64, 64, 3).astype(np.int16)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from sdbatch.cli import app
 from sdbatch.runner import read_metadata, run_job
 from sdbatch.spec import load_spec
-from tests.helpers import write_manifest, write_spec
+from tests.helpers import work_item, write_manifest, write_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 LONG_PROMPT = "a very detailed photo of " + "a red fox and a lighthouse " * 20
@@ -275,24 +275,7 @@ def test_long_prompt_fails_when_asked(tiny_models) -> None:
         prompt_overflow="fail",
     )
     row = renderer.render_alone(
-        {
-            "id": "x",
-            "image_index": 0,
-            "seed": 1,
-            "prompt": LONG_PROMPT,
-            "negative_prompt": "",
-            "mode": "txt2img",
-            "model": str(tiny_models["base"]),
-            "steps": 2,
-            "guidance_scale": 7.5,
-            "scheduler": "ddim",
-            "width": 64,
-            "height": 64,
-            "strength": 1.0,
-            "key": "k",
-            "depth_source": None,
-            "batch_key": "b",
-        }
+        work_item(str(tiny_models["base"]), id="x", seed=1, prompt=LONG_PROMPT, steps=2)
     )
     assert (row["status"], row["error_type"]) == ("failed", "PromptTooLong")
     assert "CLIP tokens, limit 77" in row["error_message"]

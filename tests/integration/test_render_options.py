@@ -6,29 +6,13 @@ import numpy as np
 import pytest
 
 from sdbatch.render import Renderer
+from tests.helpers import work_item
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
 def item(model: str) -> dict:
-    return {
-        "id": "a",
-        "image_index": 0,
-        "seed": 1,
-        "prompt": "a cat",
-        "negative_prompt": "",
-        "mode": "txt2img",
-        "model": model,
-        "steps": 3,
-        "guidance_scale": 7.5,
-        "scheduler": "ddim",
-        "width": 64,
-        "height": 64,
-        "strength": 1.0,
-        "key": "k",
-        "depth_source": None,
-        "batch_key": "b",
-    }
+    return work_item(model, id="a", seed=1, prompt="a cat", steps=3)
 
 
 def pixels(renderer: Renderer, model: str) -> np.ndarray:

@@ -18,7 +18,7 @@ import yaml
 from sdbatch.runner import RunError, read_metadata, run_job
 from sdbatch.spec import dump_spec, load_spec
 from sdbatch.status import job_status
-from tests.helpers import prompts, write_manifest, write_spec
+from tests.helpers import prompts, work_item, write_manifest, write_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -239,24 +239,7 @@ def test_black_and_nan_outputs_are_failures_not_successes(tmp_path, tiny_models)
         tensors["decoder.conv_out.bias"] = np.full_like(tensors["decoder.conv_out.bias"], value)
         save_file(tensors, path)
         renderer = Renderer(models={"txt2img": str(model)}, model_hashes={}, batch_size=2)
-        item = {
-            "id": kind,
-            "image_index": 0,
-            "seed": 1,
-            "prompt": "a cat",
-            "negative_prompt": "",
-            "mode": "txt2img",
-            "model": str(model),
-            "steps": 2,
-            "guidance_scale": 7.5,
-            "scheduler": "ddim",
-            "width": 64,
-            "height": 64,
-            "strength": 1.0,
-            "key": "k",
-            "depth_source": None,
-            "batch_key": "b",
-        }
+        item = work_item(str(model), id=kind, seed=1, prompt="a cat", steps=2)
         results[kind] = renderer._render_group([item])[0]
     assert (results["black"]["status"], results["black"]["error_type"]) == ("failed", "BlackImage")
     assert (results["nan"]["status"], results["nan"]["error_type"]) == ("failed", "NonFiniteOutput")
