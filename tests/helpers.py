@@ -40,7 +40,7 @@ def write_spec(path: Path, **fields: Any) -> Path:
             "scheduler": "ddim",
             "guidance_scale": 7.5,
         },
-        "compute": {"actors": 2, "cpus_per_actor": 1},
+        "compute": {"actors": 1, "cpus_per_actor": 1},
     }
     for key, value in fields.items():
         if isinstance(value, dict) and isinstance(spec.get(key), dict):

@@ -63,7 +63,8 @@ def rows_with_variety() -> list[dict]:
 def test_job_end_to_end_and_rerun_identical(make_job, tmp_path: Path) -> None:
     rows = rows_with_variety()
     expected = {(r["id"], k) for r in rows for k in range(r.get("num_images", 1))}
-    _, spec = make_job(rows)
+    # Two actors: images must not depend on which actor rendered them.
+    _, spec = make_job(rows, compute={"actors": 2, "cpus_per_actor": 1})
     result = run_job(spec)
     assert (result.done, result.failed, result.total) == (len(expected), 0, len(expected))
 
@@ -88,7 +89,7 @@ def test_job_end_to_end_and_rerun_identical(make_job, tmp_path: Path) -> None:
     assert (out / "job.yaml").is_file()
 
     # A second output from the same spec: every image byte-identical.
-    _, spec2 = make_job(rows, name="again")
+    _, spec2 = make_job(rows, name="again", compute={"actors": 2, "cpus_per_actor": 1})
     run_job(spec2)
     again = read_metadata(spec2.output).to_pandas()
     merged = meta.merge(again, on=["id", "image_index"], suffixes=("", "_2"))
@@ -106,7 +107,11 @@ def test_finished_job_is_not_rendered_again(make_job) -> None:
 
 
 def test_small_job_spreads_over_all_actors(make_job) -> None:
-    _, spec = make_job(rows=[{"id": str(i), "prompt": "p"} for i in range(16)], name="spread")
+    _, spec = make_job(
+        rows=[{"id": str(i), "prompt": "p"} for i in range(16)],
+        name="spread",
+        compute={"actors": 2, "cpus_per_actor": 1},
+    )
     run_job(spec)
     meta = pd.read_parquet(Path(spec.output, "metadata"))
     assert meta["worker"].nunique() == 2, meta["worker"].value_counts()
