@@ -214,6 +214,10 @@ def _forwarded_env() -> dict[str, str]:
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     env.setdefault("DIFFUSERS_VERBOSITY", "error")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # GNU OpenMP threads (torch's CPU wheel) spin while idle; on a shared CPU node that
+    # starves the write tasks and the other actors (measured: ~10x slower renders at
+    # 2 threads on 2 busy cores). Passive waiting changes timing only, never results.
+    env.setdefault("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
     return env
 
 
