@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -40,6 +41,11 @@ RUN_KEY = "_RUN.json"
 # CPUs kept free for the read/prepare/write tasks so the actor pool can never take
 # them all (Ray Data then hangs silently on a 2-CPU machine).
 CPU_STAGE_CPUS = 0.25
+# Ray keeps at most num_cpus idle worker processes (its soft limit) and kills the rest
+# after a second. With one render actor per core the actors alone reach it, so every
+# write task started a fresh Python worker (1-3 s of CPU taken from the actors): a
+# 64-image job took 47 s instead of 33 s on 2 cores. A few more idle workers fix it.
+LOCAL_RAY_CONFIG = {"num_workers_soft_limit": (os.cpu_count() or 1) + 4}
 
 
 class RunError(Exception):
@@ -85,12 +91,14 @@ class RunResult:
     done: int
     failed: int
     skipped: int
-    wall_seconds: float
+    wall_seconds: float  # from the first planned block to the last commit
     images_per_second: float
     actors: int
     run_id: str
     actor_seconds_per_image: float | None
     metadata_parts: list[str] = field(default_factory=list)
+    # Before rendering: checks, resume scan, weight hashing, Ray start, planning.
+    setup_seconds: float = 0.0
 
     def summary(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,14 +199,16 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    local = not (address or os.environ.get("RAY_ADDRESS"))
     ray.init(
         address=address,
         include_dashboard=False,
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
         runtime_env={"env_vars": _forwarded_env()},
+        **({"_system_config": LOCAL_RAY_CONFIG} if local else {}),
     )
-    return not (address or os.environ.get("RAY_ADDRESS"))
+    return local
 
 
 def _forwarded_env() -> dict[str, str]:
@@ -245,7 +255,10 @@ def place(spec: JobSpec, cluster: dict[str, float]) -> Placement:
                     "(the autoscaler then adds nodes), or use device: cpu"
                 )
         else:
-            actors = max(1, int(free_cpus // c.cpus_per_actor))
+            # Every core renders: the CPU stages are light and fit beside the actors once
+            # their logical reservation shrinks below. (One actor per core at 1 thread
+            # beats fewer actors with more threads on CPU: benchmarks/RESULTS.md.)
+            actors = max(1, int(cpus // c.cpus_per_actor))
     else:
         # More than the cluster holds now is fine: Ray's autoscaler adds nodes for the
         # pending actors (a fixed cluster would wait; the watchdog then reports it).
@@ -254,7 +267,9 @@ def place(spec: JobSpec, cluster: dict[str, float]) -> Placement:
     # reservation so the pool always fits beside the CPU stages.
     cpus_per_actor = min(c.cpus_per_actor, free_cpus / actors)
     threads = c.threads()
-    return Placement(actors, round(cpus_per_actor, 3), gpus_per_actor, threads, device)
+    # Rounded down: rounding up could make the pool overflow the CPUs and starve the stages.
+    cpus_per_actor = math.floor(cpus_per_actor * 1000) / 1000
+    return Placement(actors, cpus_per_actor, gpus_per_actor, threads, device)
 
 
 def configure_ray_data(spec: JobSpec, verbose: bool) -> None:
@@ -300,6 +315,7 @@ def run_job(
     """
     import ray
 
+    called = time.monotonic()
     # 1. Check inputs and the output before loading anything.
     store = open_store(spec.output, spec.storage.model_dump())
     store.check_writable()
@@ -326,6 +342,8 @@ def run_job(
     owns_ray = init_ray(address, verbose)
     configure_ray_data(spec, verbose)
     placement = place(spec, ray.cluster_resources())
+
+    _warm_stage_workers(2)  # one prepare + one write task fit beside the pool
 
     # 5. Plan into homogeneous blocks (one batch key per block, a multiple of batch_size).
     refs, planned, sizes = _plan_blocks(spec, info, done, only, placement.actors)
@@ -378,6 +396,7 @@ def run_job(
             round(progress.actor_seconds / progress.done, 4) if progress.done else None
         ),
         metadata_parts=parts,
+        setup_seconds=round(progress.started - called, 3),
     )
     if len(done_items(store)) >= info.total_items:
         store.write_bytes(
@@ -476,10 +495,31 @@ def _plan_blocks(
     return refs, count, sizes
 
 
+def _import_stage_modules() -> None:
+    from . import prepare, write  # noqa: F401 - the import is the point
+
+
+def _warm_stage_workers(count: int) -> None:
+    """Start the CPU-stage worker processes now, while the render actors start up.
+
+    A new Python worker that imports pyarrow, PIL and sdbatch costs 1-3 s of CPU; started
+    on demand, the first write tasks pay it in the middle of rendering, on the cores the
+    actors use. Fire and forget: Ray Data's tasks then reuse these idle workers (same
+    runtime env).
+    """
+    import ray
+
+    warm = ray.remote(num_cpus=CPU_STAGE_CPUS, max_retries=0)(_import_stage_modules)
+    env = {"env_vars": _forwarded_env()}
+    for _ in range(count):
+        warm.options(runtime_env=env).remote()
+
+
 def _pipeline(*args: Any) -> Any:
     with warnings.catch_warnings():
-        # Ray 2.60 routes runtime_env and actor restarts through ray_remote_args, which it
-        # now flags as deprecated; there is no named parameter for them yet.
+        # Actor restarts (max_restarts, max_task_retries) only go through ray_remote_args,
+        # which Ray 2.60 flags as deprecated (removed in 2.64, hence the pin in
+        # pyproject.toml); there is no named parameter for them yet.
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
         return _build_pipeline(*args)
 
