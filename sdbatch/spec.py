@@ -108,8 +108,8 @@ class ComputeSpec(_Strict):
 
     actors: int | Literal["auto"] = Field(
         "auto",
-        description="Render actors; 'auto' = GPUs in the cluster, or CPUs / cpus_per_actor "
-        "(leaving room for the CPU stages) without GPUs.",
+        description="Render actors; 'auto' = GPUs in the cluster / gpus_per_actor, or "
+        "CPUs / cpus_per_actor without GPUs.",
     )
     cpus_per_actor: float = Field(1.0, gt=0, le=256, description="CPU threads per render actor.")
     gpus_per_actor: float = Field(0, ge=0, le=8, description="GPUs per actor (0.5 = two per GPU).")

@@ -1,0 +1,47 @@
+"""Placing the render pool on the resources Ray reports (no Ray needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdbatch.runner import CPU_STAGE_CPUS, RunError, place
+from sdbatch.spec import parse_spec
+
+
+def spec(**compute):
+    return parse_spec(
+        {"name": "t", "manifest": "/m.parquet", "output": "/o", "model": "/m", "compute": compute}
+    )
+
+
+def fits(placement, cpus: float) -> bool:
+    """The pool plus one prepare and one write task fit in the CPUs Ray counts."""
+    return placement.actors * placement.cpus_per_actor + 2 * CPU_STAGE_CPUS <= cpus + 1e-9
+
+
+@pytest.mark.parametrize("cpus", [1, 2, 3, 16])
+def test_cpu_auto_uses_every_core_and_leaves_room_for_the_cpu_stages(cpus) -> None:
+    placed = place(spec(), {"CPU": float(cpus)})
+    assert (placed.device, placed.actors, placed.torch_threads) == ("cpu", cpus, 1)
+    assert placed.gpus_per_actor == 0 and fits(placed, cpus)
+
+
+def test_cpu_auto_with_more_threads_per_actor() -> None:
+    placed = place(spec(cpus_per_actor=4), {"CPU": 16.0})
+    assert (placed.actors, placed.torch_threads) == (4, 4) and fits(placed, 16)
+
+
+def test_explicit_actor_count_is_kept_and_still_fits() -> None:
+    placed = place(spec(actors=2, cpus_per_actor=1), {"CPU": 2.0})
+    assert placed.actors == 2 and placed.cpus_per_actor == 0.75 and fits(placed, 2)
+
+
+def test_gpu_auto_counts_gpus_and_fractions() -> None:
+    assert place(spec(), {"CPU": 16.0, "GPU": 4.0}).actors == 4
+    half = place(spec(gpus_per_actor=0.5), {"CPU": 16.0, "GPU": 2.0})
+    assert (half.device, half.actors, half.gpus_per_actor) == ("cuda", 4, 0.5)
+
+
+def test_gpu_auto_without_gpus_says_what_to_do() -> None:
+    with pytest.raises(RunError, match="set compute.actors"):
+        place(spec(device="cuda"), {"CPU": 8.0})
