@@ -190,7 +190,8 @@ def run(
         ("rendered", str(result.done)),
         ("failed", str(result.failed)),
         ("already done", str(result.skipped)),
-        ("wall time", f"{result.wall_seconds:.1f} s"),
+        ("setup", f"{result.setup_seconds:.1f} s (checks, resume scan, hashing, Ray, planning)"),
+        ("wall time", f"{result.wall_seconds:.1f} s rendering and writing"),
         ("throughput", f"{result.images_per_second:.2f} img/s on {result.actors} actor(s)"),
         ("actor-seconds per image", "-" if per_image is None else f"{per_image:.3f} s"),
         ("output", result.output),
@@ -198,7 +199,8 @@ def run(
         table.add_row(label, value)
     out.print(table)
     out.print(
-        f"{result.done} images rendered in {result.wall_seconds:.1f} s; images and metadata: {result.output}"
+        f"{result.done} images rendered in {result.wall_seconds:.1f} s "
+        f"(+{result.setup_seconds:.1f} s setup); images and metadata: {result.output}"
     )
     if result.failed:
         out.print(f"[yellow]{result.failed} items failed; see {result.output}/failures/[/yellow]")

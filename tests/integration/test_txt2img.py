@@ -67,6 +67,8 @@ def test_job_end_to_end_and_rerun_identical(make_job, tmp_path: Path) -> None:
     _, spec = make_job(rows, compute={"actors": 2, "cpus_per_actor": 1})
     result = run_job(spec)
     assert (result.done, result.failed, result.total) == (len(expected), 0, len(expected))
+    # Setup (checks, hashing, planning) is reported apart from rendering, never hidden.
+    assert result.setup_seconds > 0 and result.wall_seconds > 0
 
     out = Path(spec.output)
     meta = read_metadata(spec.output).to_pandas()
