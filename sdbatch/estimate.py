@@ -118,9 +118,9 @@ def _calibrate(spec: JobSpec, items: list[dict[str, Any]]) -> float:
         item.update(status=None, notes=None)
         if mode != "txt2img":
             prepare_item(item, spec.storage.model_dump())
-    renderer._render_group(items[:1])  # warm-up: first calls pay for allocation
+    renderer.render_batch(items[:1])  # warm-up: first calls pay for allocation
     started = time.perf_counter()
     for i in range(0, len(items), spec.batch_size):
-        renderer._render_group(items[i : i + spec.batch_size])
+        renderer.render_batch(items[i : i + spec.batch_size])
     seconds = time.perf_counter() - started
     return seconds / sum(cost_units(it) for it in items)

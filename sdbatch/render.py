@@ -171,10 +171,14 @@ class Renderer:
         out: list[dict[str, Any]] = []
         for group in groups.values():
             for start in range(0, len(group), self.batch_size):
-                out.extend(self._render_group(group[start : start + self.batch_size]))
+                out.extend(self.render_batch(group[start : start + self.batch_size]))
         return pa.Table.from_pylist(out)
 
-    def _render_group(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def render_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Render up to batch_size planned items of one batch key in one pipeline call.
+
+        Returns one result row per item (ok or failed); never raises for a per-item problem.
+        """
         ready, results = [], []
         for item in items:
             _fault_hook(item)
@@ -222,9 +226,9 @@ class Renderer:
                 too_long = True
         return too_long
 
-    def _call_with_vae_fallback(self, pipe: Any, kwargs: dict[str, Any]) -> Any:
+    def _call_with_vae_fallback(self, pipe: Any, kwargs: dict[str, Any]) -> tuple[Any, bool]:
         """Run to latents, then decode as diffusers does; decode again in fp32 if fp16
-        overflows to NaN (noted per image)."""
+        overflows to NaN. Returns the pipeline output and whether fp32 was needed."""
         import torch
         from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
 
@@ -232,7 +236,7 @@ class Renderer:
         vae = pipe.vae
         scaled = latents / vae.config.scaling_factor
         image = vae.decode(scaled, return_dict=False, generator=kwargs["generator"])[0]
-        self._vae_upcast = False
+        upcast = False
         if not torch.isfinite(image).all():
             vae.to(torch.float32)
             try:
@@ -241,13 +245,13 @@ class Renderer:
                 )[0]
             finally:
                 vae.to(self.torch_dtype)
-            self._vae_upcast = True
+            upcast = True
         image, nsfw = pipe.run_safety_checker(image, pipe._execution_device, latents.dtype)
         denormalize = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
         images = pipe.image_processor.postprocess(
             image, output_type="np", do_denormalize=denormalize
         )
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw), upcast
 
     def render_alone(self, item: dict[str, Any], position: int = 0) -> dict[str, Any]:
         """Render one item in a call of `batch_size` images, at `position` (for reruns)."""
@@ -285,9 +289,10 @@ class Renderer:
         )
         kwargs.update(self._mode_inputs(padded))
         started = time.perf_counter()
+        upcast = False
         with torch.inference_mode():
             if self.vae_fallback:
-                output = self._call_with_vae_fallback(pipe, kwargs)
+                output, upcast = self._call_with_vae_fallback(pipe, kwargs)
             else:
                 output = pipe(**kwargs)
         seconds = (time.perf_counter() - started) / len(items)
@@ -325,7 +330,7 @@ class Renderer:
                     call_id=call_id,
                 )
             )
-        if getattr(self, "_vae_upcast", False):
+        if upcast:
             for row in results:
                 if row["status"] == "ok":
                     note = "fp16 VAE decode overflowed to NaN; decoded again in float32"
