@@ -75,7 +75,8 @@ def quiet_libraries() -> None:
 def resolve_checkpoint(ref: str) -> Path:
     """The local folder of a checkpoint: a path as-is, or a hub id from the HF cache."""
     path = Path(ref)
-    if path.is_absolute() or ref.startswith("."):
+    # A folder that exists wins over a hub id of the same spelling, as in from_pretrained.
+    if path.is_absolute() or ref.startswith(".") or path.is_dir():
         if not path.exists():
             raise ModelError(f"model {ref}: folder not found")
         if not (path / "model_index.json").is_file():

@@ -1,0 +1,44 @@
+"""Locating checkpoints (no torch: these run before any model is loaded)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sdbatch.models import ModelError, check_checkpoint, resolve_checkpoint
+
+
+def make_checkpoint(folder):
+    folder.mkdir(parents=True)
+    (folder / "model_index.json").write_text("{}")
+    return folder
+
+
+def test_relative_folder_that_exists_is_local_even_if_it_looks_like_a_hub_id(
+    tmp_path, monkeypatch
+) -> None:
+    make_checkpoint(tmp_path / "org" / "model")
+    monkeypatch.chdir(tmp_path)
+    assert resolve_checkpoint("org/model") == tmp_path.joinpath("org", "model").relative_to(
+        tmp_path
+    )
+
+
+def test_missing_folder_is_named(tmp_path) -> None:
+    ref = str(tmp_path / "nope")
+    with pytest.raises(ModelError, match="nope: folder not found"):
+        resolve_checkpoint(ref)
+
+
+def test_folder_without_model_index_says_what_it_is(tmp_path) -> None:
+    (tmp_path / "ckpt").mkdir()
+    problem = check_checkpoint(str(tmp_path / "ckpt"))
+    assert problem is not None and "no model_index.json" in problem
+
+
+def test_hub_id_not_in_the_offline_cache_says_how_to_fix_it(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    problem = check_checkpoint("someone/not-downloaded")
+    assert problem is not None
+    assert "someone/not-downloaded" in problem and "local Hugging Face cache" in problem
