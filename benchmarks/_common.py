@@ -16,6 +16,7 @@ a user's job did, not a re-implementation:
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -48,6 +49,52 @@ def setup_env() -> None:
 
 
 setup_env()
+
+
+# ---------------------------------------------------------------- arguments
+
+QUICK = {"items": 32, "size": 64, "steps": 2}
+
+
+def job_parser(
+    doc: str | None,
+    *,
+    items: int | None = 256,
+    size: int = 128,
+    steps: int = 20,
+    actors: int | None = None,
+    threads: int | None = None,
+    with_items: bool = True,
+    quick_help: str = "32 items, 64², 2 steps",
+) -> argparse.ArgumentParser:
+    """The options every job benchmark takes; `None` leaves --actors/--threads out."""
+    parser = argparse.ArgumentParser(description=(doc or "").splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    if with_items:
+        parser.add_argument("--items", type=int, default=items)
+    parser.add_argument("--size", type=int, default=size)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch", type=int, default=4)
+    if actors is not None:
+        parser.add_argument("--actors", type=int, default=actors)
+    if threads is not None:
+        parser.add_argument("--threads", type=int, default=threads, help="torch threads")
+    return parser
+
+
+def apply_quick(args: argparse.Namespace, **quick: Any) -> argparse.Namespace:
+    """--quick: a smoke-test size (its figures are not results)."""
+    if args.quick:
+        for name, value in {**QUICK, **quick}.items():
+            setattr(args, name, value)
+    return args
+
+
+def job_config(args: argparse.Namespace, **extra: Any) -> dict[str, Any]:
+    """What a job benchmark ran, for its header and RESULT line."""
+    names = ("items", "size", "steps", "batch", "actors", "threads")
+    config = {name: getattr(args, name) for name in names if hasattr(args, name)}
+    return {**config, "scheduler": "ddim", **extra}
 
 
 # ---------------------------------------------------------------- inputs
@@ -421,12 +468,33 @@ def header(title: str, config: dict[str, Any]) -> None:
         f"load avg {m['load_avg'][0]:.1f} · OMP_WAIT_POLICY {m['omp_wait_policy']}"
     )
     print("   " + ", ".join(f"{k}={v}" for k, v in config.items()), flush=True)
-    if m["load_avg"][0] > 0.5 * (m["cores"] or 1):
+    # The load average still counts the previous benchmark's job for a minute; what is
+    # busy right now (nothing of ours runs yet) says whether others share the cores.
+    busy = cpu_busy_now()
+    if busy is not None and busy > 0.25:
         print(
-            f"   note: load average {m['load_avg'][0]:.1f} on {m['cores']} cores; other work "
+            f"   note: the CPUs are {busy:.0%} busy before this benchmark starts; other work "
             "is running and the absolute figures (and ratios, less so) are noisy",
             flush=True,
         )
+
+
+def cpu_busy_now(seconds: float = 1.0) -> float | None:
+    """Share of all CPUs busy over the next `seconds` (Linux /proc/stat), else None."""
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    total = total1 - total0
+    return 1 - (idle1 - idle0) / total if total > 0 else None
 
 
 def fmt(value: Any, spec: str = ".2f") -> str:

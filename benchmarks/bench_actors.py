@@ -85,27 +85,14 @@ def child_cluster(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 items, 64², 2 steps")
-    parser.add_argument("--items", type=int, default=256)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=4)
+    parser = c.job_parser(__doc__)
     parser.add_argument("--skip-cluster", action="store_true")
     parser.add_argument("--cluster-spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.cluster_spec:
         return child_cluster(args)
-    if args.quick:
-        args.items, args.size, args.steps = 32, 64, 2
-    config = {
-        "items": args.items,
-        "size": args.size,
-        "steps": args.steps,
-        "scheduler": "ddim",
-        "batch": args.batch,
-        "cores": os.cpu_count(),
-    }
+    c.apply_quick(args)
+    config = c.job_config(args, cores=os.cpu_count())
     c.header("scaling with actors: 1 vs 2 actors, and a local multi-node cluster", config)
     work = c.workdir(BENCH)
     models = {"base": c.tiny_models(["base"])["base"]}

@@ -27,7 +27,6 @@ mixed job's actors load three pipelines, a single-mode job's one, which shows he
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -67,29 +66,11 @@ def rows_for(modes: list[str], n: int) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 items, 64², 2 steps")
-    parser.add_argument("--items", type=int, default=256, help="items per job (× 4 modes)")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
+    parser = c.job_parser(__doc__, actors=2, threads=1)
     parser.add_argument("--strength", type=float, default=0.75)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--actors", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    if args.quick:
-        args.items, args.size, args.steps = 32, 64, 2
-    args.items -= args.items % len(MODES)
-    config = {
-        "items": args.items,
-        "size": args.size,
-        "steps": args.steps,
-        "strength": args.strength,
-        "scheduler": "ddim",
-        "batch": args.batch,
-        "actors": args.actors,
-        "threads": args.threads,
-    }
+    args = c.apply_quick(parser.parse_args())
+    args.items -= args.items % len(MODES)  # items per job: the mixed one has ¼ of each
+    config = c.job_config(args, strength=args.strength)
     c.header("mixed modes vs single-mode manifests", config)
     work = c.workdir(BENCH)
     models = c.tiny_models(["base", "inpaint", "depth"])

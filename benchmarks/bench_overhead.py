@@ -156,14 +156,8 @@ def same_pixels(loop_dir: Path, output: Path, ids: list[str]) -> int | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 items, 64², 2 steps")
-    parser.add_argument("--items", type=int, help="item count (default: calibrated)")
+    parser = c.job_parser(__doc__, items=None, threads=2)  # items: calibrated
     parser.add_argument("--target-seconds", type=float, default=120.0)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2, help="total torch threads")
     parser.add_argument("--child", choices=["loop", "sdbatch"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--manifest", help=argparse.SUPPRESS)
@@ -174,8 +168,7 @@ def main() -> None:
         return child_loop(args)
     if args.child == "sdbatch":
         return child_sdbatch(args)
-    if args.quick:
-        args.items, args.size, args.steps = args.items or 32, 64, 2
+    c.apply_quick(args, items=args.items or c.QUICK["items"])
 
     # 1. Model, and the item count that makes the loop run about --target-seconds.
     models = c.tiny_models(["base"])
@@ -200,15 +193,7 @@ def main() -> None:
         unit = 4 * args.batch
         args.items = max(unit, math.ceil(args.target_seconds / per_image / unit) * unit)
         calibration = per_image
-    config = {
-        "items": args.items,
-        "size": args.size,
-        "steps": args.steps,
-        "scheduler": "ddim",
-        "batch": args.batch,
-        "threads": args.threads,
-        "model": "tiny base",
-    }
+    config = c.job_config(args, model="tiny base")
     c.header("overhead: sdbatch vs a hand-written diffusers loop", config)
     if calibration:
         print(

@@ -29,7 +29,6 @@ byte-identical to the full run's (same seeds, batch size and threads).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Any
 
@@ -72,29 +71,11 @@ def plan_cost(spec: Any) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 items, 64², 2 steps")
-    parser.add_argument("--items", type=int, default=512)
+    parser = c.job_parser(__doc__, items=512, actors=2, threads=1)
     parser.add_argument("--fraction", type=float, default=0.5, help="share done before resume")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--actors", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    if args.quick:
-        args.items, args.size, args.steps = 32, 64, 2
+    args = c.apply_quick(parser.parse_args())
     half_rows = int(args.items * args.fraction)
-    config = {
-        "items": args.items,
-        "done_before_resume": half_rows,
-        "size": args.size,
-        "steps": args.steps,
-        "scheduler": "ddim",
-        "batch": args.batch,
-        "actors": args.actors,
-        "threads": args.threads,
-    }
+    config = c.job_config(args, done_before_resume=half_rows)
     c.header("resume after a partial run vs the full run", config)
     work = c.workdir(BENCH)
     models = {"base": c.tiny_models(["base"])["base"]}

@@ -109,33 +109,26 @@ def write_big_manifest(path: Path, rows: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="16/32/48 items, 20,000 rows")
-    parser.add_argument("--counts", default="64,512,4096")
+    parser = c.job_parser(
+        __doc__,
+        size=64,
+        steps=2,
+        actors=2,
+        threads=1,
+        with_items=False,
+        quick_help="16/32/48 items",
+    )
+    parser.add_argument("--counts", default="64,512,4096", help="item counts")
     parser.add_argument("--rows", type=int, default=1_000_000, help="planning manifest rows")
-    parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--actors", type=int, default=2)
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-jobs", action="store_true", help="planning memory only")
     parser.add_argument("--plan-spec", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.plan_spec:
         return child_plan(args)
-    if args.quick:
+    if args.quick:  # the quick sizes are this benchmark's own: it is about counts
         args.counts, args.rows = "16,32,48", 20_000
     counts = [int(n) for n in args.counts.split(",")]
-    config = {
-        "counts": counts,
-        "size": args.size,
-        "steps": args.steps,
-        "scheduler": "ddim",
-        "batch": args.batch,
-        "actors": args.actors,
-        "threads": args.threads,
-        "plan_rows": args.rows,
-    }
+    config = c.job_config(args, counts=counts, plan_rows=args.rows)
     c.header("scaling with work: time per image vs job size; planning memory", config)
     work = c.workdir(BENCH)
     models = {"base": c.tiny_models(["base"])["base"]}
