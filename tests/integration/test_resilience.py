@@ -249,7 +249,9 @@ def test_black_and_nan_outputs_are_failures_not_successes(tmp_path, tiny_models)
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, tiny_models) -> None:
     spec_path = cli_job(tmp_path, tiny_models["base"], 120)
     spec = load_spec(spec_path)
-    proc = start(spec_path)
+    # An item that hangs late in the job keeps the run alive until the interrupt, however
+    # fast the rest renders (a 120-image tiny job can finish before the poll sees 16).
+    proc = start(spec_path, {"SDBATCH_FAULT": "hang:item-100"})
     deadline = time.monotonic() + 240
     # Interrupt once some work is committed, so resuming has something to skip.
     while time.monotonic() < deadline and job_status(spec.output).done < 16:
