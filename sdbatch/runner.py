@@ -41,6 +41,8 @@ RUN_KEY = "_RUN.json"
 # CPUs kept free for the read/prepare/write tasks so the actor pool can never take
 # them all (Ray Data then hangs silently on a 2-CPU machine).
 CPU_STAGE_CPUS = 0.25
+# CPU-stage tasks that always fit beside the pool: one prepare and one write.
+STAGE_TASKS = 2
 # Ray keeps at most num_cpus idle worker processes (its soft limit) and kills the rest
 # after a second. With one render actor per core the actors alone reach it, so every
 # write task started a fresh Python worker (1-3 s of CPU taken from the actors): a
@@ -205,10 +207,15 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
         include_dashboard=False,
         log_to_driver=verbose,
         logging_level=logging.INFO if verbose else logging.ERROR,
-        runtime_env={"env_vars": _forwarded_env()},
+        runtime_env=_runtime_env(),
         **({"_system_config": LOCAL_RAY_CONFIG} if local else {}),
     )
     return local
+
+
+def _runtime_env() -> dict[str, Any]:
+    """What every sdbatch task and actor runs with (the same one, so idle workers are reused)."""
+    return {"env_vars": _forwarded_env()}
 
 
 def _forwarded_env() -> dict[str, str]:
@@ -244,7 +251,7 @@ def place(spec: JobSpec, cluster: dict[str, float]) -> Placement:
         gpus_per_actor = 1.0
     if device == "cpu":
         gpus_per_actor = 0.0
-    free_cpus = max(cpus - 2 * CPU_STAGE_CPUS, 0.1)
+    free_cpus = max(cpus - STAGE_TASKS * CPU_STAGE_CPUS, 0.1)
     if c.actors == "auto":
         if gpus_per_actor > 0:
             actors = int(gpus // gpus_per_actor)
@@ -343,7 +350,7 @@ def run_job(
     configure_ray_data(spec, verbose)
     placement = place(spec, ray.cluster_resources())
 
-    _warm_stage_workers(2)  # one prepare + one write task fit beside the pool
+    _warm_stage_workers(STAGE_TASKS)
 
     # 5. Plan into homogeneous blocks (one batch key per block, a multiple of batch_size).
     refs, planned, sizes = _plan_blocks(spec, info, done, only, placement.actors)
@@ -510,9 +517,8 @@ def _warm_stage_workers(count: int) -> None:
     import ray
 
     warm = ray.remote(num_cpus=CPU_STAGE_CPUS, max_retries=0)(_import_stage_modules)
-    env = {"env_vars": _forwarded_env()}
     for _ in range(count):
-        warm.options(runtime_env=env).remote()
+        warm.options(runtime_env=_runtime_env()).remote()
 
 
 def _pipeline(*args: Any) -> Any:
@@ -539,7 +545,7 @@ def _build_pipeline(
     from .render import Renderer
 
     # Environment read now, not at ray.init: a connected cluster gets this job's settings.
-    env = {"env_vars": _forwarded_env()}
+    env = _runtime_env()
     ds = ray.data.from_arrow_refs(refs)
     if needs_inputs:
         # Fetch + decode input images in CPU tasks, ahead of the actors.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdbatch.runner import CPU_STAGE_CPUS, RunError, place
+from sdbatch.runner import CPU_STAGE_CPUS, STAGE_TASKS, RunError, place
 from sdbatch.spec import parse_spec
 
 
@@ -16,7 +16,7 @@ def spec(**compute):
 
 def fits(placement, cpus: float) -> bool:
     """The pool plus one prepare and one write task fit in the CPUs Ray counts."""
-    return placement.actors * placement.cpus_per_actor + 2 * CPU_STAGE_CPUS <= cpus + 1e-9
+    return placement.actors * placement.cpus_per_actor + STAGE_TASKS * CPU_STAGE_CPUS <= cpus + 1e-9
 
 
 @pytest.mark.parametrize("cpus", [1, 2, 3, 16])
