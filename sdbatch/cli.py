@@ -7,7 +7,10 @@ so `sdbatch --help`, `validate` and `schema` answer at once.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+import threading
 import time
 from enum import Enum
 from pathlib import Path
@@ -160,6 +163,7 @@ def run(
 
     spec = _load(spec_path)
     reporter = _Reporter(progress, every)
+    stop = _stop_on_sigint()
     try:
         result = run_job(
             spec,
@@ -170,6 +174,7 @@ def run(
             fresh=fresh,
             overwrite=overwrite,
             retry_failed=retry_failed,
+            stop=stop,
         )
     except (ManifestError, RunError, ModelError, StoreError) as e:
         reporter.stop()
@@ -205,6 +210,38 @@ def run(
     if result.failed:
         out.print(f"[yellow]{result.failed} items failed; see {result.output}/failures/[/yellow]")
         raise typer.Exit(2)
+
+
+# After a first Ctrl-C, the driver commits what finished and stops Ray; if that takes
+# longer than this (a store that does not answer, a Ray that does not stop), it exits
+# anyway: uncommitted images render again on resume, committed ones are kept.
+STOP_GRACE_SECONDS = 60.0
+
+
+def _stop_on_sigint() -> threading.Event:
+    """SIGINT → KeyboardInterrupt plus a set event (so a library that swallows the
+    KeyboardInterrupt cannot keep the job going); a second SIGINT, or a stop that outlasts
+    STOP_GRACE_SECONDS, exits at once with 130."""
+    stop = threading.Event()
+
+    def exit_now(why: str) -> None:
+        os.write(2, f"\n{why}: exiting now; committed images are kept, rerun to resume\n".encode())
+        os._exit(130)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if stop.is_set():
+            exit_now("interrupted again")
+        stop.set()
+        os.write(2, b"\nstopping: committing finished images (Ctrl-C again to exit now)\n")
+        grace = threading.Timer(
+            STOP_GRACE_SECONDS, exit_now, args=(f"not stopped after {STOP_GRACE_SECONDS:g} s",)
+        )
+        grace.daemon = True
+        grace.start()
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+    return stop
 
 
 class _Reporter:

@@ -7,6 +7,7 @@ Nothing here prints; progress goes to a callback the CLI draws.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -190,7 +191,11 @@ def read_metadata(output: str, storage: dict[str, Any] | None = None) -> pa.Tabl
 
 
 def init_ray(address: str | None = None, verbose: bool = False) -> bool:
-    """Connect to `address` (or RAY_ADDRESS), else start a local Ray; True if we started it."""
+    """Connect to `address` (or RAY_ADDRESS), else start a local Ray.
+
+    True if this call initialised Ray (started a local one or connected this process);
+    False if the caller had already done so (then the caller's Ray is left alone).
+    """
     import ray
 
     if not verbose:
@@ -210,7 +215,27 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
         runtime_env=_runtime_env(),
         **({"_system_config": LOCAL_RAY_CONFIG} if local else {}),
     )
-    return local
+    return True
+
+
+def release_ray() -> None:
+    """Stop this job's work after an interrupt or a stall: disconnect from Ray (a local Ray
+    we started stops; on a cluster, the actors this driver owns are killed).
+
+    Ray Data's threads keep calling into Ray while it shuts down, and any such call would
+    auto-start a whole new local Ray (measured: a second Ray session started at the moment
+    of Ctrl-C, and a driver that did not exit for minutes on a busy machine). Auto-init is
+    switched off for the rest of this process first; sdbatch always calls ray.init itself.
+    """
+    import ray
+
+    try:
+        from ray._private import auto_init_hook
+
+        auto_init_hook.enable_auto_connect = False
+    except ImportError:  # a Ray without the hook has nothing to switch off
+        pass
+    ray.shutdown()
 
 
 def _runtime_env() -> dict[str, Any]:
@@ -314,13 +339,21 @@ def run_job(
     fresh: bool = False,
     overwrite: bool = False,
     retry_failed: bool = False,
+    stop: threading.Event | None = None,
 ) -> RunResult:
     """Run a job to completion; resumes from whatever the output already holds.
 
     fresh: refuse a non-empty output (unless overwrite: clear it first).
     retry_failed: render only items with a failure row and no image yet.
+    stop: set it (the CLI's SIGINT handler does) to stop the job: what is finished is
+      committed, then KeyboardInterrupt is raised. Checked between steps and while
+      rendering, so a KeyboardInterrupt swallowed inside a library cannot keep the job going.
     """
     import ray
+
+    def check_stop() -> None:
+        if stop is not None and stop.is_set():
+            raise KeyboardInterrupt
 
     called = time.monotonic()
     # 1. Check inputs and the output before loading anything.
@@ -344,48 +377,58 @@ def run_job(
 
     models = models_for(spec, info.modes)
     hashes = {ref: weights_sha256(ref) for ref in set(models.values())}
+    check_stop()
 
     # 4. Ray and placement.
     owns_ray = init_ray(address, verbose)
-    configure_ray_data(spec, verbose)
-    placement = place(spec, ray.cluster_resources())
+    try:
+        configure_ray_data(spec, verbose)
+        placement = place(spec, ray.cluster_resources())
+        _warm_stage_workers(STAGE_TASKS)
+        check_stop()
 
-    _warm_stage_workers(STAGE_TASKS)
+        # 5. Plan into homogeneous blocks (one batch key per block, a multiple of batch_size).
+        refs, planned, sizes = _plan_blocks(spec, info, done, only, placement.actors)
+        progress = Progress(total=info.total_items, skipped=info.total_items - planned)
+        store.write_bytes(
+            RUN_KEY,
+            json.dumps(
+                {
+                    "run_id": run_id,
+                    "total": info.total_items,
+                    "planned": planned,
+                    "started_at": datetime.now(timezone.utc).isoformat(),
+                }
+            ).encode(),
+            content_type="application/json",
+        )
+        if on_start:
+            on_start(progress, placement)
+        check_stop()
 
-    # 5. Plan into homogeneous blocks (one batch key per block, a multiple of batch_size).
-    refs, planned, sizes = _plan_blocks(spec, info, done, only, placement.actors)
-    progress = Progress(total=info.total_items, skipped=info.total_items - planned)
-    store.write_bytes(
-        RUN_KEY,
-        json.dumps(
-            {
-                "run_id": run_id,
-                "total": info.total_items,
-                "planned": planned,
-                "started_at": datetime.now(timezone.utc).isoformat(),
-            }
-        ).encode(),
-        content_type="application/json",
-    )
-    if on_start:
-        on_start(progress, placement)
-
-    # 6. Render, write, and commit metadata parts as results stream back.
-    parts: list[str] = []
-    if planned:
-        ds = _pipeline(spec, refs, models, hashes, placement, info.modes != {"txt2img"}, sizes)
-        try:
+        # 6. Render, write, and commit metadata parts as results stream back.
+        parts: list[str] = []
+        if planned:
+            ds = _pipeline(spec, refs, models, hashes, placement, info.modes != {"txt2img"}, sizes)
             packer = None
             if spec.output_options.layout == "webdataset":
                 o = spec.output_options
                 packer = ShardPacker(store, run_id, o.shard_size, o.extension)
-            parts = _commit_stream(ds, store, run_id, progress, on_progress, spec.execution, packer)
-        except Stalled as err:
-            if owns_ray:
-                ray.shutdown()  # the only way to stop a hung actor's work from here
-            raise RunError(str(err)) from None
-        except ray.exceptions.RayError as err:
-            raise RunError(_explain_ray_error(err, spec)) from None
+            parts = _commit_stream(
+                ds, store, run_id, progress, on_progress, spec.execution, packer, check_stop
+            )
+    except Stalled as err:
+        if owns_ray:
+            release_ray()  # the only way to stop a hung actor's work from here
+        raise RunError(str(err)) from None
+    except ray.exceptions.RayError as err:
+        raise RunError(_explain_ray_error(err, spec)) from None
+    except KeyboardInterrupt:
+        # What finished is committed (_commit_stream's finally); stop the rest now, even
+        # an actor hung inside a pipeline call, instead of at interpreter exit.
+        if owns_ray:
+            release_ray()
+        raise
 
     # 7. The success marker comes last, and only when every item is done.
     result = RunResult(
@@ -606,11 +649,14 @@ def _commit_stream(
     on_progress: Callable[[Progress], None] | None,
     execution: Any,
     packer: ShardPacker | None = None,
+    check_stop: Callable[[], None] = lambda: None,
 ) -> list[str]:
     """Append written rows to metadata/failure parts as they stream in.
 
     The dataset is consumed on a helper thread so the driver can notice a stall: if no
     item finishes within `execution.watchdog_seconds`, Stalled names the render actors.
+    However this ends (done, stall, error, Ctrl-C), what arrived is committed and the
+    helper thread stops taking batches.
     """
     parts: list[str] = []
     pending: dict[str, list[pa.Table]] = {METADATA_PREFIX: [], FAILURES_PREFIX: []}
@@ -633,22 +679,39 @@ def _commit_stream(
 
     results: queue.Queue = queue.Queue(maxsize=64)
     done_marker = object()
+    abandoned = threading.Event()  # the driver stopped listening
+
+    def hand_over(item: Any) -> bool:
+        while not abandoned.is_set():
+            try:
+                results.put(item, timeout=1.0)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def consume() -> None:
+        batches = iter(ds.iter_batches(batch_format="pyarrow", batch_size=None))
         try:
-            for table in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-                results.put(table)
-            results.put(done_marker)
+            for table in batches:
+                if not hand_over(table):
+                    # Nobody commits what follows: end the execution (its actors and
+                    # tasks) now rather than whenever the iterator is collected.
+                    with contextlib.suppress(Exception):
+                        batches.close()  # type: ignore[attr-defined]
+                    return
+            hand_over(done_marker)
         except BaseException as err:  # noqa: BLE001 - handed to the driver thread
-            results.put(err)
+            hand_over(err)
 
     threading.Thread(target=consume, name="sdbatch-consume", daemon=True).start()
     watchdog = execution.watchdog_seconds or None
     last_item = time.monotonic()
     try:
         while True:
+            check_stop()
             try:
-                got = results.get(timeout=min(watchdog or 5.0, 5.0))
+                got = results.get(timeout=min(watchdog or 1.0, 1.0))
             except queue.Empty:
                 if watchdog and time.monotonic() - last_item > watchdog:
                     raise Stalled(_stall_report(watchdog)) from None
@@ -680,6 +743,7 @@ def _commit_stream(
             ):
                 flush()
     finally:
+        abandoned.set()
         # Whatever was written before an interruption is committed, so resume skips it.
         if packer is not None:
             pending[METADATA_PREFIX].append(packer.close())
