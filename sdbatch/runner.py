@@ -218,7 +218,7 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
     return True
 
 
-def release_ray() -> None:
+def release_ray(verbose: bool = False) -> None:
     """Stop this job's work after an interrupt or a stall: disconnect from Ray (a local Ray
     we started stops; on a cluster, the actors this driver owns are killed).
 
@@ -226,6 +226,8 @@ def release_ray() -> None:
     auto-start a whole new local Ray (measured: a second Ray session started at the moment
     of Ctrl-C, and a driver that did not exit for minutes on a busy machine). Auto-init is
     switched off for the rest of this process first; sdbatch always calls ray.init itself.
+    Those threads then fail with "Ray has not been started" and log it with a traceback:
+    teardown noise, kept out of the console (Ray Data's session log file still has it).
     """
     import ray
 
@@ -235,7 +237,17 @@ def release_ray() -> None:
         auto_init_hook.enable_auto_connect = False
     except ImportError:  # a Ray without the hook has nothing to switch off
         pass
+    if not verbose:
+        _ray_data_console(logging.CRITICAL + 1)
     ray.shutdown()
+
+
+def _ray_data_console(level: int) -> None:
+    """Ray Data logs to the console and, in full, to its session log file (what explains a
+    hang); this sets the console's level only."""
+    for handler in logging.getLogger("ray.data").handlers:
+        if type(handler).__name__ != "SessionFileHandler":
+            handler.setLevel(level)
 
 
 def _runtime_env() -> dict[str, Any]:
@@ -319,11 +331,7 @@ def configure_ray_data(spec: JobSpec, verbose: bool) -> None:
     # A write task's StoreError reaches the driver as a StoreError (not UserCodeException).
     ctx.raise_original_map_exception = True
     if not verbose:
-        # Ray Data logs execution notes to the console and everything to its session
-        # log file; keep the file (it is what explains a hang), quiet the console.
-        for handler in logging.getLogger("ray.data").handlers:
-            if type(handler).__name__ != "SessionFileHandler":
-                handler.setLevel(logging.ERROR)
+        _ray_data_console(logging.ERROR)  # execution notes off, errors still shown
 
 
 # ---------------------------------------------------------------- the job
@@ -419,7 +427,7 @@ def run_job(
             )
     except Stalled as err:
         if owns_ray:
-            release_ray()  # the only way to stop a hung actor's work from here
+            release_ray(verbose)  # the only way to stop a hung actor's work from here
         raise RunError(str(err)) from None
     except ray.exceptions.RayError as err:
         raise RunError(_explain_ray_error(err, spec)) from None
@@ -427,7 +435,7 @@ def run_job(
         # What finished is committed (_commit_stream's finally); stop the rest now, even
         # an actor hung inside a pipeline call, instead of at interpreter exit.
         if owns_ray:
-            release_ray()
+            release_ray(verbose)
         raise
 
     # 7. The success marker comes last, and only when every item is done.
