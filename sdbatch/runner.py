@@ -15,6 +15,7 @@ import math
 import os
 import queue
 import re
+import socket
 import threading
 import time
 import uuid
@@ -206,16 +207,40 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    local = not (address or os.environ.get("RAY_ADDRESS"))
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        log_to_driver=verbose,
-        logging_level=logging.INFO if verbose else logging.ERROR,
-        runtime_env=_runtime_env(),
-        **({"_system_config": LOCAL_RAY_CONFIG} if local else {}),
-    )
+    target = address or os.environ.get("RAY_ADDRESS")
+    where = f"{target} ({'--address' if address else 'RAY_ADDRESS'})" if target else "a local Ray"
+    if target:
+        _check_reachable(target, where)
+    try:
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.ERROR,
+            runtime_env=_runtime_env(),
+            **({} if target else {"_system_config": LOCAL_RAY_CONFIG}),
+        )
+    except (ConnectionError, OSError, RuntimeError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise RunError(f"could not start or connect to {where}: {first}") from None
     return True
+
+
+def _check_reachable(target: str, where: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, on a cluster address nothing listens at (ray.init
+    retries a dead GCS address for minutes, printing a warning every few seconds)."""
+    if target in ("auto", "local") or "://" in target:
+        return  # found on this machine, or a Ray Client address (ray.init reports those)
+    host, _, port = target.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout).close()
+    except ValueError:
+        raise RunError(f"Ray address {where}: expected HOST:PORT, auto or ray://…") from None
+    except OSError as err:
+        raise RunError(
+            f"cannot reach the Ray cluster at {where}: {err.strerror or err}; is it up "
+            "(`ray status` on the head node)?"
+        ) from None
 
 
 def release_ray(verbose: bool = False) -> None:

@@ -279,3 +279,25 @@ def test_long_prompt_fails_when_asked(tiny_models) -> None:
     )
     assert (row["status"], row["error_type"]) == ("failed", "PromptTooLong")
     assert "CLIP tokens, limit 77" in row["error_message"]
+
+
+def test_unreachable_ray_address_fails_fast_with_the_address(case, tmp_path) -> None:
+    """ray.init would retry a dead GCS address for minutes; the check answers at once."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a port nothing listens on once this closes
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = case()
+    proc = subprocess.run(
+        [sys.executable, "-m", "sdbatch.cli", "run", str(path), "--address", f"127.0.0.1:{port}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert f"cannot reach the Ray cluster at 127.0.0.1:{port} (--address)" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "metadata").exists()
