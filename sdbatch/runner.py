@@ -222,7 +222,17 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
         )
     except (ConnectionError, OSError, RuntimeError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise RunError(f"could not start or connect to {where}: {first}") from None
+        hint = ""
+        if target and target != "auto" and "RAY_AUTH_MODE" not in os.environ:
+            # Ray turns token auth on for clusters started where ~/.ray/auth_token exists,
+            # but only looks for the token when the address is "auto"; with HOST:PORT the
+            # GCS answers InvalidAuthToken and ray.init says only "Failed to connect".
+            hint = (
+                "; if the cluster uses token authentication (Ray's default when "
+                "~/.ray/auth_token exists), set RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN, "
+                "or copy the head's ~/.ray/auth_token)"
+            )
+        raise RunError(f"could not start or connect to {where}: {first}{hint}") from None
     return True
 
 
