@@ -6,6 +6,9 @@ Per-item problems become failure rows of one shared job. A new case is one line.
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -283,10 +286,6 @@ def test_long_prompt_fails_when_asked(tiny_models) -> None:
 
 def test_unreachable_ray_address_fails_fast_with_the_address(case, tmp_path) -> None:
     """ray.init would retry a dead GCS address for minutes; the check answers at once."""
-    import socket
-    import subprocess
-    import sys
-
     with socket.socket() as s:  # a port nothing listens on once this closes
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -247,8 +247,9 @@ def test_black_and_nan_outputs_are_failures_not_successes(tmp_path, tiny_models)
 
 
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, tiny_models) -> None:
-    """Ctrl-C while an actor is busy (and one is hung, so the job can never finish first):
-    the driver commits, stops its Ray, and exits 130 well within the grace period."""
+    """Ctrl-C mid-job (the last item hangs the actor, so the job can never finish before
+    the signal lands): the driver commits, stops its Ray, and exits 130 well within the
+    grace period."""
     from sdbatch.cli import STOP_GRACE_SECONDS
 
     spec_path = cli_job(tmp_path, tiny_models["base"], 120)
