@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .manifest import iter_rows
+from .models import family_of
 from .plan import plan_items
 from .runner import METADATA_PREFIX, check_job, done_items, read_parts
 from .spec import JobSpec
@@ -62,7 +63,8 @@ def plan_report(spec: JobSpec, calibrate: int = 0) -> PlanReport:
     report = PlanReport(total=info.total_items, done=0)
     batch_counts: Counter = Counter()
     first_items: dict[tuple, list[dict[str, Any]]] = {}
-    for item in plan_items(iter_rows(spec.manifest, info.columns, spec.storage.model_dump()), spec):
+    rows = iter_rows(spec.manifest, info.columns, spec.storage.model_dump())
+    for item in plan_items(rows, spec, families=family_of):
         group = tuple(item[f] for f in GROUP_FIELDS)
         if (item["id"], item["image_index"]) in done:
             report.done += 1
@@ -103,12 +105,12 @@ def _calibrate(spec: JobSpec, items: list[dict[str, Any]]) -> float:
     """Seconds per cost unit, rendering `items` in full batches after one warm-up call."""
     from .models import weights_sha256
     from .prepare import prepare_item
-    from .render import Renderer
+    from .render import Renderer, checkpoints_of, models_of
 
-    mode, model = items[0]["mode"], items[0]["model"]
+    mode = items[0]["mode"]
     renderer = Renderer(
-        models={mode: model},
-        model_hashes={model: weights_sha256(model)},
+        **models_of(items[0]),
+        model_hashes={ref: weights_sha256(ref) for ref in checkpoints_of(items[0]).values()},
         batch_size=spec.batch_size,
         device=spec.compute.device,
         dtype=spec.compute.dtype,

@@ -14,7 +14,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .plan import IMAGE_COLUMNS, OVERRIDES
+from .plan import IMAGE_COLUMNS, OVERRIDES, SIZE_CONDITIONING
 from .spec import MAX_SEED, MODES, SCHEDULERS, JobSpec
 
 REQUIRED = ("id", "prompt")
@@ -46,6 +46,12 @@ def _is_image(t: pa.DataType) -> bool:
     return _is_string(t) or pa.types.is_binary(t) or pa.types.is_large_binary(t)
 
 
+def _is_int_list(t: pa.DataType) -> bool:
+    return (
+        pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)
+    ) and pa.types.is_integer(t.value_type)
+
+
 COLUMN_TYPES = {
     "id": (_is_string, "string"),
     "prompt": (_is_string, "string"),
@@ -59,6 +65,9 @@ COLUMN_TYPES = {
     "num_images": (_is_int, "integer"),
     "guidance_scale": (_is_number, "number"),
     "strength": (_is_number, "number"),
+    "refiner_switch": (_is_number, "number"),
+    "controlnet_conditioning_scale": (_is_number, "number"),
+    **{c: (_is_int_list, "a list of 2 integers") for c in SIZE_CONDITIONING},
     **{c: (_is_image, "string URI or binary image bytes") for c in IMAGE_COLUMNS},
 }
 
@@ -80,6 +89,15 @@ def _size(v: int) -> str | None:
     return None
 
 
+def _pair(lo: int, what: str) -> Any:
+    def check(v: list[int]) -> str | None:
+        if len(v) != 2 or any(x is None or not (lo <= x <= 16384) for x in v):
+            return f"must be 2 integers in {lo}..16384 {what}, got {v}"
+        return None
+
+    return check
+
+
 def _choice(options: tuple[str, ...]) -> Any:
     def check(v: str) -> str | None:
         return None if v in options else f"must be one of {', '.join(options)}, got {v!r}"
@@ -93,6 +111,11 @@ VALUE_CHECKS = {
     "num_images": _range(1, 10_000),
     "guidance_scale": _range(0, 100),
     "strength": _range(0, 1),
+    "refiner_switch": _range(0, 1, " (0 excluded)"),
+    "controlnet_conditioning_scale": _range(0, 2),
+    "original_size": _pair(1, "[height, width]"),
+    "target_size": _pair(1, "[height, width]"),
+    "crops_coords_top_left": _pair(0, "[top, left]"),
     "width": _size,
     "height": _size,
     "mode": _choice(MODES),
@@ -107,6 +130,8 @@ class ManifestInfo:
     total_items: int
     columns: list[str]
     modes: set[str] = field(default_factory=set)
+    # Whether some depth2img row has no depth_map (its depth is estimated).
+    estimates_depth: bool = False
 
 
 def _open(uri: str, storage: dict[str, Any] | None) -> pq.ParquetFile:
@@ -166,6 +191,8 @@ def validate_manifest(uri: str, spec: JobSpec) -> ManifestInfo:
     default_n = spec.defaults.num_images
     row_no = 0
     extra = 0
+    estimates_depth = False
+    refiner = spec.models.refiner if spec.models else None
 
     def problem(msg: str) -> None:
         nonlocal extra
@@ -196,8 +223,14 @@ def validate_manifest(uri: str, spec: JobSpec) -> ManifestInfo:
                     msg = check(value)
                     if msg:
                         problem(f"{where}: {name} {msg}")
+            if row.get("refiner_switch") == 0:
+                problem(f"{where}: refiner_switch must be > 0 (1 = base model only), got 0")
+            if row.get("refiner_switch") is not None and not refiner:
+                problem(f"{where}: refiner_switch is set but the spec has no models.refiner")
             mode = row.get("mode") or spec.defaults.mode
             modes.add(mode)
+            if mode == "depth2img" and row.get("depth_map") is None:
+                estimates_depth = True
             if mode != "txt2img" and mode in MODES:
                 if row.get("init_image") is None:
                     problem(f"{where}: mode {mode} needs an init_image, got none")
@@ -226,7 +259,7 @@ def validate_manifest(uri: str, spec: JobSpec) -> ManifestInfo:
             )
     if problems:
         raise ManifestError(problems)
-    return ManifestInfo(uri, row_no, total_items, columns, modes)
+    return ManifestInfo(uri, row_no, total_items, columns, modes, estimates_depth)
 
 
 def iter_rows(

@@ -1,8 +1,10 @@
-"""Checkpoints: locate them, hash their weights, load pipelines once, build schedulers.
+"""Checkpoints: locate them, tell their family, hash their weights, load pipelines once.
 
 A checkpoint is a diffusers folder (local path) or a hub id already in the local HF
-cache; both load through `from_pretrained(..., local_files_only=True)`. Heavy imports
-happen inside functions so the CLI can import this module cheaply.
+cache; both load through `from_pretrained(..., local_files_only=True)`. Its family
+(SD 1.x, SD 2.x, SDXL) is read from `model_index.json` and the UNet config without
+importing torch, so `sdbatch validate` can refuse a pipeline sdbatch cannot run. Heavy
+imports happen inside functions so the CLI can import this module cheaply.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import json
 import logging
 import os
 import warnings
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +37,45 @@ SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 
-# Pipeline class per mode; txt2img and img2img share one set of components.
+FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+# Pipeline class per family and mode. txt2img and img2img share one set of components;
+# SDXL has no depth2img pipeline, so its fourth mode is a depth ControlNet on img2img.
 PIPELINE_CLASSES = {
-    "txt2img": "StableDiffusionPipeline",
-    "img2img": "StableDiffusionImg2ImgPipeline",
-    "inpaint": "StableDiffusionInpaintPipeline",
-    "depth2img": "StableDiffusionDepth2ImgPipeline",
+    "sd": {
+        "txt2img": "StableDiffusionPipeline",
+        "img2img": "StableDiffusionImg2ImgPipeline",
+        "inpaint": "StableDiffusionInpaintPipeline",
+        "depth2img": "StableDiffusionDepth2ImgPipeline",
+    },
+    "sdxl": {
+        "txt2img": "StableDiffusionXLPipeline",
+        "img2img": "StableDiffusionXLImg2ImgPipeline",
+        "inpaint": "StableDiffusionXLInpaintPipeline",
+        "depth2img": "StableDiffusionXLControlNetImg2ImgPipeline",
+    },
 }
+# The SDXL refiner's second stage per mode (diffusers' documented ensemble of experts).
+REFINER_CLASSES = {
+    "txt2img": "StableDiffusionXLImg2ImgPipeline",
+    "img2img": "StableDiffusionXLImg2ImgPipeline",
+    "inpaint": "StableDiffusionXLInpaintPipeline",
+}
+REFINER_MODES = tuple(REFINER_CLASSES)
+
+# model_index.json `_class_name` → family kind; anything else is refused by validate.
+_KNOWN_CLASSES = {
+    **{cls: "sd" for cls in PIPELINE_CLASSES["sd"].values()},
+    **{cls: "sdxl" for cls in PIPELINE_CLASSES["sdxl"].values()},
+    "StableDiffusionControlNetPipeline": "sd",
+    "StableDiffusionXLControlNetPipeline": "sdxl",
+}
+SUPPORTED = (
+    "SD 1.x/2.x (StableDiffusionPipeline, …Img2Img, …Inpaint, …Depth2Img) and SDXL "
+    "(StableDiffusionXLPipeline, …Img2Img incl. the refiner, …Inpaint)"
+)
+# Modules that may be shared between pipelines when their files are byte-identical.
+SHAREABLE = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
 
 
 class ModelError(Exception):
@@ -72,16 +108,21 @@ def quiet_libraries() -> None:
         pass
 
 
-def resolve_checkpoint(ref: str) -> Path:
-    """The local folder of a checkpoint: a path as-is, or a hub id from the HF cache."""
+def resolve_checkpoint(ref: str, marker: str = "model_index.json") -> Path:
+    """The local folder of a checkpoint: a path as-is, or a hub id from the HF cache.
+
+    `marker` is the file that makes the folder what it claims to be: `model_index.json`
+    for a pipeline, `config.json` for a lone model (a ControlNet, a depth estimator).
+    """
     path = Path(ref)
     # A folder that exists wins over a hub id of the same spelling, as in from_pretrained.
     if path.is_absolute() or ref.startswith(".") or path.is_dir():
         if not path.exists():
             raise ModelError(f"model {ref}: folder not found")
-        if not (path / "model_index.json").is_file():
+        if not (path / marker).is_file():
+            what = "a diffusers pipeline" if marker == "model_index.json" else "a model"
             raise ModelError(
-                f"model {ref}: no model_index.json (not a diffusers pipeline folder; "
+                f"model {ref}: no {marker} (not {what} folder; "
                 "convert single-file checkpoints with diffusers first)"
             )
         return path
@@ -99,18 +140,136 @@ def resolve_checkpoint(ref: str) -> Path:
 def check_checkpoint(ref: str) -> str | None:
     """A problem with a checkpoint reference, without importing torch; None if usable."""
     try:
-        resolve_checkpoint(ref)
+        inspect_checkpoint(ref)
     except ModelError as err:
         return str(err)
     return None
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """What a pipeline folder is, read from its JSON files (no torch)."""
+
+    ref: str
+    path: Path
+    pipeline_class: str
+    family: str  # sd1 | sd2 | sdxl
+    unet_in_channels: int
+    has_text_encoder: bool  # the SDXL refiner has only text_encoder_2
+    has_depth_estimator: bool
+
+    @property
+    def kind(self) -> str:
+        """Key of PIPELINE_CLASSES: 'sd' (1.x and 2.x share pipeline classes) or 'sdxl'."""
+        return "sdxl" if self.family == "sdxl" else "sd"
+
+
+def _read_json(path: Path, ref: str) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ModelError(f"model {ref}: cannot read {path.name}: {err}") from None
+    if not isinstance(data, dict):
+        raise ModelError(f"model {ref}: {path.name} is not a JSON object")
+    return data
+
+
+@lru_cache(maxsize=64)
+def inspect_checkpoint(ref: str) -> Checkpoint:
+    """Family and layout of a pipeline checkpoint; ModelError if sdbatch cannot run it."""
+    path = resolve_checkpoint(ref)
+    index = _read_json(path / "model_index.json", ref)
+    cls = str(index.get("_class_name"))
+    kind = _KNOWN_CLASSES.get(cls)
+    if kind is None:
+        raise ModelError(
+            f"model {ref}: pipeline class {cls} (model_index.json) is not supported; "
+            f"sdbatch runs {SUPPORTED}"
+        )
+    if not _listed(index, "unet") or not (path / "unet" / "config.json").is_file():
+        raise ModelError(f"model {ref}: {cls} without a unet/ folder")
+    unet = _read_json(path / "unet" / "config.json", ref)
+    if kind == "sdxl":
+        family = "sdxl"
+    else:
+        # SD 2.x UNets use linear projections in their transformers; SD 1.x convolutions.
+        family = "sd2" if unet.get("use_linear_projection") else "sd1"
+    return Checkpoint(
+        ref=ref,
+        path=path,
+        pipeline_class=cls,
+        family=family,
+        unet_in_channels=int(unet.get("in_channels", 4)),
+        has_text_encoder=_listed(index, "text_encoder"),
+        has_depth_estimator=_listed(index, "depth_estimator"),
+    )
+
+
+def family_of(ref: str) -> str | None:
+    """The family of a checkpoint, or None where it cannot be inspected (plan-only use)."""
+    try:
+        return inspect_checkpoint(ref).family
+    except ModelError:
+        return None
+
+
+def check_controlnet(ref: str) -> str | None:
+    """A problem with an SDXL depth ControlNet reference; None if usable."""
+    try:
+        path = resolve_checkpoint(ref, marker="config.json")
+        config = _read_json(path / "config.json", ref)
+    except ModelError as err:
+        return str(err)
+    cls = config.get("_class_name")
+    if cls != "ControlNetModel":
+        return f"models.depth_controlnet {ref}: config.json names {cls}, expected ControlNetModel"
+    if config.get("addition_embed_type") != "text_time":
+        return (
+            f"models.depth_controlnet {ref}: an SD 1.x/2.x ControlNet (no SDXL text_time "
+            "embedding); an SDXL base needs an SDXL ControlNet"
+        )
+    return None
+
+
+def depth_estimator_folders(ref: str) -> tuple[Path, Path]:
+    """(model folder, image processor folder) of a depth estimator: a transformers DPT
+    folder (e.g. Intel/dpt-hybrid-midas), or a depth2img pipeline's depth_estimator/."""
+    try:
+        path = resolve_checkpoint(ref, marker="config.json")
+    except ModelError:
+        path = resolve_checkpoint(ref)  # a pipeline folder has model_index.json instead
+    if (path / "depth_estimator" / "config.json").is_file():
+        return path / "depth_estimator", path / "feature_extractor"
+    return path, path
+
+
+def check_depth_estimator(ref: str) -> str | None:
+    try:
+        model, processor = depth_estimator_folders(ref)
+    except ModelError as err:
+        return f"models.depth_estimator: {err}"
+    if not (model / "config.json").is_file():
+        return f"models.depth_estimator {ref}: no config.json (not a depth estimator)"
+    if not (processor / "preprocessor_config.json").is_file():
+        return f"models.depth_estimator {ref}: no preprocessor_config.json beside the model"
+    return None
+
+
+def _listed(index: dict[str, Any], name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and bool(entry) and entry[0] is not None
+
+
 def weights_sha256(ref: str) -> str:
     """Content hash of a checkpoint: every config and weight file, by relative path.
 
-    Scheduler and tokenizer files are included because they change pixels too.
+    Scheduler and tokenizer files are included because they change pixels too. Works for
+    pipeline folders and for lone models (a ControlNet, a depth estimator).
     """
-    root = resolve_checkpoint(ref)
+    try:
+        root = resolve_checkpoint(ref)
+    except ModelError:
+        root = resolve_checkpoint(ref, marker="config.json")
     h = hashlib.sha256()
     files = sorted(
         p
@@ -153,35 +312,67 @@ def resolve_device(device: str, dtype: str) -> tuple[str, Any]:
 
 
 def load_pipeline(
-    mode: str, ref: str, device: str, torch_dtype: Any, shared: dict[str, Any]
+    mode: str,
+    ref: str,
+    device: str,
+    torch_dtype: Any,
+    shared: dict[str, Any],
+    *,
+    controlnet: Any = None,
+    cls_name: str | None = None,
 ) -> Any:
     """Load the pipeline for `mode`, reusing components already in `shared` when compatible.
 
-    `shared` maps checkpoint ref → a loaded pipeline; txt2img/img2img on the same
-    checkpoint share every module via `from_pipe`, an inpaint checkpoint reuses the
-    base VAE, text encoder and tokenizer when their weights are identical.
+    `shared` maps checkpoint ref → a loaded pipeline; modes on the same checkpoint share
+    every module via `from_pipe` (SDXL's depth2img adds `controlnet`), another checkpoint
+    reuses the loaded VAE, text encoders and tokenizers whose files are byte-identical.
+    `cls_name` overrides the family's class for `mode` (the refiner's second stage).
     """
     import diffusers
 
-    cls = getattr(diffusers, PIPELINE_CLASSES[mode])
-    path = resolve_checkpoint(ref)
+    checkpoint = inspect_checkpoint(ref)
+    cls = getattr(diffusers, cls_name or PIPELINE_CLASSES[checkpoint.kind][mode])
+    extra: dict[str, Any] = {"controlnet": controlnet} if controlnet is not None else {}
     if ref in shared:
-        pipe = cls.from_pipe(shared[ref])
+        pipe = cls.from_pipe(shared[ref], **extra)
     else:
-        reuse = _reusable_components(path, shared)
-        kwargs: dict[str, Any] = {"torch_dtype": torch_dtype, "local_files_only": True, **reuse}
-        if "safety_checker" not in reuse and _has_component(path, "safety_checker") is False:
-            kwargs.update(safety_checker=None, requires_safety_checker=False)
-        pipe = cls.from_pretrained(str(path), **kwargs).to(device)
+        reuse = _reusable_components(checkpoint.path, shared)
+        kwargs: dict[str, Any] = {
+            "torch_dtype": torch_dtype,
+            "local_files_only": True,
+            **reuse,
+            **extra,
+        }
+        if checkpoint.kind == "sd" and "safety_checker" not in reuse:
+            if not _listed(_read_json(checkpoint.path / "model_index.json", ref), "safety_checker"):
+                kwargs.update(safety_checker=None, requires_safety_checker=False)
+        pipe = cls.from_pretrained(str(checkpoint.path), **kwargs).to(device)
         shared[ref] = pipe
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
 
-def _has_component(path: Path, name: str) -> bool:
-    index = json.loads((path / "model_index.json").read_text())
-    entry = index.get(name)
-    return bool(entry) and entry[0] is not None
+def load_controlnet(ref: str, device: str, torch_dtype: Any) -> Any:
+    from diffusers import ControlNetModel
+
+    path = resolve_checkpoint(ref, marker="config.json")
+    return ControlNetModel.from_pretrained(
+        str(path), torch_dtype=torch_dtype, local_files_only=True
+    ).to(device)
+
+
+def load_depth_estimator(ref: str, device: str) -> tuple[Any, Any]:
+    """(DPT model, image processor) in float32: depth maps are min-max normalised, and a
+    small DPT's depths can underflow in fp16."""
+    import torch
+    from transformers import AutoImageProcessor, DPTForDepthEstimation
+
+    model_dir, processor_dir = depth_estimator_folders(ref)
+    model = DPTForDepthEstimation.from_pretrained(
+        str(model_dir), torch_dtype=torch.float32, local_files_only=True
+    )
+    processor = AutoImageProcessor.from_pretrained(str(processor_dir), local_files_only=True)
+    return model.to(device).eval(), processor
 
 
 def _component_digest(path: Path, name: str) -> str | None:
@@ -199,9 +390,9 @@ def _reusable_components(path: Path, shared: dict[str, Any]) -> dict[str, Any]:
     """Modules of already loaded pipelines whose files are byte-identical to `path`'s."""
     reuse: dict[str, Any] = {}
     for other_ref, pipe in shared.items():
-        other = resolve_checkpoint(other_ref)
-        for name in ("vae", "text_encoder", "tokenizer"):
-            if name in reuse:
+        other = inspect_checkpoint(other_ref).path
+        for name in SHAREABLE:
+            if name in reuse or getattr(pipe, name, None) is None:
                 continue
             mine = _component_digest(path, name)
             if mine is not None and mine == _component_digest(other, name):
@@ -210,7 +401,8 @@ def _reusable_components(path: Path, shared: dict[str, Any]) -> dict[str, Any]:
 
 
 def loaded_modules(pipes: dict[str, Any]) -> dict[str, int]:
-    """Distinct torch modules held by the pipelines: name → object id (for tests/metrics)."""
+    """Torch modules held by the pipelines: 'mode.component' → object id (tests, metrics);
+    equal ids are one module shared by several pipelines."""
     import torch
 
     found: dict[str, int] = {}

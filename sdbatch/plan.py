@@ -12,7 +12,7 @@ import json
 import posixpath
 import re
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -30,7 +30,18 @@ OVERRIDES = (
     "height",
     "num_images",
     "strength",
+    "refiner_switch",
+    "controlnet_conditioning_scale",
+    "original_size",
+    "target_size",
+    "crops_coords_top_left",
 )
+# SDXL micro-conditioning: [height, width] pairs and the crop's [top, left].
+SIZE_CONDITIONING = ("original_size", "target_size", "crops_coords_top_left")
+# The refiner's second stage exists for these modes (diffusers has no refiner route for
+# the ControlNet img2img pipeline that SDXL's depth2img uses).
+REFINER_MODES = ("txt2img", "img2img", "inpaint")
+DEFAULT_REFINER_SWITCH = 0.8  # diffusers' docs and A1111's default
 IMAGE_COLUMNS = ("init_image", "mask_image", "depth_map")
 
 # A manifest image cell is a URI (string) or the encoded bytes; items carry either in
@@ -46,6 +57,13 @@ ITEM_SCHEMA = pa.schema(
         ("negative_prompt", pa.string()),
         ("mode", pa.string()),
         ("model", pa.string()),
+        ("model_family", pa.string()),
+        ("refiner", pa.string()),
+        ("refiner_switch", pa.float64()),
+        ("controlnet", pa.string()),
+        ("controlnet_conditioning_scale", pa.float64()),
+        ("depth_estimator", pa.string()),
+        *[(c, pa.list_(pa.int32())) for c in SIZE_CONDITIONING],
         ("steps", pa.int32()),
         ("guidance_scale", pa.float64()),
         ("scheduler", pa.string()),
@@ -71,6 +89,12 @@ BATCH_FIELDS = (
     "scheduler",
     "strength",
     "depth_source",
+    "refiner",
+    "refiner_switch",
+    "controlnet",
+    "controlnet_conditioning_scale",
+    "depth_estimator",
+    *SIZE_CONDITIONING,
 )
 
 
@@ -108,8 +132,16 @@ def image_key(item_id: str, k: int, ext: str = "png") -> str:
 
 
 def batch_key(item: dict[str, Any]) -> str:
-    """Items with equal batch keys can be rendered in one pipeline call."""
-    return "|".join(f"{item[f]}" for f in BATCH_FIELDS)
+    """Items with equal batch keys can be rendered in one pipeline call.
+
+    SDXL encodes an empty negative prompt as zeros only when the whole call has none
+    (`force_zeros_for_empty_prompt`), so there an empty one must not share a call with a
+    non-empty one: the image would depend on its neighbours.
+    """
+    key = "|".join(f"{item.get(f)}" for f in BATCH_FIELDS)
+    if item.get("model_family") == "sdxl":
+        key += "|neg" if item.get("negative_prompt") else "|noneg"
+    return key
 
 
 def resolve_uri(ref: str, base: str) -> str:
@@ -131,12 +163,50 @@ def sweep_label(cell: dict[str, Any]) -> str:
     return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cell.items())
 
 
-def expand_row(row: dict[str, Any], spec: JobSpec, base: str = "/") -> Iterator[dict[str, Any]]:
+Families = Callable[[str], "str | None"]
+
+
+def _no_family(ref: str) -> str | None:
+    return None
+
+
+def _family_params(params: dict[str, Any], spec: JobSpec, family: str | None) -> dict[str, Any]:
+    """The parameters only one family uses, resolved to what the pipeline call gets (None
+    where they do not apply), so that metadata records what shaped the image."""
+    assert spec.models is not None
+    out: dict[str, Any] = {
+        "refiner": None,
+        "refiner_switch": None,
+        "controlnet": None,
+        "controlnet_conditioning_scale": None,
+        "depth_estimator": None,
+        **dict.fromkeys(SIZE_CONDITIONING),
+    }
+    if family != "sdxl":
+        return out
+    size = [int(params["height"]), int(params["width"])]
+    out["original_size"] = list(params["original_size"] or size)
+    out["target_size"] = list(params["target_size"] or size)
+    out["crops_coords_top_left"] = list(params["crops_coords_top_left"] or (0, 0))
+    switch = params["refiner_switch"]
+    switch = DEFAULT_REFINER_SWITCH if switch is None else float(switch)
+    if spec.models.refiner and params["mode"] in REFINER_MODES and switch < 1:
+        out.update(refiner=spec.models.refiner, refiner_switch=switch)
+    if params["mode"] == "depth2img":
+        out["controlnet"] = spec.models.depth_controlnet
+        out["controlnet_conditioning_scale"] = float(params["controlnet_conditioning_scale"])
+    return out
+
+
+def expand_row(
+    row: dict[str, Any], spec: JobSpec, base: str = "/", families: Families = _no_family
+) -> Iterator[dict[str, Any]]:
     """The work items of one manifest row: one per image index (× sweep cell).
 
     With a sweep, each grid cell is its own item with id `ROW@k=v,...`. Its seed derives
     from that id (so cells get different noise), unless `sweep.same_seed` keeps the
-    row's own seeds across the grid.
+    row's own seeds across the grid. `families` names a checkpoint's family (sd1, sd2,
+    sdxl; `models.family_of`), which decides the family-specific parameters.
     """
     defaults = spec.defaults.model_dump()
     row_params = {
@@ -150,6 +220,8 @@ def expand_row(row: dict[str, Any], spec: JobSpec, base: str = "/") -> Iterator[
         params = {**row_params, **cell}
         item_id = f"{row_id}@{sweep_label(cell)}" if cell else row_id
         model = spec.model_for(params["mode"])
+        family = families(model)
+        family_params = _family_params(params, spec, family)
         for k in range(int(params["num_images"])):
             if same_seed:
                 seed = item_seed(spec.seed, row_id, k, row_seed)
@@ -163,8 +235,10 @@ def expand_row(row: dict[str, Any], spec: JobSpec, base: str = "/") -> Iterator[
                 "seed": seed,
                 "prompt": row["prompt"],
                 "model": model,
+                "model_family": family,
                 "key": image_key(item_id, k, spec.output_options.extension),
                 **{name: params[name] for name in OVERRIDES if name != "num_images"},
+                **family_params,
             }
             for name in IMAGE_COLUMNS:
                 value = row.get(name)
@@ -173,6 +247,8 @@ def expand_row(row: dict[str, Any], spec: JobSpec, base: str = "/") -> Iterator[
             if item["mode"] == "depth2img":
                 provided = item["depth_map"] is not None or item["depth_map_uri"] is not None
                 item["depth_source"] = "provided" if provided else "estimated"
+                if family == "sdxl" and not provided:
+                    item["depth_estimator"] = spec.models.depth_estimator  # type: ignore[union-attr]
             else:
                 item["depth_source"] = None
             item["steps"] = int(item["steps"])
@@ -188,11 +264,12 @@ def plan_items(
     rows: Iterable[dict[str, Any]],
     spec: JobSpec,
     done: set[tuple[str, int]] | frozenset[tuple[str, int]] = frozenset(),
+    families: Families = _no_family,
 ) -> Iterator[dict[str, Any]]:
     """All items of `rows` not yet in `done` (a set of `(id, image_index)`)."""
     base = manifest_base(spec.manifest)
     for row in rows:
-        for item in expand_row(row, spec, base):
+        for item in expand_row(row, spec, base, families):
             if (item["id"], item["image_index"]) not in done:
                 yield item
 

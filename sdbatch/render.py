@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import __version__
+from .plan import SIZE_CONDITIONING
 
 # Decoded inputs from the prepare stage; consumed here, never copied into metadata.
 IMAGE_INPUTS = (
@@ -32,6 +33,18 @@ IMAGE_INPUTS = (
     "init_pixels",
     "mask_pixels",
     "depth_pixels",
+)
+
+
+# What the refiner's second stage takes from the first stage's arguments.
+_REFINER_ARGS = (
+    "prompt",
+    "negative_prompt",
+    "num_inference_steps",
+    "guidance_scale",
+    "generator",
+    "output_type",
+    *SIZE_CONDITIONING,
 )
 
 
@@ -77,6 +90,26 @@ class ItemFailure(Exception):
         super().__init__(message)
 
 
+def models_of(item: dict[str, Any]) -> dict[str, Any]:
+    """Renderer keyword arguments that load what one item needs (reruns, calibration)."""
+    return {
+        "models": {item["mode"]: item["model"]},
+        "refiner": item.get("refiner"),
+        "depth_controlnet": item.get("controlnet"),
+        "depth_estimator": item.get("depth_estimator"),
+    }
+
+
+# Item columns naming a checkpoint that shapes the image; each has a `<column>_sha256`
+# in the metadata (the base model's is `model_sha256`).
+MODEL_COLUMNS = ("model", "refiner", "controlnet", "depth_estimator")
+
+
+def checkpoints_of(item: dict[str, Any]) -> dict[str, str]:
+    """Column → checkpoint ref of every model that shaped the item's image."""
+    return {column: item[column] for column in MODEL_COLUMNS if item.get(column)}
+
+
 class Renderer:
     """Ray Data callable class: pipelines are loaded once per actor, reused per batch."""
 
@@ -92,8 +125,19 @@ class Renderer:
         prompt_overflow: str = "truncate",
         render_options: dict[str, bool] | None = None,
         warmup_sizes: list[tuple[str, int, int]] | None = None,
+        refiner: str | None = None,
+        depth_controlnet: str | None = None,
+        depth_estimator: str | None = None,
     ):
-        from .models import load_pipeline, quiet_libraries, resolve_device
+        from .models import (
+            REFINER_CLASSES,
+            inspect_checkpoint,
+            load_controlnet,
+            load_depth_estimator,
+            load_pipeline,
+            quiet_libraries,
+            resolve_device,
+        )
 
         quiet_libraries()
         import torch
@@ -111,18 +155,46 @@ class Renderer:
         self.options_json = (
             json.dumps(self.render_options, sort_keys=True) if self.render_options else None
         )
+        # 1. Pipelines per mode, sharing modules; SDXL depth2img adds the depth ControlNet.
         shared: dict[str, Any] = {}
         offload = bool(self.render_options.get("cpu_offload")) and self.device == "cuda"
+        load_device = "cpu" if offload else self.device
+        self.families = {mode: inspect_checkpoint(ref).family for mode, ref in models.items()}
+        controlnet = None
+        if depth_controlnet and self.families.get("depth2img") == "sdxl":
+            controlnet = load_controlnet(depth_controlnet, load_device, self.torch_dtype)
         self.pipes = {
             mode: load_pipeline(
-                mode, ref, "cpu" if offload else self.device, self.torch_dtype, shared
+                mode,
+                ref,
+                load_device,
+                self.torch_dtype,
+                shared,
+                controlnet=controlnet if mode == "depth2img" else None,
             )
             for mode, ref in models.items()
         }
+        # 2. The SDXL refiner's second stage per mode, sharing the VAE and text encoder 2.
+        self.refiners = {}
+        if refiner:
+            self.refiners = {
+                mode: load_pipeline(
+                    mode, refiner, load_device, self.torch_dtype, shared, cls_name=cls_name
+                )
+                for mode, cls_name in REFINER_CLASSES.items()
+                if self.families.get(mode) == "sdxl"
+            }
+        # 3. A depth estimator for SDXL depth2img rows without a depth map.
+        self.depth_estimator = (
+            load_depth_estimator(depth_estimator, self.device) if depth_estimator else None
+        )
         self._apply_options(offload)
-        # fp16 VAEs (SD 1.x/2.x) can overflow to NaN; those batches are decoded again in fp32.
+        # fp16 VAEs of SD 1.x/2.x can overflow to NaN; those batches are decoded again in
+        # fp32. SDXL pipelines upcast their VAE themselves (`force_upcast`).
         self.vae_fallback = self.torch_dtype == torch.float16
-        self.default_schedulers = {mode: p.scheduler for mode, p in self.pipes.items()}
+        self.default_schedulers = {
+            id(p): p.scheduler for p in [*self.pipes.values(), *self.refiners.values()]
+        }
         self.env = json.dumps(environment_fingerprint(self.device), sort_keys=True)
         self.pipeline_calls = 0
         self.worker = f"{socket.gethostname()}:{_node_id()[:12]}:{os.getpid()}"
@@ -134,7 +206,7 @@ class Renderer:
         import torch
 
         seen: set[int] = set()
-        for pipe in self.pipes.values():
+        for pipe in [*self.pipes.values(), *self.refiners.values()]:
             if id(pipe.unet) not in seen:
                 seen.add(id(pipe.unet))
                 if self.render_options.get("channels_last"):
@@ -200,19 +272,21 @@ class Renderer:
             results.extend(self._call(ready))
         except Exception as err:  # noqa: BLE001 - isolate the item that broke the batch
             if len(ready) == 1:
-                results.append(self._failed(ready[0], type(err).__name__, _short(err), attempts=1))
+                results.append(self._failed(ready[0], _error_type(err), _short(err), attempts=1))
             else:
                 for item in ready:
                     try:
                         results.extend(self._call([item]))
                     except Exception as one:  # noqa: BLE001
                         results.append(
-                            self._failed(item, type(one).__name__, _short(one), attempts=2)
+                            self._failed(item, _error_type(one), _short(one), attempts=2)
                         )
         return results
 
     def _check_prompt(self, item: dict[str, Any]) -> bool:
-        tokenizer = self.pipes[item["mode"]].tokenizer
+        pipe = self.pipes[item["mode"]]
+        # SDXL's two CLIP tokenizers split text alike; the first one that exists decides.
+        tokenizer = pipe.tokenizer or getattr(pipe, "tokenizer_2", None)
         limit = tokenizer.model_max_length
         too_long = False
         for field in ("prompt", "negative_prompt"):
@@ -274,24 +348,33 @@ class Renderer:
 
         first = items[0]
         pipe = self.pipes[first["mode"]]
+        sdxl = first.get("model_family") == "sdxl"
         padded = items + [first] * (self.batch_size - len(items))
         slots = list(range(len(items))) if position is None else [position]
         for item in items:
             _fault_hook(item, inside_call=True)
-        pipe.scheduler = self._scheduler(first["mode"], first["scheduler"])
+        pipe.scheduler = self._scheduler(pipe, first["scheduler"])
+        negative: list[str] | None = [it["negative_prompt"] or "" for it in padded]
+        if sdxl and not any(negative or []):
+            # None, as a plain call without one: SDXL then uses zeros, not the encoded "".
+            negative = None
         kwargs: dict[str, Any] = dict(
             prompt=[it["prompt"] for it in padded],
-            negative_prompt=[it["negative_prompt"] or "" for it in padded],
+            negative_prompt=negative,
             num_inference_steps=first["steps"],
             guidance_scale=first["guidance_scale"],
             generator=[torch.Generator("cpu").manual_seed(it["seed"]) for it in padded],
             output_type="np",
         )
-        kwargs.update(self._mode_inputs(padded))
+        if sdxl:
+            kwargs.update({c: tuple(first[c]) for c in SIZE_CONDITIONING})
         started = time.perf_counter()
         upcast = False
         with torch.inference_mode():
-            if self.vae_fallback:
+            kwargs.update(self._mode_inputs(padded))
+            if first.get("refiner"):
+                output = self._call_refined(pipe, kwargs, first)
+            elif self.vae_fallback and not sdxl:
                 output, upcast = self._call_with_vae_fallback(pipe, kwargs)
             else:
                 output = pipe(**kwargs)
@@ -337,6 +420,21 @@ class Renderer:
                     row["notes"] = "; ".join(filter(None, [row.get("notes"), note]))
         return results
 
+    def _call_refined(self, pipe: Any, kwargs: dict[str, Any], first: dict[str, Any]) -> Any:
+        """SDXL base then refiner, as diffusers documents the ensemble of experts: the base
+        stops at `refiner_switch` of the schedule and hands its latents over; the refiner
+        denoises the rest. Both stages draw from the same per-image generators."""
+        switch = first["refiner_switch"]
+        latents = pipe(**{**kwargs, "output_type": "latent", "denoising_end": switch}).images
+        refiner = self.refiners[first["mode"]]
+        refiner.scheduler = self._scheduler(refiner, first["scheduler"])
+        second = {k: kwargs[k] for k in _REFINER_ARGS if k in kwargs}
+        second.update(image=latents, denoising_start=switch)
+        if first["mode"] == "inpaint":
+            second.update(mask_image=kwargs["mask_image"], width=kwargs["width"])
+            second.update(height=kwargs["height"], strength=kwargs["strength"])
+        return refiner(**second)
+
     def _mode_inputs(self, padded: list[dict[str, Any]]) -> dict[str, Any]:
         """The pipeline arguments that differ between the four modes."""
         import torch
@@ -353,6 +451,13 @@ class Renderer:
         if first["mode"] == "inpaint":
             inputs["mask_image"] = [Image.frombytes("L", size, it["mask_pixels"]) for it in padded]
             inputs.update(width=size[0], height=size[1])
+        elif first["mode"] == "depth2img" and first.get("controlnet"):
+            controls: dict[int, Any] = {}  # padding repeats the first item: estimate once
+            for it in padded:
+                if id(it) not in controls:
+                    controls[id(it)] = self._control_image(it)
+            inputs["control_image"] = [controls[id(it)] for it in padded]
+            inputs["controlnet_conditioning_scale"] = first["controlnet_conditioning_scale"]
         elif first["mode"] == "depth2img" and first["depth_source"] == "provided":
             maps = [
                 np.frombuffer(it["depth_pixels"], np.float32).reshape(size[1], size[0])
@@ -360,6 +465,44 @@ class Renderer:
             ]
             inputs["depth_map"] = torch.from_numpy(np.stack(maps))
         return inputs
+
+    def _control_image(self, item: dict[str, Any]) -> Any:
+        """The depth ControlNet's conditioning image (RGB, the item's size).
+
+        A provided 8-bit depth map is used as it is, as a plain diffusers call given that
+        image would; other maps are min-max scaled to 0..255. Without a map, depth is
+        estimated as diffusers' SDXL depth ControlNet example does: DPT, bicubic resize to
+        the image size, min-max normalised, replicated to 3 channels, truncated to uint8.
+        Each image is estimated on its own, so its depth never depends on its batch.
+        """
+        import torch
+        from PIL import Image
+
+        width, height = item["width"], item["height"]
+        if item["depth_source"] == "provided":
+            values = np.frombuffer(item["depth_pixels"], np.float32).reshape(height, width)
+            integral = bool((values == np.round(values)).all())
+            if not (integral and values.min() >= 0 and values.max() <= 255):
+                values = (values - values.min()) / (values.max() - values.min()) * 255.0
+            gray = Image.fromarray(values.round().astype(np.uint8), "L")
+            return gray.convert("RGB")
+        assert self.depth_estimator is not None, "planned without models.depth_estimator"
+        model, processor = self.depth_estimator
+        init = Image.frombytes("RGB", (width, height), item["init_pixels"])
+        pixel_values = processor(images=init, return_tensors="pt").pixel_values
+        depth = model(pixel_values.to(self.device)).predicted_depth
+        depth = torch.nn.functional.interpolate(
+            depth.unsqueeze(1), size=(height, width), mode="bicubic", align_corners=False
+        )
+        low = torch.amin(depth, dim=[1, 2, 3], keepdim=True)
+        high = torch.amax(depth, dim=[1, 2, 3], keepdim=True)
+        if not torch.isfinite(depth).all() or bool((high == low).all()):
+            raise ItemFailure(
+                "FlatDepthMap", "estimated depth is constant; nothing to condition on"
+            )
+        depth = (depth - low) / (high - low)
+        image = torch.cat([depth] * 3, dim=1).permute(0, 2, 3, 1).float().cpu().numpy()[0]
+        return Image.fromarray((image * 255.0).clip(0, 255).astype(np.uint8))
 
     def _unchanged(self, item: dict[str, Any]) -> dict[str, Any]:
         """Strength 0 means 'keep the input': diffusers refuses 0 denoising steps, so the
@@ -373,10 +516,10 @@ class Renderer:
         )
         return row
 
-    def _scheduler(self, mode: str, name: str) -> Any:
+    def _scheduler(self, pipe: Any, name: str) -> Any:
         from .models import make_scheduler
 
-        default = self.default_schedulers[mode]
+        default = self.default_schedulers[id(pipe)]
         # Schedulers keep per-call state (timesteps, step index): build a fresh one per call.
         return make_scheduler(name, default.config) or type(default).from_config(default.config)
 
@@ -384,6 +527,10 @@ class Renderer:
         row = {k: v for k, v in item.items() if k not in IMAGE_INPUTS}
         row.update(
             model_sha256=self.model_hashes.get(item["model"]),
+            **{
+                f"{name}_sha256": self.model_hashes.get(item[name]) if item.get(name) else None
+                for name in ("refiner", "controlnet", "depth_estimator")
+            },
             batch_size=self.batch_size,
             torch_threads=self.torch_threads,
             device=self.device,
@@ -471,6 +618,10 @@ def _fault_hook(item: dict[str, Any], inside_call: bool = False) -> None:
         time.sleep(10**6)
     if kind == "raise":
         raise RuntimeError(f"injected failure for {target} (SDBATCH_FAULT)")
+
+
+def _error_type(err: BaseException) -> str:
+    return getattr(err, "error_type", None) or type(err).__name__
 
 
 def _short(err: BaseException, limit: int = 500) -> str:

@@ -95,7 +95,7 @@ def rerun(
     """Render the chosen items again from metadata; write them to `to`, compare if `verify`."""
     from .models import weights_sha256
     from .prepare import InputError, prepare_item
-    from .render import Renderer
+    from .render import MODEL_COLUMNS, Renderer, checkpoints_of, models_of
 
     # 1. Choose rows and check that the weights are still the ones recorded.
     source = open_store(output, storage)
@@ -104,29 +104,29 @@ def rerun(
     target = open_store(to, storage) if to else None
     report = RerunReport()
     current_hash: dict[str, str | None] = {}
-    for model in {r["model"] for r in rows}:
+    for ref in {ref for r in rows for ref in checkpoints_of(r).values()}:
         try:
-            current_hash[model] = weights_sha256(model)
+            current_hash[ref] = weights_sha256(ref)
         except Exception:  # noqa: BLE001 - a missing model is reported per item
-            current_hash[model] = None
+            current_hash[ref] = None
 
     # 2. Group by what an actor is built with: models, batch size, threads, device, dtype.
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        if current_hash[row["model"]] != row["model_sha256"] and row.get("model_sha256"):
-            now = current_hash[row["model"]]
+        changed = [
+            f"{ref}: recorded {row[f'{column}_sha256'][:12]}, "
+            f"now {current_hash[ref][:12] if current_hash[ref] else 'missing'}"  # type: ignore[index]
+            for column, ref in checkpoints_of(row).items()
+            if row.get(f"{column}_sha256") and current_hash[ref] != row[f"{column}_sha256"]
+        ]
+        if changed:
             report.outcomes.append(
-                Outcome(
-                    row["id"],
-                    row["image_index"],
-                    "weights-changed",
-                    f"{row['model']}: recorded {row['model_sha256'][:12]}, now {now[:12] if now else 'missing'}",
-                )
+                Outcome(row["id"], row["image_index"], "weights-changed", "; ".join(changed))
             )
             continue
         key = (
             row["mode"],
-            row["model"],
+            *(row.get(column) for column in MODEL_COLUMNS),
             row["batch_size"],
             row["torch_threads"],
             row["device"],
@@ -135,10 +135,13 @@ def rerun(
         groups[key].append(row)
 
     written: list[dict[str, Any]] = []
-    for (mode, model, batch_size, threads, device, dtype), group in groups.items():
+    for key, group in groups.items():
+        mode, batch_size, threads, device, dtype = key[0], *key[-4:]
         renderer = Renderer(
-            models={mode: model},
-            model_hashes={model: current_hash[model] or ""},
+            **models_of(group[0]),
+            model_hashes={
+                ref: current_hash[ref] or "" for ref in checkpoints_of(group[0]).values()
+            },
             batch_size=int(batch_size or 1),
             device=device or "auto",
             dtype=dtype or "auto",

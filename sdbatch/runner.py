@@ -113,10 +113,28 @@ class RunResult:
 
 def check_job(spec: JobSpec) -> ManifestInfo:
     """Everything that can be known without rendering: manifest, models, output."""
-    from .models import check_checkpoint
-
     info = validate_manifest(spec.manifest, spec)
-    problems = []
+    problems = check_models(spec, info)
+    if problems:
+        raise RunError("\n".join(dict.fromkeys(problems)))
+    return info
+
+
+def check_models(spec: JobSpec, info: ManifestInfo) -> list[str]:
+    """Problems with the checkpoints the job's modes need: unsupported pipeline classes,
+    and models that do not fit together (so `validate` never passes a job whose every
+    item would then fail)."""
+    from .models import (
+        check_checkpoint,
+        check_controlnet,
+        check_depth_estimator,
+        inspect_checkpoint,
+    )
+
+    models = spec.models
+    assert models is not None
+    problems: list[str] = []
+    checkpoints = {}
     for mode in sorted(info.modes):
         try:
             ref = spec.model_for(mode)
@@ -126,14 +144,87 @@ def check_job(spec: JobSpec) -> ManifestInfo:
         problem = check_checkpoint(ref)
         if problem:
             problems.append(problem)
-    if problems:
-        raise RunError("\n".join(sorted(set(problems))))
-    return info
+        else:
+            checkpoints[mode] = inspect_checkpoint(ref)
+    base_problem = check_checkpoint(models.base)
+    base = None if base_problem else inspect_checkpoint(models.base)
+    if base is not None and not base.has_text_encoder and base.family == "sdxl":
+        problems.append(
+            f"models.base {models.base}: an SDXL refiner (no text_encoder) cannot be the base "
+            "model; give it as models.refiner"
+        )
+    inpaint = checkpoints.get("inpaint")
+    if inpaint is not None and inpaint.unet_in_channels not in (4, 9):
+        problems.append(
+            f"models.inpaint {inpaint.ref}: UNet has {inpaint.unet_in_channels} input channels, "
+            "expected 9 (an inpainting checkpoint) or 4 (a base model)"
+        )
+    depth = checkpoints.get("depth2img")
+    if depth is not None and models.depth:
+        if depth.family == "sdxl":
+            problems.append(
+                f"models.depth {models.depth}: an SDXL checkpoint; SDXL depth2img uses "
+                "models.depth_controlnet with the base model"
+            )
+        elif depth.unet_in_channels != 5 or not depth.has_depth_estimator:
+            problems.append(
+                f"models.depth {models.depth}: not a depth2img checkpoint (needs a 5-channel "
+                f"UNet and a depth_estimator; found {depth.pipeline_class}, "
+                f"{depth.unet_in_channels}-channel UNet)"
+            )
+    if models.depth_controlnet:
+        if base is not None and base.family != "sdxl":
+            problems.append(
+                f"models.depth_controlnet is for SDXL; the base model {models.base} is "
+                f"{base.family.upper()}: use models.depth (an SD 2 depth checkpoint)"
+            )
+        elif "depth2img" in info.modes:
+            problems.append(check_controlnet(models.depth_controlnet) or "")
+            if info.estimates_depth and not models.depth_estimator:
+                problems.append(
+                    f"{spec.manifest}: depth2img rows without a depth_map need "
+                    "models.depth_estimator (a DPT, e.g. Intel/dpt-hybrid-midas) beside "
+                    "models.depth_controlnet"
+                )
+    if models.depth_estimator and "depth2img" in info.modes and info.estimates_depth:
+        problems.append(check_depth_estimator(models.depth_estimator) or "")
+    if models.refiner:
+        problem = check_checkpoint(models.refiner)
+        if problem:
+            problems.append(f"models.refiner: {problem}")
+        elif inspect_checkpoint(models.refiner).family != "sdxl":
+            problems.append(
+                f"models.refiner {models.refiner}: "
+                f"{inspect_checkpoint(models.refiner).pipeline_class}, not an SDXL pipeline"
+            )
+        if base is not None and base.family != "sdxl":
+            problems.append(
+                f"models.refiner is an SDXL second stage; the base model {models.base} is "
+                f"{base.family.upper()}"
+            )
+    return [p for p in problems if p]
 
 
 def models_for(spec: JobSpec, modes: set[str]) -> dict[str, str]:
     """Checkpoint per mode, for the modes this job uses only (actors load nothing else)."""
     return {mode: spec.model_for(mode) for mode in sorted(modes)}
+
+
+def aux_models(spec: JobSpec, info: ManifestInfo) -> dict[str, str | None]:
+    """The refiner, depth ControlNet and depth estimator the actors load, where the job's
+    rows use them (Renderer keyword arguments)."""
+    from .models import family_of
+    from .plan import REFINER_MODES
+
+    m = spec.models
+    assert m is not None
+    sdxl = {mode for mode in info.modes if family_of(spec.model_for(mode)) == "sdxl"}
+    depth = "depth2img" in sdxl and bool(m.depth_controlnet)
+    return {
+        "refiner": m.refiner if m.refiner and sdxl & set(REFINER_MODES) else None,
+        "depth_controlnet": m.depth_controlnet if depth else None,
+        "depth_estimator": m.depth_estimator if depth and info.estimates_depth else None,
+    }
 
 
 def done_items(store: Store) -> set[tuple[str, int]]:
@@ -419,7 +510,9 @@ def run_job(
     from .models import weights_sha256
 
     models = models_for(spec, info.modes)
-    hashes = {ref: weights_sha256(ref) for ref in set(models.values())}
+    aux = aux_models(spec, info)
+    checkpoints = set(models.values()) | {ref for ref in aux.values() if ref}
+    hashes = {ref: weights_sha256(ref) for ref in checkpoints}
     check_stop()
 
     # 4. Ray and placement.
@@ -452,7 +545,9 @@ def run_job(
         # 6. Render, write, and commit metadata parts as results stream back.
         parts: list[str] = []
         if planned:
-            ds = _pipeline(spec, refs, models, hashes, placement, info.modes != {"txt2img"}, sizes)
+            ds = _pipeline(
+                spec, refs, models, aux, hashes, placement, info.modes != {"txt2img"}, sizes
+            )
             packer = None
             if spec.output_options.layout == "webdataset":
                 o = spec.output_options
@@ -575,8 +670,10 @@ def _plan_blocks(
 
     estimate = len(only) if only is not None else max(1, info.total_items - len(done))
     block_rows = block_rows_for(estimate, spec.batch_size, actors)
+    from .models import family_of
+
     items = plan_items(
-        iter_rows(spec.manifest, info.columns, spec.storage.model_dump()), spec, done
+        iter_rows(spec.manifest, info.columns, spec.storage.model_dump()), spec, done, family_of
     )
     if only is not None:
         items = (it for it in items if (it["id"], it["image_index"]) in only)
@@ -620,6 +717,7 @@ def _build_pipeline(
     spec: JobSpec,
     refs: list,
     models: dict[str, str],
+    aux: dict[str, str | None],
     hashes: dict[str, str],
     placement: Placement,
     needs_inputs: bool,
@@ -649,6 +747,7 @@ def _build_pipeline(
         Renderer,
         fn_constructor_kwargs=dict(
             models=models,
+            **aux,
             model_hashes=hashes,
             batch_size=spec.batch_size,
             device=placement.device,

@@ -82,10 +82,50 @@ class RenderParams(_Strict):
         description="Denoising strength for img2img/inpaint/depth2img (0 = input, 1 = noise).",
     )
 
+    refiner_switch: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description="SDXL refiner: the fraction of the steps the base model runs before it "
+        "hands its latents to models.refiner (diffusers' denoising_end/denoising_start); "
+        "default 0.8 when models.refiner is set; 1 = base model only.",
+    )
+    controlnet_conditioning_scale: float = Field(
+        0.8,
+        ge=0,
+        le=2,
+        description="SDXL depth2img: weight of the depth ControlNet (diffusers' default 0.8).",
+    )
+    original_size: tuple[int, int] | None = Field(
+        None,
+        description="SDXL micro-conditioning [height, width]; default the image size, as in "
+        "diffusers.",
+    )
+    target_size: tuple[int, int] | None = Field(
+        None, description="SDXL micro-conditioning [height, width]; default the image size."
+    )
+    crops_coords_top_left: tuple[int, int] | None = Field(
+        None, description="SDXL micro-conditioning [top, left]; default [0, 0]."
+    )
+
     @field_validator("scheduler")
     @classmethod
     def _scheduler(cls, v: str) -> str:
         return check_scheduler(v)
+
+    @field_validator("original_size", "target_size")
+    @classmethod
+    def _positive_pair(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not all(1 <= x <= 16384 for x in v):
+            raise ValueError(f"must be two sizes in 1..16384 [height, width], got {list(v)}")
+        return v
+
+    @field_validator("crops_coords_top_left")
+    @classmethod
+    def _crop(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and not all(0 <= x <= 16384 for x in v):
+            raise ValueError(f"must be two offsets in 0..16384 [top, left], got {list(v)}")
+        return v
 
     @field_validator("width", "height")
     @classmethod
@@ -94,13 +134,42 @@ class RenderParams(_Strict):
 
 
 class ModelsSpec(_Strict):
-    """Checkpoints per mode: a local diffusers folder or a hub id already in the HF cache."""
+    """Checkpoints per mode: a local diffusers folder or a hub id already in the HF cache.
+    The family (SD 1.x, 2.x, SDXL) is read from each checkpoint."""
 
-    base: str = Field(..., description="txt2img/img2img checkpoint (diffusers layout).")
+    base: str = Field(
+        ..., description="txt2img/img2img checkpoint (diffusers layout): SD 1.x, 2.x or SDXL."
+    )
     inpaint: str | None = Field(
         None, description="Inpainting checkpoint (9-channel UNet); default: the base model."
     )
-    depth: str | None = Field(None, description="Depth-to-image checkpoint (5-channel UNet + DPT).")
+    depth: str | None = Field(
+        None, description="SD 2 depth-to-image checkpoint (5-channel UNet + DPT)."
+    )
+    depth_controlnet: str | None = Field(
+        None,
+        description="SDXL depth2img: a depth ControlNet (e.g. diffusers/controlnet-depth-sdxl-1.0) "
+        "applied to the base model on the init image.",
+    )
+    depth_estimator: str | None = Field(
+        None,
+        description="SDXL depth2img rows without depth_map: a DPT depth estimator "
+        "(e.g. Intel/dpt-hybrid-midas, or a depth2img checkpoint's depth_estimator).",
+    )
+    refiner: str | None = Field(
+        None,
+        description="SDXL refiner (second stage for txt2img, img2img, inpaint), "
+        "switched to at refiner_switch.",
+    )
+
+    @model_validator(mode="after")
+    def _one_depth_route(self) -> ModelsSpec:
+        if self.depth and self.depth_controlnet:
+            raise ValueError(
+                "set models.depth (an SD 2 depth checkpoint) or models.depth_controlnet "
+                "(SDXL base + depth ControlNet), not both"
+            )
+        return self
 
 
 class ComputeSpec(_Strict):
@@ -239,6 +308,8 @@ SWEEPABLE = (
     "height",
     "strength",
     "negative_prompt",
+    "refiner_switch",
+    "controlnet_conditioning_scale",
 )
 
 
@@ -252,6 +323,8 @@ class SweepSpec(_Strict):
     height: list[int] | None = None
     strength: list[float] | None = None
     negative_prompt: list[str] | None = None
+    refiner_switch: list[float] | None = None
+    controlnet_conditioning_scale: list[float] | None = None
     same_seed: bool = Field(
         False,
         description="Keep each row's seed across the grid (compare parameters on identical "
@@ -341,16 +414,28 @@ class JobSpec(_Strict):
     def _has_model(self) -> JobSpec:
         if self.models is None:
             raise ValueError("set 'model' (a checkpoint) or 'models: {base: ...}'")
+        switches = [
+            self.defaults.refiner_switch,
+            *((self.sweep.refiner_switch or []) if self.sweep else []),
+        ]
+        if self.models.refiner is None and any(s is not None for s in switches):
+            raise ValueError("refiner_switch is set but there is no models.refiner")
         return self
 
     def model_for(self, mode: str) -> str:
+        """The pipeline checkpoint of `mode` (SDXL depth2img: the base + depth_controlnet)."""
         assert self.models is not None
         if mode == "inpaint" and self.models.inpaint:
             return self.models.inpaint
         if mode == "depth2img":
-            if not self.models.depth:
-                raise ValueError("mode depth2img needs models.depth (a depth2img checkpoint)")
-            return self.models.depth
+            if self.models.depth:
+                return self.models.depth
+            if self.models.depth_controlnet:
+                return self.models.base
+            raise ValueError(
+                "mode depth2img needs models.depth (an SD 2 depth checkpoint) or "
+                "models.depth_controlnet (an SDXL depth ControlNet)"
+            )
         return self.models.base
 
 

@@ -1,15 +1,27 @@
 """Tiny, randomly initialised Stable Diffusion pipelines, built offline for tests and benchmarks.
 
-Each variant is a real diffusers pipeline (UNet, VAE, CLIP text encoder and tokenizer, scheduler;
-plus a DPT depth estimator for `depth`) with tiny shapes and seeded random weights, saved in
-diffusers layout. It therefore loads through `from_pretrained(path, local_files_only=True)`,
-the same code path as a real checkpoint, and exercises the real pipeline code; only the
-pictures are meaningless. Rebuilding gives byte-identical weight files.
+Each variant is a real diffusers pipeline (UNet, VAE, CLIP text encoder(s) and tokenizer(s),
+scheduler; plus a DPT depth estimator for `depth`) with tiny shapes and seeded random weights,
+saved in diffusers layout. It therefore loads through `from_pretrained(path,
+local_files_only=True)`, the same code path as a real checkpoint, and exercises the real
+pipeline code; only the pictures are meaningless. Rebuilding gives byte-identical files.
 
-    build_tiny("/tmp/tiny")  ->  /tmp/tiny/base, /tmp/tiny/inpaint, /tmp/tiny/depth
+    base                   StableDiffusionPipeline (SD 1.5 style)
+    inpaint                StableDiffusionInpaintPipeline (9-channel UNet)
+    depth                  StableDiffusionDepth2ImgPipeline (+ DPT depth estimator)
+    sd2-v                  StableDiffusionPipeline, SD 2.1 style: v-prediction, OpenCLIP-like
+    sdxl                   StableDiffusionXLPipeline (two text encoders)
+    sdxl-inpaint           StableDiffusionXLInpaintPipeline (9-channel UNet)
+    sdxl-refiner           StableDiffusionXLImg2ImgPipeline (text_encoder_2 only, aesthetic score)
+    sdxl-controlnet-depth  a lone ControlNetModel for the sdxl UNet (config.json + weights)
 
-To add a variant, write one function returning an unsaved pipeline and register it in
-`_BUILDERS`.
+The three SDXL pipelines hold byte-identical vae, text_encoder_2, tokenizer_2 and scheduler
+files (sdxl and sdxl-inpaint also text_encoder and tokenizer), as the real ones share them.
+
+    build_tiny("/tmp/tiny")  ->  /tmp/tiny/base, /tmp/tiny/inpaint, ..., /tmp/tiny/sdxl-refiner
+
+To add a variant, write one function returning an unsaved pipeline (or a lone model, listed in
+`_MODELS`) and register it in `_BUILDERS`.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ LATENT_CHANNELS = 4
 UNET_SAMPLE_SIZE = 8  # latent side; × the VAE's factor 8 = the pipelines' default, 64 px
 DEPTH_IMAGE_SIZE = 32  # the DPT processor resizes every input to this square
 MODEL_MAX_LENGTH = 77  # CLIP's context; SD pipelines pad and truncate prompts to it
+TIME_ID_WIDTH = 8  # SDXL embeds each micro-conditioning number (size, crop, score) this wide
 SEED = 0
 
 # Stable Diffusion 1.5's scheduler_config.json, verbatim. `clip_sample` is not a PNDM
@@ -47,6 +60,42 @@ SD15_SCHEDULER = {
     "steps_offset": 1,
     "trained_betas": None,
     "clip_sample": False,
+}
+
+# Stable Diffusion 2.1's (768 px, v-prediction) scheduler_config.json, verbatim.
+SD21_SCHEDULER = {
+    "_class_name": "DDIMScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+# SDXL base 1.0's scheduler_config.json, verbatim (the refiner's is the same). Like SD 1.5's,
+# it carries keys Euler does not take (clip_sample, set_alpha_to_one, skip_prk_steps,
+# sample_max_value), kept as hidden keys for schedulers swapped in with `from_config`.
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler",
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "interpolation_type": "linear",
+    "num_train_timesteps": 1000,
+    "prediction_type": "epsilon",
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "trained_betas": None,
+    "use_karras_sigmas": False,
 }
 
 # Byte-level BPE merges of frequent English letter pairs and short words, in priority
@@ -88,12 +137,12 @@ def _vocab() -> dict[str, int]:
 
 
 @contextmanager
-def _seeded() -> Iterator[None]:
+def _seeded(seed: int = SEED) -> Iterator[None]:
     """Seed torch's CPU RNG for one component without disturbing the caller's RNG state."""
     import torch
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
+        torch.manual_seed(seed)
         yield
 
 
@@ -102,9 +151,10 @@ def _seeded() -> Iterator[None]:
 # (components are share-compatible across pipelines) and does not depend on build order.
 
 
-def _unet(in_channels: int) -> Any:
+def _unet(in_channels: int, cross_attention_dim: int = TEXT_WIDTH, **extra: Any) -> Any:
     """diffusers' own test UNet (`get_dummy_components`); 9 channels for inpainting
-    (latent + masked-image latent + mask), 5 for depth (latent + depth)."""
+    (latent + masked-image latent + mask), 5 for depth (latent + depth). `extra` adds the
+    UNet2DConditionModel arguments of SD 2.x and SDXL."""
     from diffusers import UNet2DConditionModel
 
     with _seeded():
@@ -116,12 +166,69 @@ def _unet(in_channels: int) -> Any:
             layers_per_block=2,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            cross_attention_dim=TEXT_WIDTH,
+            cross_attention_dim=cross_attention_dim,
             norm_num_groups=32,
+            **extra,
         )
 
 
-def _vae() -> Any:
+# SD 2.x's and SDXL's UNet style: linear projections into and out of the transformer blocks,
+# and heads per block (diffusers calls the head count `attention_head_dim`, for history).
+_SD2_UNET: dict[str, Any] = {"use_linear_projection": True, "attention_head_dim": (2, 4)}
+
+
+def _sdxl_unet(in_channels: int, *, refiner: bool = False) -> Any:
+    """diffusers' SDXL test UNet at our sizes. Its "text_time" micro-conditioning embeds six
+    numbers (original size, crop top-left, target size) plus text_encoder_2's pooled
+    projection; the refiner's embeds five (an aesthetic score instead of the target size) and
+    it cross-attends to text_encoder_2 alone instead of both encoders' concatenated states."""
+    time_ids = 5 if refiner else 6
+    return _unet(
+        in_channels,
+        cross_attention_dim=TEXT_WIDTH if refiner else 2 * TEXT_WIDTH,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=TIME_ID_WIDTH,
+        projection_class_embeddings_input_dim=time_ids * TIME_ID_WIDTH + TEXT_WIDTH,
+        transformer_layers_per_block=(1, 1),
+        **_SD2_UNET,
+    )
+
+
+# Std of the seeded weights given to a tiny ControlNet's zero convs (see `_controlnet`).
+ZERO_CONV_STD = 0.1
+
+
+def _controlnet() -> Any:
+    """A ControlNet started the way diffusers trains one: a copy of the sdxl UNet's encoder
+    (`from_unet`, so the two configs cannot drift apart), plus a conditioning embedding of four
+    widths, i.e. three stride-2 convs, so it shrinks the control image by 8 like our VAE.
+
+    ControlNet zero-initialises the convs through which it reaches the UNet (one per down
+    block, the mid block's, and the conditioning embedding's last), so a fresh one is an
+    exact no-op and no test could tell whether the control image is used. Seeded random
+    weights there make it matter: at ZERO_CONV_STD, swapping the control image moves the
+    64 px output by tens of levels out of 255 (0.02 moves it by a few)."""
+    import torch
+    from diffusers import ControlNetModel
+
+    with _seeded():
+        controlnet = ControlNetModel.from_unet(
+            _sdxl_unet(LATENT_CHANNELS), conditioning_embedding_out_channels=(16, 32, 48, 64)
+        )
+        zero_convs = [
+            *controlnet.controlnet_down_blocks,
+            controlnet.controlnet_mid_block,
+            controlnet.controlnet_cond_embedding.conv_out,
+        ]
+        with torch.no_grad():
+            for conv in zero_convs:
+                torch.nn.init.normal_(conv.weight, std=ZERO_CONV_STD)
+    return controlnet.eval()
+
+
+def _vae(**extra: Any) -> Any:
+    """`extra`: config values that differ between model families (`_SDXL_VAE`). They do not
+    touch the weights, so every variant's VAE has the same ones."""
     from diffusers import AutoencoderKL
 
     with _seeded():
@@ -135,7 +242,13 @@ def _vae() -> Any:
             up_block_types=("UpDecoderBlock2D",) * 4,
             layers_per_block=1,
             norm_num_groups=32,
+            **extra,
         )
+
+
+# SDXL's VAE config: its latents are scaled differently from SD 1.x/2.x's, and it overflows
+# in fp16, so its pipelines decode in fp32 (`force_upcast`, stated as the real config does).
+_SDXL_VAE: dict[str, Any] = {"scaling_factor": 0.13025, "force_upcast": True}
 
 
 def _tokenizer() -> Any:
@@ -151,8 +264,12 @@ def _tokenizer() -> Any:
     )
 
 
-def _text_encoder() -> Any:
-    from transformers import CLIPTextConfig, CLIPTextModel
+def _text_encoder(
+    hidden_act: str = "quick_gelu", *, projection: bool = False, seed: int = SEED
+) -> Any:
+    """SD 1.x's CLIP ViT-L/14 in miniature; OpenCLIP's (SD 2.x, SDXL's second encoder) uses
+    "gelu". `projection` adds the projected pooled output that SDXL also conditions on."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     vocab = _vocab()
     config = CLIPTextConfig(
@@ -163,20 +280,21 @@ def _text_encoder() -> Any:
         num_hidden_layers=2,
         num_attention_heads=4,
         max_position_embeddings=MODEL_MAX_LENGTH,
-        hidden_act="quick_gelu",  # as in SD's CLIP ViT-L/14
+        hidden_act=hidden_act,
         layer_norm_eps=1e-5,
         bos_token_id=vocab[BOS],
         eos_token_id=vocab[EOS],
         pad_token_id=vocab[EOS],
     )
-    with _seeded():
-        return CLIPTextModel(config).eval()
+    model = CLIPTextModelWithProjection if projection else CLIPTextModel
+    with _seeded(seed):
+        return model(config).eval()
 
 
-def _scheduler() -> Any:
-    from diffusers import PNDMScheduler
+def _scheduler(config: dict[str, Any]) -> Any:
+    import diffusers
 
-    return PNDMScheduler.from_config(SD15_SCHEDULER)
+    return getattr(diffusers, config["_class_name"]).from_config(config)
 
 
 def _depth_estimator() -> Any:
@@ -225,7 +343,20 @@ def _sd_parts(unet_in_channels: int) -> dict[str, Any]:
         "vae": _vae(),
         "text_encoder": _text_encoder(),
         "tokenizer": _tokenizer(),
-        "scheduler": _scheduler(),
+        "scheduler": _scheduler(SD15_SCHEDULER),
+    }
+
+
+def _sdxl_shared() -> dict[str, Any]:
+    """What all three SDXL pipelines hold alike, as the real base, inpainting and refiner
+    checkpoints do. The second encoder gets its own seed: with the first one's, it would be
+    the first encoder's weights again plus a projection, and a swap of the two would go
+    unseen."""
+    return {
+        "vae": _vae(**_SDXL_VAE),
+        "text_encoder_2": _text_encoder("gelu", projection=True, seed=SEED + 1),
+        "tokenizer_2": _tokenizer(),
+        "scheduler": _scheduler(SDXL_SCHEDULER),
     }
 
 
@@ -257,33 +388,107 @@ def _depth() -> Any:
     )
 
 
-_BUILDERS: dict[str, Callable[[], Any]] = {"base": _base, "inpaint": _inpaint, "depth": _depth}
+def _sd2_v() -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        unet=_unet(LATENT_CHANNELS, **_SD2_UNET),
+        vae=_vae(),
+        text_encoder=_text_encoder("gelu"),
+        tokenizer=_tokenizer(),
+        scheduler=_scheduler(SD21_SCHEDULER),
+        **_NO_SAFETY,
+    )
+
+
+def _sdxl() -> Any:
+    from diffusers import StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline(
+        unet=_sdxl_unet(LATENT_CHANNELS),
+        text_encoder=_text_encoder(),
+        tokenizer=_tokenizer(),
+        **_sdxl_shared(),
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def _sdxl_inpaint() -> Any:
+    from diffusers import StableDiffusionXLInpaintPipeline
+
+    return StableDiffusionXLInpaintPipeline(
+        unet=_sdxl_unet(2 * LATENT_CHANNELS + 1),
+        text_encoder=_text_encoder(),
+        tokenizer=_tokenizer(),
+        **_sdxl_shared(),
+        requires_aesthetics_score=False,
+        force_zeros_for_empty_prompt=True,
+    )
+
+
+def _sdxl_refiner() -> Any:
+    """As the real refiner: no first text encoder, an aesthetic score among the time ids,
+    and an empty negative prompt encoded rather than zeroed."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    return StableDiffusionXLImg2ImgPipeline(
+        unet=_sdxl_unet(LATENT_CHANNELS, refiner=True),
+        text_encoder=None,
+        tokenizer=None,
+        **_sdxl_shared(),
+        requires_aesthetics_score=True,
+        force_zeros_for_empty_prompt=False,
+    )
+
+
+_BUILDERS: dict[str, Callable[[], Any]] = {
+    "base": _base,
+    "inpaint": _inpaint,
+    "depth": _depth,
+    "sd2-v": _sd2_v,
+    "sdxl": _sdxl,
+    "sdxl-inpaint": _sdxl_inpaint,
+    "sdxl-refiner": _sdxl_refiner,
+    "sdxl-controlnet-depth": _controlnet,
+}
 VARIANTS = tuple(_BUILDERS)
+
+# Variants that are one model, not a pipeline: saved as config.json + weights, like a real
+# ControlNet repository, and handed to a pipeline as a component (`controlnet=`).
+_MODELS = frozenset({"sdxl-controlnet-depth"})
+
+
+def _marker(name: str) -> str:
+    """The file that save_pretrained writes first into a variant's folder."""
+    return "config.json" if name in _MODELS else "model_index.json"
 
 
 # ---------------------------------------------------------------------------------------
 
 
-def _save(pipe: Any, dest: Path) -> None:
-    """Save into a sibling temp folder, then rename: model_index.json is written first by
-    save_pretrained, so only a finished folder may appear under the final name."""
+def _save(obj: Any, dest: Path, marker: str) -> None:
+    """Save a pipeline or a lone model into a sibling temp folder, then rename: save_pretrained
+    writes `marker` (model_index.json, a model's config.json) first, so only a finished folder
+    may appear under the final name."""
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        pipe.save_pretrained(staging, safe_serialization=True)
-        # Real SD checkpoints ship the tokenizer as vocab.json + merges.txt; transformers 5
+        obj.save_pretrained(staging, safe_serialization=True)
+        # Real SD checkpoints ship tokenizers as vocab.json + merges.txt; transformers 5
         # saves tokenizer.json only. Writing both keeps the folder loadable either way.
-        tok = staging / "tokenizer"
-        vocab = json.dumps(_vocab(), ensure_ascii=False) + "\n"
-        (tok / "vocab.json").write_text(vocab, encoding="utf-8")
-        merges = "#version: 0.2\n" + "\n".join(_MERGES) + "\n"
-        (tok / "merges.txt").write_text(merges, encoding="utf-8")
+        for tok in (staging / "tokenizer", staging / "tokenizer_2"):
+            if not tok.is_dir():
+                continue  # a lone model, or the SDXL refiner (no first tokenizer)
+            vocab = json.dumps(_vocab(), ensure_ascii=False) + "\n"
+            (tok / "vocab.json").write_text(vocab, encoding="utf-8")
+            merges = "#version: 0.2\n" + "\n".join(_MERGES) + "\n"
+            (tok / "merges.txt").write_text(merges, encoding="utf-8")
         if dest.exists():
             shutil.rmtree(dest)
         try:
             os.replace(staging, dest)
         except OSError:
             # A concurrent builder (e.g. another test worker) won the race: keep its copy.
-            if not (dest / "model_index.json").is_file():
+            if not (dest / marker).is_file():
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -314,8 +519,9 @@ def _quiet() -> Iterator[None]:
 def build_tiny(
     out_dir: str | Path, variants: Iterable[str] = VARIANTS, *, force: bool = False
 ) -> dict[str, Path]:
-    """Write out_dir/base, out_dir/inpaint, out_dir/depth; skip a variant whose folder already
-    has model_index.json unless force. Returns {variant: path}."""
+    """Write out_dir/<variant> for each of `variants` (default: all of VARIANTS); skip a variant
+    whose folder is already complete (has model_index.json, or config.json for a lone model)
+    unless force. Returns {variant: path}."""
     # 1. Check every name before building anything.
     names = list(dict.fromkeys(variants))
     unknown = [n for n in names if n not in _BUILDERS]
@@ -328,8 +534,8 @@ def build_tiny(
     paths = {}
     for name in names:
         dest = out / name
-        if force or not (dest / "model_index.json").is_file():
+        if force or not (dest / _marker(name)).is_file():
             with _quiet():
-                _save(_BUILDERS[name](), dest)
+                _save(_BUILDERS[name](), dest, _marker(name))
         paths[name] = dest
     return paths

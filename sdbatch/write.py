@@ -39,6 +39,18 @@ METADATA_SCHEMA = pa.schema(
         ("strength", pa.float64()),
         ("model", pa.string()),
         ("model_sha256", pa.string()),
+        ("model_family", pa.string()),
+        ("refiner", pa.string()),
+        ("refiner_sha256", pa.string()),
+        ("refiner_switch", pa.float64()),
+        ("controlnet", pa.string()),
+        ("controlnet_sha256", pa.string()),
+        ("controlnet_conditioning_scale", pa.float64()),
+        ("depth_estimator", pa.string()),
+        ("depth_estimator_sha256", pa.string()),
+        ("original_size", pa.list_(pa.int32())),
+        ("target_size", pa.list_(pa.int32())),
+        ("crops_coords_top_left", pa.list_(pa.int32())),
         ("key", pa.string()),
         ("member", pa.string()),
         ("image_uri", pa.string()),
@@ -101,6 +113,22 @@ REPRODUCIBLE_FIELDS = (
     "prompt_truncated",
     "render_options",
 )
+# Reproducible fields that only SDXL uses: stored in the image only when set, so an SD
+# 1.x/2.x image's bytes are what they were before SDXL support (the family itself is in
+# the metadata; the weights hash already pins it).
+FAMILY_FIELDS = (
+    "refiner",
+    "refiner_sha256",
+    "refiner_switch",
+    "controlnet",
+    "controlnet_sha256",
+    "controlnet_conditioning_scale",
+    "depth_estimator",
+    "depth_estimator_sha256",
+    "original_size",
+    "target_size",
+    "crops_coords_top_left",
+)
 
 A1111_SAMPLERS = {
     "ddim": "DDIM",
@@ -144,9 +172,16 @@ def _quote(value: str) -> str:
     return value
 
 
+def _model_name(ref: str) -> str:
+    return str(ref).rstrip("/").rsplit("/", 1)[-1]
+
+
 def infotext(row: dict[str, Any]) -> str:
-    """AUTOMATIC1111's `parameters` text, readable by its PNG Info tab and Civitai."""
-    model_name = str(row["model"]).rstrip("/").rsplit("/", 1)[-1]
+    """AUTOMATIC1111's `parameters` text, readable by its PNG Info tab and Civitai.
+
+    SDXL images add what A1111 writes for them: `Refiner: NAME [hash]` and `Refiner
+    switch at`, and the depth ControlNet as sd-webui-controlnet's `ControlNet 0` unit.
+    """
     fields = [
         f"Steps: {row['steps']}",
         f"Sampler: {_quote(sampler_name(row))}",
@@ -154,10 +189,21 @@ def infotext(row: dict[str, Any]) -> str:
         f"Seed: {row['seed']}",
         f"Size: {row['width']}x{row['height']}",
         f"Model hash: {(row.get('model_sha256') or '')[:10]}",
-        f"Model: {_quote(model_name)}",
+        f"Model: {_quote(_model_name(row['model']))}",
     ]
     if row["mode"] != "txt2img":
         fields.append(f"Denoising strength: {_num(row['strength'])}")
+    if row.get("refiner"):
+        refiner = f"{_model_name(row['refiner'])} [{(row.get('refiner_sha256') or '')[:10]}]"
+        fields.append(f"Refiner: {_quote(refiner)}")
+        fields.append(f"Refiner switch at: {_num(row['refiner_switch'])}")
+    if row.get("controlnet"):
+        unit = (
+            f"Module: {'none' if row.get('depth_source') == 'provided' else 'depth'}, "
+            f"Model: {_model_name(row['controlnet'])} [{(row.get('controlnet_sha256') or '')[:8]}], "
+            f"Weight: {_num(row['controlnet_conditioning_scale'])}"
+        )
+        fields.append(f"ControlNet 0: {json.dumps(unit)}")
     lines = [row["prompt"]]
     if row.get("negative_prompt"):
         lines.append(f"Negative prompt: {row['negative_prompt']}")
@@ -167,9 +213,9 @@ def infotext(row: dict[str, Any]) -> str:
 
 def record_json(row: dict[str, Any]) -> str:
     """The reproducible record of an item, as stored inside its image."""
-    return json.dumps(
-        {k: row.get(k) for k in REPRODUCIBLE_FIELDS}, sort_keys=True, ensure_ascii=False
-    )
+    record = {k: row.get(k) for k in REPRODUCIBLE_FIELDS}
+    record.update({k: row[k] for k in FAMILY_FIELDS if row.get(k) is not None})
+    return json.dumps(record, sort_keys=True, ensure_ascii=False)
 
 
 # EXIF tags for JPEG/WebP, where PNG text chunks don't exist: A1111 reads its infotext
