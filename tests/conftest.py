@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Tiny random pipelines (base, inpaint, depth), built with `sdbatch models tiny`'s code."""
+    """Tiny random pipelines (every variant of `sdbatch models tiny`), built with `sdbatch models tiny`'s code."""
     from sdbatch.tiny import build_tiny
 
     return build_tiny(tmp_path_factory.mktemp("models"))
