@@ -37,8 +37,6 @@ SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 
-FAMILIES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
-
 # Pipeline class per family and mode. txt2img and img2img share one set of components;
 # SDXL has no depth2img pipeline, so its fourth mode is a depth ControlNet on img2img.
 PIPELINE_CLASSES = {
@@ -61,7 +59,6 @@ REFINER_CLASSES = {
     "img2img": "StableDiffusionXLImg2ImgPipeline",
     "inpaint": "StableDiffusionXLInpaintPipeline",
 }
-REFINER_MODES = tuple(REFINER_CLASSES)
 
 # model_index.json `_class_name` → family kind; anything else is refused by validate.
 _KNOWN_CLASSES = {
@@ -137,6 +134,14 @@ def resolve_checkpoint(ref: str, marker: str = "model_index.json") -> Path:
         ) from None
 
 
+def resolve_model_folder(ref: str) -> Path:
+    """The folder of a pipeline (model_index.json) or of a lone model (config.json)."""
+    try:
+        return resolve_checkpoint(ref)
+    except ModelError:
+        return resolve_checkpoint(ref, marker="config.json")
+
+
 def check_checkpoint(ref: str) -> str | None:
     """A problem with a checkpoint reference, without importing torch; None if usable."""
     try:
@@ -157,6 +162,7 @@ class Checkpoint:
     unet_in_channels: int
     has_text_encoder: bool  # the SDXL refiner has only text_encoder_2
     has_depth_estimator: bool
+    has_safety_checker: bool
 
     @property
     def kind(self) -> str:
@@ -202,6 +208,7 @@ def inspect_checkpoint(ref: str) -> Checkpoint:
         unet_in_channels=int(unet.get("in_channels", 4)),
         has_text_encoder=_listed(index, "text_encoder"),
         has_depth_estimator=_listed(index, "depth_estimator"),
+        has_safety_checker=_listed(index, "safety_checker"),
     )
 
 
@@ -234,10 +241,7 @@ def check_controlnet(ref: str) -> str | None:
 def depth_estimator_folders(ref: str) -> tuple[Path, Path]:
     """(model folder, image processor folder) of a depth estimator: a transformers DPT
     folder (e.g. Intel/dpt-hybrid-midas), or a depth2img pipeline's depth_estimator/."""
-    try:
-        path = resolve_checkpoint(ref, marker="config.json")
-    except ModelError:
-        path = resolve_checkpoint(ref)  # a pipeline folder has model_index.json instead
+    path = resolve_model_folder(ref)
     if (path / "depth_estimator" / "config.json").is_file():
         return path / "depth_estimator", path / "feature_extractor"
     return path, path
@@ -266,10 +270,7 @@ def weights_sha256(ref: str) -> str:
     Scheduler and tokenizer files are included because they change pixels too. Works for
     pipeline folders and for lone models (a ControlNet, a depth estimator).
     """
-    try:
-        root = resolve_checkpoint(ref)
-    except ModelError:
-        root = resolve_checkpoint(ref, marker="config.json")
+    root = resolve_model_folder(ref)
     h = hashlib.sha256()
     files = sorted(
         p
@@ -343,9 +344,8 @@ def load_pipeline(
             **reuse,
             **extra,
         }
-        if checkpoint.kind == "sd" and "safety_checker" not in reuse:
-            if not _listed(_read_json(checkpoint.path / "model_index.json", ref), "safety_checker"):
-                kwargs.update(safety_checker=None, requires_safety_checker=False)
+        if checkpoint.kind == "sd" and not checkpoint.has_safety_checker:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
         pipe = cls.from_pretrained(str(checkpoint.path), **kwargs).to(device)
         shared[ref] = pipe
     pipe.set_progress_bar_config(disable=True)

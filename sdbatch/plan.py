@@ -170,7 +170,9 @@ def _no_family(ref: str) -> str | None:
     return None
 
 
-def _family_params(params: dict[str, Any], spec: JobSpec, family: str | None) -> dict[str, Any]:
+def _family_params(
+    params: dict[str, Any], spec: JobSpec, family: str | None, depth_provided: bool
+) -> dict[str, Any]:
     """The parameters only one family uses, resolved to what the pipeline call gets (None
     where they do not apply), so that metadata records what shaped the image."""
     assert spec.models is not None
@@ -195,6 +197,8 @@ def _family_params(params: dict[str, Any], spec: JobSpec, family: str | None) ->
     if params["mode"] == "depth2img":
         out["controlnet"] = spec.models.depth_controlnet
         out["controlnet_conditioning_scale"] = float(params["controlnet_conditioning_scale"])
+        if not depth_provided:
+            out["depth_estimator"] = spec.models.depth_estimator
     return out
 
 
@@ -221,7 +225,7 @@ def expand_row(
         item_id = f"{row_id}@{sweep_label(cell)}" if cell else row_id
         model = spec.model_for(params["mode"])
         family = families(model)
-        family_params = _family_params(params, spec, family)
+        family_params = _family_params(params, spec, family, row.get("depth_map") is not None)
         for k in range(int(params["num_images"])):
             if same_seed:
                 seed = item_seed(spec.seed, row_id, k, row_seed)
@@ -247,8 +251,6 @@ def expand_row(
             if item["mode"] == "depth2img":
                 provided = item["depth_map"] is not None or item["depth_map_uri"] is not None
                 item["depth_source"] = "provided" if provided else "estimated"
-                if family == "sdxl" and not provided:
-                    item["depth_estimator"] = spec.models.depth_estimator  # type: ignore[union-attr]
             else:
                 item["depth_source"] = None
             item["steps"] = int(item["steps"])

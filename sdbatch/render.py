@@ -159,9 +159,9 @@ class Renderer:
         shared: dict[str, Any] = {}
         offload = bool(self.render_options.get("cpu_offload")) and self.device == "cuda"
         load_device = "cpu" if offload else self.device
-        self.families = {mode: inspect_checkpoint(ref).family for mode, ref in models.items()}
+        families = {mode: inspect_checkpoint(ref).family for mode, ref in models.items()}
         controlnet = None
-        if depth_controlnet and self.families.get("depth2img") == "sdxl":
+        if depth_controlnet and families.get("depth2img") == "sdxl":
             controlnet = load_controlnet(depth_controlnet, load_device, self.torch_dtype)
         self.pipes = {
             mode: load_pipeline(
@@ -182,7 +182,7 @@ class Renderer:
                     mode, refiner, load_device, self.torch_dtype, shared, cls_name=cls_name
                 )
                 for mode, cls_name in REFINER_CLASSES.items()
-                if self.families.get(mode) == "sdxl"
+                if families.get(mode) == "sdxl"
             }
         # 3. A depth estimator for SDXL depth2img rows without a depth map.
         self.depth_estimator = (
@@ -368,10 +368,10 @@ class Renderer:
         )
         if sdxl:
             kwargs.update({c: tuple(first[c]) for c in SIZE_CONDITIONING})
+        kwargs.update(self._mode_inputs(padded))
         started = time.perf_counter()
         upcast = False
         with torch.inference_mode():
-            kwargs.update(self._mode_inputs(padded))
             if first.get("refiner"):
                 output = self._call_refined(pipe, kwargs, first)
             elif self.vae_fallback and not sdxl:
@@ -490,7 +490,8 @@ class Renderer:
         model, processor = self.depth_estimator
         init = Image.frombytes("RGB", (width, height), item["init_pixels"])
         pixel_values = processor(images=init, return_tensors="pt").pixel_values
-        depth = model(pixel_values.to(self.device)).predicted_depth
+        with torch.inference_mode():
+            depth = model(pixel_values.to(self.device)).predicted_depth
         depth = torch.nn.functional.interpolate(
             depth.unsqueeze(1), size=(height, width), mode="bicubic", align_corners=False
         )
@@ -526,10 +527,11 @@ class Renderer:
     def _common(self, item: dict[str, Any]) -> dict[str, Any]:
         row = {k: v for k, v in item.items() if k not in IMAGE_INPUTS}
         row.update(
-            model_sha256=self.model_hashes.get(item["model"]),
             **{
-                f"{name}_sha256": self.model_hashes.get(item[name]) if item.get(name) else None
-                for name in ("refiner", "controlnet", "depth_estimator")
+                f"{column}_sha256": self.model_hashes.get(item[column])
+                if item.get(column)
+                else None
+                for column in MODEL_COLUMNS
             },
             batch_size=self.batch_size,
             torch_threads=self.torch_threads,
