@@ -849,6 +849,7 @@ def _commit_stream(
     threading.Thread(target=consume, name="sdbatch-consume", daemon=True).start()
     watchdog = execution.watchdog_seconds or None
     last_item = time.monotonic()
+    finished = False
     try:
         while True:
             check_stop()
@@ -861,6 +862,7 @@ def _commit_stream(
                     flush()
                 continue
             if got is done_marker:
+                finished = True
                 break
             if isinstance(got, BaseException):
                 raise unwrap_task_error(got)
@@ -886,11 +888,29 @@ def _commit_stream(
                 flush()
     finally:
         abandoned.set()
+        if not finished:
+            _end_execution(ds)
         # Whatever was written before an interruption is committed, so resume skips it.
         if packer is not None:
             pending[METADATA_PREFIX].append(packer.close())
         flush()
     return parts
+
+
+def _end_execution(ds: Any) -> None:
+    """Stop a dataset's execution now (its render actors and tasks), from the driver thread.
+
+    The helper thread may be blocked waiting for the next block, so it cannot close its
+    iterator; meanwhile the abandoned execution keeps its actors and wants CPUs for its
+    write tasks, and a job resumed in the same Ray (a library caller, a test) can deadlock
+    against it (seen: a stopped SDXL job's actor holding one of 2 CPUs, the resumed job's
+    actor the other, neither's write task scheduled). Ray Data keeps the running executor
+    on the dataset (`_current_executor`, what its own cleanup at GC uses).
+    """
+    executor = getattr(ds, "_current_executor", None)
+    if executor is not None:
+        with contextlib.suppress(Exception):
+            executor.shutdown(force=True)
 
 
 def _stall_report(seconds: float) -> str:
