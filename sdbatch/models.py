@@ -334,6 +334,11 @@ def load_pipeline(
     checkpoint = inspect_checkpoint(ref)
     cls = getattr(diffusers, cls_name or PIPELINE_CLASSES[checkpoint.kind][mode])
     extra: dict[str, Any] = {"controlnet": controlnet} if controlnet is not None else {}
+    if checkpoint.kind == "sdxl":
+        # diffusers adds SDXL's invisible watermark whenever the `invisible-watermark`
+        # package happens to be installed: pixels would then depend on a node's packages.
+        # Off, always; a job that wants one applies it to the stored images.
+        extra["add_watermarker"] = False
     if ref in shared:
         pipe = cls.from_pipe(shared[ref], **extra)
     else:
