@@ -5,9 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from PIL import Image
 
 
 def write_manifest(path: Path, rows: list[dict[str, Any]], schema: pa.Schema | None = None) -> Path:
@@ -60,3 +62,31 @@ def work_item(model: str, **fields: Any) -> dict[str, Any]:
         "depth_source": None, "batch_key": "b",
     }  # fmt: skip
     return {**item, **fields}
+
+
+def make_inputs(folder: Path) -> dict[str, Path]:
+    """Init images, masks and a depth map with structure (not noise)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    yy, xx = np.mgrid[0:64, 0:64]
+    gradient = np.stack([xx * 4, yy * 4, (xx + yy) * 2], axis=-1).astype(np.uint8)
+    paths = {}
+    Image.fromarray(gradient).save(paths.setdefault("init", folder / "init.png"))
+    Image.fromarray(gradient[:, ::-1].copy()).save(
+        paths.setdefault("init_jpg", folder / "init2.jpg"), quality=95
+    )
+    wide = np.concatenate([gradient, gradient[:, ::-1]], axis=1)[:, :96]
+    Image.fromarray(wide).save(paths.setdefault("init_wide", folder / "wide.png"))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    Image.fromarray(mask).save(paths.setdefault("mask", folder / "mask.png"))
+    Image.fromarray(mask[:, :32].copy()).save(
+        paths.setdefault("mask_small", folder / "mask_small.png")
+    )
+    soft = mask.copy()
+    soft[20:44, 20:44] = 200
+    Image.fromarray(soft).save(paths.setdefault("mask_soft", folder / "mask_soft.png"))
+    depth = (np.hypot(xx - 32, yy - 32) * 500).astype(np.uint16)
+    Image.fromarray(depth).save(paths.setdefault("depth", folder / "depth.png"))
+    (folder / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    paths["corrupt"] = folder / "corrupt.png"
+    return paths

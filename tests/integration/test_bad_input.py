@@ -34,15 +34,17 @@ ID_PROMPT = pa.schema([("id", pa.string()), ("prompt", pa.string())])
 def case(tmp_path: Path, tiny_models):
     """Build a job folder: spec text edits and manifest rows, return the spec path."""
 
-    def build(spec_edit=None, rows=None, schema=None, spec_text=None, model=None):
+    def build(spec_edit=None, rows=None, schema=None, spec_text=None, model=None, models=None):
         manifest = write_manifest(
             tmp_path / "m.parquet", GOOD_ROWS if rows is None else rows, schema
         )
+        where = (
+            {"models": {k: str(tiny_models[v]) for k, v in models.items()}}
+            if models
+            else {"model": str(model or tiny_models["base"])}
+        )
         path = write_spec(
-            tmp_path / "job.yaml",
-            manifest=str(manifest),
-            output=str(tmp_path / "out"),
-            model=str(model or tiny_models["base"]),
+            tmp_path / "job.yaml", manifest=str(manifest), output=str(tmp_path / "out"), **where
         )
         if spec_text is not None:
             path.write_text(spec_text)
@@ -174,8 +176,118 @@ PRE_RENDER = [
 ]
 
 
+SDXL = {"base": "sdxl"}
+DEPTH_ROW = [{"id": "a", "prompt": "x", "mode": "depth2img", "init_image": "i.png"}]
+# Models that do not fit together: refused by validate, before any actor loads them.
+SDXL_PRE_RENDER = [
+    (
+        "refiner-as-base",
+        dict(models={"base": "sdxl-refiner"}),
+        "validate",
+        "an SDXL refiner (no text_encoder) cannot be the base model; give it as models.refiner",
+    ),
+    (
+        "refiner-on-sd1",
+        dict(models={"base": "base", "refiner": "sdxl-refiner"}),
+        "validate",
+        "models.refiner is an SDXL second stage; the base model",
+    ),
+    (
+        "refiner-not-sdxl",
+        dict(models={**SDXL, "refiner": "base"}),
+        "validate",
+        "StableDiffusionPipeline, not an SDXL pipeline",
+    ),
+    (
+        "controlnet-on-sd1",
+        dict(models={"base": "base", "depth_controlnet": "sdxl-controlnet-depth"}),
+        "validate",
+        "models.depth_controlnet is for SDXL; the base model",
+    ),
+    (
+        "sdxl-as-depth-model",
+        dict(models={**SDXL, "depth": "sdxl"}, rows=DEPTH_ROW),
+        "validate",
+        "SDXL depth2img uses models.depth_controlnet",
+    ),
+    (
+        "depth-without-estimator",
+        dict(models={**SDXL, "depth_controlnet": "sdxl-controlnet-depth"}, rows=DEPTH_ROW),
+        "validate",
+        "depth2img rows without a depth_map need models.depth_estimator",
+    ),
+    (
+        "estimator-not-dpt",
+        dict(
+            models={
+                **SDXL,
+                "depth_controlnet": "sdxl-controlnet-depth",
+                "depth_estimator": "sdxl-controlnet-depth",
+            },
+            rows=DEPTH_ROW,
+        ),
+        "validate",
+        "no preprocessor_config.json beside the model",
+    ),
+    (
+        "inpaint-5-channels",
+        dict(
+            models={**SDXL, "inpaint": "depth"},
+            rows=[
+                {
+                    "id": "a",
+                    "prompt": "x",
+                    "mode": "inpaint",
+                    "init_image": "i.png",
+                    "mask_image": "m.png",
+                }
+            ],
+        ),  # fmt: skip
+        "validate",
+        "UNet has 5 input channels, expected 9",
+    ),
+    (
+        "refiner-switch-without-refiner",
+        dict(models=SDXL, spec_edit="defaults: {refiner_switch: 0.5}"),
+        "validate",
+        "refiner_switch is set but there is no models.refiner",
+    ),
+    (
+        "row-refiner-switch-without-refiner",
+        dict(models=SDXL, rows=[{"id": "a", "prompt": "x", "refiner_switch": 0.5}]),
+        "validate",
+        "row 0 (id 'a'): refiner_switch is set but the spec has no models.refiner",
+    ),
+    (
+        "row-refiner-switch-0",
+        dict(
+            models={**SDXL, "refiner": "sdxl-refiner"},
+            rows=[{"id": "a", "prompt": "x", "refiner_switch": 0.0}],
+        ),
+        "validate",
+        "row 0 (id 'a'): refiner_switch must be > 0 (1 = base model only), got 0",
+    ),
+    (
+        "row-controlnet-scale-3",
+        dict(
+            models=SDXL,
+            rows=[{"id": "a", "prompt": "x", "controlnet_conditioning_scale": 3.0}],
+        ),
+        "validate",
+        "row 0 (id 'a'): controlnet_conditioning_scale must be 0..2, got 3",
+    ),
+]
+# The model-independent cases again with an SDXL base: the same words, no traceback.
+SDXL_PRE_RENDER += [
+    (f"sdxl-{name}", {**build, "models": SDXL}, command, expected)
+    for name, build, command, expected in PRE_RENDER
+    if "model" not in build
+]
+ALL_PRE_RENDER = PRE_RENDER + SDXL_PRE_RENDER
+
+
 @pytest.mark.parametrize(
-    ("name", "build", "command", "expected"), PRE_RENDER, ids=[c[0] for c in PRE_RENDER]
+    ("name", "build", "command", "expected"), ALL_PRE_RENDER, ids=[c[0] for c in ALL_PRE_RENDER]
 )
 def test_caught_before_rendering(case, tmp_path, name, build, command, expected) -> None:
     if build.get("model") == "EMPTY":
