@@ -1,6 +1,10 @@
-"""Overhead (issue 7 #1): sdbatch end to end vs a hand-written diffusers loop.
+"""Overhead (issue 7 #1; SDXL: issue 12): sdbatch end to end vs a hand-written diffusers loop.
 
     .venv/bin/python benchmarks/bench_overhead.py [--quick] [--items N | --target-seconds 120]
+        [--family sd|sdxl] [--shapes 1x2,2x1]
+
+`--family sdxl` runs the tiny SDXL base instead of the tiny SD 1.x model; the loop is then
+a `StableDiffusionXLPipeline` loop (no negative prompt, as a plain script writes it).
 
 The same items (same prompts, seeds, size, steps, DDIM, CFG 7.5, batch size) are
 rendered three times, each in a fresh Python process so every contender pays its own
@@ -40,6 +44,7 @@ from pathlib import Path
 import _common as c
 
 BENCH = "overhead"
+VARIANTS = {"sd": "base", "sdxl": "sdxl"}  # --family → tiny model variant
 
 
 # ---------------------------------------------------------------- children
@@ -49,16 +54,21 @@ def child_loop(args: argparse.Namespace) -> None:
     """The hand-written loop, as a user would write it; reports its own timings."""
     import pyarrow.parquet as pq
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     imported = time.time()
     torch.set_num_threads(args.threads)
     rows = pq.read_table(args.manifest).to_pylist()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        args.model, local_files_only=True, safety_checker=None, requires_safety_checker=False
-    )
+    if args.family == "sdxl":
+        pipe = StableDiffusionXLPipeline.from_pretrained(args.model, local_files_only=True)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            args.model, local_files_only=True, safety_checker=None, requires_safety_checker=False
+        )
+    # SD 1.x: an empty negative prompt per image; SDXL: none at all (its zeroed negative).
+    negative = None if args.family == "sdxl" else [""] * args.batch
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     loaded = time.time()
@@ -69,7 +79,7 @@ def child_loop(args: argparse.Namespace) -> None:
         with torch.inference_mode():
             images = pipe(
                 prompt=[r["prompt"] for r in chunk],
-                negative_prompt=[""] * len(chunk),
+                negative_prompt=negative[: len(chunk)] if negative else None,
                 num_inference_steps=args.steps,
                 guidance_scale=7.5,
                 width=args.size,
@@ -158,6 +168,8 @@ def same_pixels(loop_dir: Path, output: Path, ids: list[str]) -> int | None:
 def main() -> None:
     parser = c.job_parser(__doc__, items=None, threads=2)  # items: calibrated
     parser.add_argument("--target-seconds", type=float, default=120.0)
+    parser.add_argument("--family", choices=sorted(VARIANTS), default="sd")
+    parser.add_argument("--shapes", default="1x2,2x1", help="sdbatch actors x threads to run")
     parser.add_argument("--child", choices=["loop", "sdbatch"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--manifest", help=argparse.SUPPRESS)
@@ -171,15 +183,18 @@ def main() -> None:
     c.apply_quick(args, items=args.items or c.QUICK["items"])
 
     # 1. Model, and the item count that makes the loop run about --target-seconds.
-    models = c.tiny_models(["base"])
-    work = c.workdir(BENCH)
+    bench = BENCH if args.family == "sd" else f"{BENCH}_{args.family}"
+    variant = VARIANTS[args.family]
+    models = c.tiny_models([variant])
+    work = c.workdir(bench)
     me = [str(Path(__file__).resolve())]
     common = ["--size", str(args.size), "--steps", str(args.steps), "--batch", str(args.batch)]
+    common += ["--family", args.family]
 
     def loop(manifest: Path, out: Path) -> dict:
         return c.run_child(
             me
-            + ["--child", "loop", "--model", str(models["base"]), "--manifest", str(manifest)]
+            + ["--child", "loop", "--model", str(models[variant]), "--manifest", str(manifest)]
             + ["--out", str(out), "--threads", str(args.threads)]
             + common,
             timeout=3600,
@@ -193,8 +208,8 @@ def main() -> None:
         unit = 4 * args.batch
         args.items = max(unit, math.ceil(args.target_seconds / per_image / unit) * unit)
         calibration = per_image
-    config = c.job_config(args, model="tiny base")
-    c.header("overhead: sdbatch vs a hand-written diffusers loop", config)
+    config = c.job_config(args, model=f"tiny {variant}")
+    c.header(f"{bench}: sdbatch vs a hand-written diffusers loop", config)
     if calibration:
         print(
             f"   calibrated: loop ≈ {calibration * 1000:.0f} ms/image → {args.items} items "
@@ -207,14 +222,15 @@ def main() -> None:
     manifest = c.write_manifest(work / "manifest.parquet", rows)
     loop_dir = work / "loop"
     runs: dict[str, dict] = {"loop": loop_figures(loop(manifest, loop_dir), args.batch)}
-    shapes = {"sdbatch 1x2": (1, args.threads), "sdbatch 2x1": (2, max(1, args.threads // 2))}
+    known = {"1x2": (1, args.threads), "2x1": (2, max(1, args.threads // 2))}
+    shapes = {f"sdbatch {s}": known[s] for s in args.shapes.split(",")}
     for label, (actors, threads) in shapes.items():
         output = work / label.replace(" ", "-")
         spec = c.spec_dict(
             "overhead",
             manifest,
             output,
-            {"base": models["base"]},
+            {"base": models[variant]},
             size=args.size,
             steps=args.steps,
             batch_size=args.batch,
@@ -303,7 +319,7 @@ def main() -> None:
     )
     if args.quick:
         print("   (quick mode: a few seconds of work, so start-up dominates e2e; not a result)")
-    c.emit(BENCH, args.quick, config, figures)
+    c.emit(bench, args.quick, config, figures)
 
 
 if __name__ == "__main__":

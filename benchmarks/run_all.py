@@ -29,6 +29,8 @@ HERE = Path(__file__).resolve().parent
 # name → (script, extra arguments in quick mode). bench_s3_write.py predates --quick.
 BENCHES: dict[str, tuple[str, list[str]]] = {
     "overhead": ("bench_overhead.py", ["--quick"]),
+    "overhead_sdxl": ("bench_overhead.py --family sdxl --shapes 1x2", ["--quick"]),
+    "families": ("bench_families.py", ["--quick"]),
     "scaling": ("bench_scaling.py", ["--quick"]),
     "actors": ("bench_actors.py", ["--quick"]),
     "modes": ("bench_modes.py", ["--quick"]),
@@ -42,7 +44,8 @@ BENCHES: dict[str, tuple[str, list[str]]] = {
 
 def run_one(name: str, quick: bool, log_dir: Path) -> dict[str, Any]:
     script, quick_args = BENCHES[name]
-    cmd = [sys.executable, str(HERE / script), *(quick_args if quick else [])]
+    script, *args = script.split()
+    cmd = [sys.executable, str(HERE / script), *args, *(quick_args if quick else [])]
     print(f"\n### {name}: {' '.join(cmd[1:])}", flush=True)
     started = time.time()
     lines: list[str] = []
@@ -97,9 +100,11 @@ def get(d: Any, *path: str) -> Any:
 def summary_rows(name: str, f: dict[str, Any]) -> list[list[Any]]:
     """(bench, figure, value, goal, verdict) for the figures the issues name."""
     v = c.verdict
-    if name == "overhead":
+    if name in ("overhead", "overhead_sdxl"):
         rows = []
         for shape in ("sdbatch_1x2", "sdbatch_2x1"):
+            if shape not in f:
+                continue
             s, e = get(f, shape, "steady_ratio"), get(f, shape, "e2e_ratio")
             rows.append([name, f"{shape} steady img/s ÷ loop", s, "≥ 0.95", v(s, 0.95)])
             rows.append([name, f"{shape} end-to-end ÷ loop", e, "≥ 0.8", v(e, 0.8)])
@@ -107,6 +112,10 @@ def summary_rows(name: str, f: dict[str, Any]) -> list[list[Any]]:
             [name, "pixel max diff 1x2 vs loop", f.get("pixel_max_diff_1x2_vs_loop"), "0", ""]
         )
         return rows
+    if name == "families":
+        return [
+            [name, f"{label} peak RSS MiB", get(f, label, "peak_mib"), "report", ""] for label in f
+        ]
     if name == "scaling":
         spread = f.get("steady_spread")
         peak = get(f, "planning", "peak_mib")
