@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from tests.s3server import S3Server, use_fake_aws_env
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# File hashes cached per test session, not in the user's ~/.cache/sdbatch.
+os.environ.setdefault("SDBATCH_CACHE_DIR", tempfile.mkdtemp(prefix="sdbatch-cache-"))
 # Fake AWS credentials before Ray starts (its local workers inherit this environment).
 use_fake_aws_env()
 
