@@ -115,6 +115,7 @@ def _calibrate(spec: JobSpec, items: list[dict[str, Any]]) -> float:
         device=spec.compute.device,
         dtype=spec.compute.dtype,
         torch_threads=spec.compute.threads(),
+        storage=spec.storage.model_dump(),
     )
     for item in items:
         item.update(status=None, notes=None)

@@ -9,7 +9,6 @@ imports happen inside functions so the CLI can import this module cheaply.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,6 +17,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from . import hub
+from .modelcache import ModelCacheError, is_remote, local_copy
+from .weights import ModelHash, WeightsError, hash_folder
 
 # name → (diffusers class, config overrides). Built from the checkpoint's own scheduler
 # config, so betas and timestep spacing follow the model, as in A1111/diffusers docs.
@@ -105,12 +108,30 @@ def quiet_libraries() -> None:
         pass
 
 
+_storage: dict[str, Any] | None = None
+
+
+def use_storage(options: dict[str, Any] | None) -> None:
+    """S3 options (endpoint, region, retries) for `s3://` checkpoints in this process."""
+    global _storage
+    _storage = options
+
+
 def resolve_checkpoint(ref: str, marker: str = "model_index.json") -> Path:
-    """The local folder of a checkpoint: a path as-is, or a hub id from the HF cache.
+    """The local folder of a checkpoint: a path as-is, a hub id from the HF cache, or an
+    `s3://` prefix copied once into this node's cache (`modelcache.local_copy`).
 
     `marker` is the file that makes the folder what it claims to be: `model_index.json`
     for a pipeline, `config.json` for a lone model (a ControlNet, a depth estimator).
     """
+    if is_remote(ref):
+        try:
+            path = local_copy(ref, _storage)
+        except ModelCacheError as err:
+            raise ModelError(str(err)) from None
+        if not (path / marker).is_file():
+            raise ModelError(f"model {ref}: no {marker} under this prefix")
+        return path
     path = Path(ref)
     # A folder that exists wins over a hub id of the same spelling, as in from_pretrained.
     if path.is_absolute() or ref.startswith(".") or path.is_dir():
@@ -124,14 +145,12 @@ def resolve_checkpoint(ref: str, marker: str = "model_index.json") -> Path:
             )
         return path
     try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(ref, local_files_only=True))
-    except Exception as err:  # noqa: BLE001 - any lookup failure means "not available offline"
-        raise ModelError(
-            f"model {ref}: not a local folder and not in the local Hugging Face cache "
-            f"({type(err).__name__}); download it first or give a path"
-        ) from None
+        path = hub.resolve(ref)
+    except hub.HubError as err:
+        raise ModelError(str(err)) from None
+    if not (path / marker).is_file():
+        raise ModelError(f"model {ref}: no {marker} in its hub snapshot ({path})")
+    return path
 
 
 def resolve_model_folder(ref: str) -> Path:
@@ -264,29 +283,38 @@ def _listed(index: dict[str, Any], name: str) -> bool:
     return isinstance(entry, list) and bool(entry) and entry[0] is not None
 
 
-def weights_sha256(ref: str) -> str:
-    """Content hash of a checkpoint: every config and weight file, by relative path.
+def model_hash(ref: str) -> ModelHash:
+    """What a checkpoint loads, hashed per file, per component and combined (no torch).
 
-    Scheduler and tokenizer files are included because they change pixels too. Works for
-    pipeline folders and for lone models (a ControlNet, a depth estimator).
+    Only the files the pipeline reads count (`weights.loaded_files`): an unused file
+    added or changed in the folder is not a change of weights; a loaded one is.
+    Works for pipeline folders and for lone models (a ControlNet, a depth estimator).
     """
-    root = resolve_model_folder(ref)
-    h = hashlib.sha256()
-    files = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    try:
+        return hash_folder(resolve_model_folder(ref))
+    except WeightsError as err:
+        raise ModelError(f"model {ref}: {err}") from None
+
+
+def weights_sha256(ref: str) -> str:
+    """The combined content hash of what `ref` loads (`model_sha256` in the metadata)."""
+    return model_hash(ref).sha256
+
+
+def pickle_problem(ref: str, field_name: str) -> str | None:
+    """A message if `ref` would load pickled weights (.bin/.ckpt/.pt), else None."""
+    try:
+        pickled = model_hash(ref).pickled
+    except ModelError as err:
+        return str(err)
+    if not pickled:
+        return None
+    return (
+        f"{field_name} {ref}: loads pickled weights ({', '.join(pickled[:3])}"
+        f"{', ...' if len(pickled) > 3 else ''}); unpickling a .bin/.ckpt/.pt file can run "
+        "arbitrary code. Convert it to .safetensors, or set models.allow_pickle: true if "
+        "you trust where it came from"
     )
-    for p in files:
-        rel = p.relative_to(root).as_posix()
-        if rel.endswith(".md"):
-            continue
-        h.update(rel.encode() + b"\0")
-        with p.open("rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def make_scheduler(name: str, base_config: Any) -> Any:
@@ -380,27 +408,17 @@ def load_depth_estimator(ref: str, device: str) -> tuple[Any, Any]:
     return model.to(device).eval(), processor
 
 
-def _component_digest(path: Path, name: str) -> str | None:
-    folder = path / name
-    if not folder.is_dir():
-        return None
-    h = hashlib.sha256()
-    for p in sorted(folder.iterdir()):
-        if p.is_file():
-            h.update(p.name.encode() + p.read_bytes())
-    return h.hexdigest()
-
-
 def _reusable_components(path: Path, shared: dict[str, Any]) -> dict[str, Any]:
-    """Modules of already loaded pipelines whose files are byte-identical to `path`'s."""
+    """Modules of already loaded pipelines whose loaded files are byte-identical to
+    `path`'s (per-component hashes, each file hashed once per content)."""
     reuse: dict[str, Any] = {}
+    mine = hash_folder(path).components
     for other_ref, pipe in shared.items():
-        other = inspect_checkpoint(other_ref).path
+        theirs = hash_folder(inspect_checkpoint(other_ref).path).components
         for name in SHAREABLE:
             if name in reuse or getattr(pipe, name, None) is None:
                 continue
-            mine = _component_digest(path, name)
-            if mine is not None and mine == _component_digest(other, name):
+            if mine.get(name) is not None and mine.get(name) == theirs.get(name):
                 reuse[name] = getattr(pipe, name)
     return reuse
 

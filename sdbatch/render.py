@@ -128,6 +128,7 @@ class Renderer:
         refiner: str | None = None,
         depth_controlnet: str | None = None,
         depth_estimator: str | None = None,
+        storage: dict[str, Any] | None = None,
     ):
         from .models import (
             REFINER_CLASSES,
@@ -137,9 +138,11 @@ class Renderer:
             load_pipeline,
             quiet_libraries,
             resolve_device,
+            use_storage,
         )
 
         quiet_libraries()
+        use_storage(storage)  # s3:// checkpoints: copied into this node's cache first
         import torch
 
         # Ray sets OMP_NUM_THREADS=1 in workers; the thread count changes output bits on

@@ -93,7 +93,7 @@ def rerun(
     storage: dict[str, Any] | None = None,
 ) -> RerunReport:
     """Render the chosen items again from metadata; write them to `to`, compare if `verify`."""
-    from .models import weights_sha256
+    from .models import use_storage, weights_sha256
     from .prepare import InputError, prepare_item
     from .render import MODEL_COLUMNS, Renderer, checkpoints_of, models_of
 
@@ -103,6 +103,7 @@ def rerun(
     options = _image_options(source)
     target = open_store(to, storage) if to else None
     report = RerunReport()
+    use_storage(storage)  # s3:// checkpoints: this node's cached copy
     current_hash: dict[str, str | None] = {}
     for ref in {ref for r in rows for ref in checkpoints_of(r).values()}:
         try:
@@ -146,6 +147,7 @@ def rerun(
             device=device or "auto",
             dtype=dtype or "auto",
             torch_threads=int(threads or 1),
+            storage=storage,
         )
         for row in group:
             # 3. Rebuild the work item and its inputs exactly as the first run saw them.

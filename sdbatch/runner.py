@@ -23,6 +23,7 @@ import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -40,6 +41,7 @@ FAILURES_PREFIX = "failures/"
 SUCCESS_KEY = "_SUCCESS"
 SPEC_KEY = "job.yaml"
 RUN_KEY = "_RUN.json"
+MODELS_KEY = "_MODELS.json"  # per checkpoint: combined, per-component and per-file hashes
 # CPUs kept free for the read/prepare/write tasks so the actor pool can never take
 # them all (Ray Data then hangs silently on a 2-CPU machine).
 CPU_STAGE_CPUS = 0.25
@@ -113,7 +115,10 @@ class RunResult:
 
 def check_job(spec: JobSpec) -> ManifestInfo:
     """Everything that can be known without rendering: manifest, models, output."""
+    from .models import use_storage
+
     info = validate_manifest(spec.manifest, spec)
+    use_storage(spec.storage.model_dump())  # s3:// checkpoints are read with these options
     problems = check_models(spec, info)
     if problems:
         raise RunError("\n".join(dict.fromkeys(problems)))
@@ -129,6 +134,7 @@ def check_models(spec: JobSpec, info: ManifestInfo) -> list[str]:
         check_controlnet,
         check_depth_estimator,
         inspect_checkpoint,
+        pickle_problem,
     )
 
     models = spec.models
@@ -202,7 +208,43 @@ def check_models(spec: JobSpec, info: ManifestInfo) -> list[str]:
                 f"models.refiner is an SDXL second stage; the base model {models.base} is "
                 f"{base.family.upper()}"
             )
+    if not models.allow_pickle and not problems:
+        for name, ref in model_fields(spec, info).items():
+            problems.append(pickle_problem(ref, f"models.{name}") or "")
     return [p for p in problems if p]
+
+
+def model_fields(spec: JobSpec, info: ManifestInfo) -> dict[str, str]:
+    """`models.<field>` → checkpoint, for every model the job's rows load."""
+    m = spec.models
+    assert m is not None
+    used = {spec.model_for(mode) for mode in info.modes}
+    aux = {ref for ref in aux_models(spec, info).values() if ref}
+    fields = {
+        name: ref
+        for name in ("base", "inpaint", "depth", "depth_controlnet", "depth_estimator", "refiner")
+        if (ref := getattr(m, name)) and (ref in used or ref in aux)
+    }
+    return fields
+
+
+def pin_hub_models(spec: JobSpec) -> JobSpec:
+    """The spec with each hub id (`org/name`, `org/name@branch`) as `org/name@<commit>`."""
+    from . import hub
+
+    assert spec.models is not None
+    pinned = {
+        name: hub.pin(value)
+        for name, value in spec.models.model_dump().items()
+        if isinstance(value, str)
+        and not value.startswith("s3://")
+        and not Path(value).exists()
+        and hub.split(value)
+    }
+    changed = {k: v for k, v in pinned.items() if v != getattr(spec.models, k)}
+    if not changed:
+        return spec
+    return spec.model_copy(update={"models": spec.models.model_copy(update=changed)})
 
 
 def models_for(spec: JobSpec, modes: set[str]) -> dict[str, str]:
@@ -388,6 +430,7 @@ def _forwarded_env() -> dict[str, str]:
         "HF_HUB_CACHE",
         "TRANSFORMERS_OFFLINE",
         "SDBATCH_FAULT",
+        "SDBATCH_CACHE_DIR",
         *AWS_ENV_VARS,
     )
     env = {n: os.environ[n] for n in names if n in os.environ}
@@ -494,9 +537,21 @@ def run_job(
     store = open_store(spec.output, spec.storage.model_dump())
     store.check_writable()
     info = check_job(spec)
+    spec = pin_hub_models(spec)  # every actor loads the same commit, and job.yaml says which
     if fresh:
         _start_fresh(store, overwrite)
     _check_same_render(spec, store)
+    # Models: hash what they load once, in the driver; a resume with other weights is
+    # refused. Actors load only what the job's modes need.
+    from .models import model_hash
+
+    models = models_for(spec, info.modes)
+    aux = aux_models(spec, info)
+    checkpoints = set(models.values()) | {ref for ref in aux.values() if ref}
+    model_hashes = {ref: model_hash(ref) for ref in sorted(checkpoints)}
+    _check_same_weights(store, model_hashes)
+    hashes = {ref: h.sha256 for ref, h in model_hashes.items()}
+    check_stop()
 
     # 2. What is already done (resume) and what remains.
     _drop_orphan_shards(store)
@@ -506,16 +561,7 @@ def run_job(
     store.write_bytes(SPEC_KEY, dump_spec(spec).encode(), content_type="application/yaml")
     store.delete(SUCCESS_KEY)
 
-    # 3. Models: hash weights once in the driver; actors load only what the modes need.
-    from .models import weights_sha256
-
-    models = models_for(spec, info.modes)
-    aux = aux_models(spec, info)
-    checkpoints = set(models.values()) | {ref for ref in aux.values() if ref}
-    hashes = {ref: weights_sha256(ref) for ref in checkpoints}
-    check_stop()
-
-    # 4. Ray and placement.
+    # 3. Ray and placement.
     owns_ray = init_ray(address, verbose)
     try:
         configure_ray_data(spec, verbose)
@@ -523,7 +569,7 @@ def run_job(
         _warm_stage_workers(STAGE_TASKS)
         check_stop()
 
-        # 5. Plan into homogeneous blocks (one batch key per block, a multiple of batch_size).
+        # 4. Plan into homogeneous blocks (one batch key per block, a multiple of batch_size).
         refs, planned, sizes = _plan_blocks(spec, info, done, only, placement.actors)
         progress = Progress(total=info.total_items, skipped=info.total_items - planned)
         store.write_bytes(
@@ -542,7 +588,7 @@ def run_job(
             on_start(progress, placement)
         check_stop()
 
-        # 6. Render, write, and commit metadata parts as results stream back.
+        # 5. Render, write, and commit metadata parts as results stream back.
         parts: list[str] = []
         if planned:
             ds = _pipeline(
@@ -568,7 +614,7 @@ def run_job(
             release_ray(verbose)
         raise
 
-    # 7. The success marker comes last, and only when every item is done.
+    # 6. The success marker comes last, and only when every item is done.
     result = RunResult(
         name=spec.name,
         output=store.uri,
@@ -631,6 +677,49 @@ def _check_same_render(spec: JobSpec, store: Store) -> None:
                 + ["resuming would mix images from both; use a new output, or --fresh --overwrite"]
             )
         )
+
+
+def _check_same_weights(store: Store, hashes: dict[str, Any]) -> None:
+    """Refuse to resume with other weights under the same model names; then record these.
+
+    Only files the pipelines load count (`weights.loaded_files`), so adding or changing
+    an unused file (a root-level .ckpt, an fp16 variant) never stops a resume.
+    """
+    recorded: dict[str, Any] = {}
+    if store.exists(MODELS_KEY):
+        try:
+            recorded = json.loads(store.read_bytes(MODELS_KEY))
+        except ValueError:
+            recorded = {}
+    changes = []
+    for ref, now in hashes.items():
+        old = recorded.get(ref)
+        if not isinstance(old, dict) or old.get("sha256") == now.sha256:
+            continue
+        before = old.get("components") or {}
+        parts = sorted(
+            name
+            for name in set(before) | set(now.components)
+            if before.get(name) != now.components.get(name)
+        )
+        changes.append(
+            f"  {ref}: {', '.join(parts) or 'files'} changed "
+            f"(recorded {str(old.get('sha256'))[:12]}, now {now.sha256[:12]})"
+        )
+    if changes:
+        raise RunError(
+            "\n".join(
+                [f"{store.uri}: the weights differ from those this output was rendered with:"]
+                + changes
+                + ["resuming would mix images from both; use a new output, or --fresh --overwrite"]
+            )
+        )
+    merged = {**recorded, **{ref: h.as_json() for ref, h in hashes.items()}}
+    store.write_bytes(
+        MODELS_KEY,
+        json.dumps(merged, indent=1, sort_keys=True).encode(),
+        content_type="application/json",
+    )
 
 
 def _explain_ray_error(err: Exception, spec: JobSpec) -> str:
@@ -756,6 +845,7 @@ def _build_pipeline(
             prompt_overflow=spec.prompt_overflow,
             render_options=spec.compute.render_options(),
             warmup_sizes=sorted(sizes),
+            storage=spec.storage.model_dump(),
         ),
         compute=ray.data.ActorPoolStrategy(size=placement.actors),
         batch_size=None,

@@ -134,7 +134,8 @@ class RenderParams(_Strict):
 
 
 class ModelsSpec(_Strict):
-    """Checkpoints per mode: a local diffusers folder or a hub id already in the HF cache.
+    """Checkpoints per mode: a local diffusers folder, a hub id already in the HF cache, or
+    an `s3://bucket/prefix/` diffusers folder (copied once per node into a local cache).
     The family (SD 1.x, 2.x, SDXL) is read from each checkpoint."""
 
     base: str = Field(
@@ -160,6 +161,11 @@ class ModelsSpec(_Strict):
         None,
         description="SDXL refiner (second stage for txt2img, img2img, inpaint), "
         "switched to at refiner_switch.",
+    )
+    allow_pickle: bool = Field(
+        False,
+        description="Load pickled weights (.bin/.ckpt/.pt) where a checkpoint has no "
+        ".safetensors; unpickling can run arbitrary code, so only for trusted files.",
     )
 
     @model_validator(mode="after")
@@ -549,7 +555,7 @@ def is_remote(uri: str) -> bool:
 
 
 def looks_like_hub_id(value: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", value))
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", value))
 
 
 def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
@@ -567,7 +573,9 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
     assert spec.models is not None
     models = spec.models.model_copy(
         update={
-            k: fix(v, may_be_hub=True) for k, v in spec.models.model_dump().items() if v is not None
+            k: fix(v, may_be_hub=True)
+            for k, v in spec.models.model_dump().items()
+            if isinstance(v, str)  # checkpoint references, not flags like allow_pickle
         }
     )
     updates["models"] = models

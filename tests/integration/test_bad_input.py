@@ -412,3 +412,35 @@ def test_unreachable_ray_address_fails_fast_with_the_address(case, tmp_path) -> 
     assert f"cannot reach the Ray cluster at 127.0.0.1:{port} (--address)" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out" / "metadata").exists()
+
+
+def test_pickled_weights_are_refused_unless_allowed(tmp_path, tiny_models) -> None:
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    model = tmp_path / "pickled"
+    shutil.copytree(tiny_models["base"], model)
+    te = model / "text_encoder"
+    torch.save(load_file(te / "model.safetensors"), te / "pytorch_model.bin")
+    (te / "model.safetensors").unlink()
+    manifest = write_manifest(tmp_path / "m.parquet", GOOD_ROWS)
+
+    def validate(**models) -> object:
+        spec = write_spec(
+            tmp_path / "job.yaml",
+            manifest=str(manifest),
+            output=str(tmp_path / "out"),
+            models={"base": str(model), **models},
+        )
+        return CliRunner().invoke(app, ["validate", str(spec)])
+
+    result = validate()
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert f"models.base {model}: loads pickled weights (text_encoder/pytorch_model.bin)" in (
+        result.output
+    )
+    assert "models.allow_pickle: true" in result.output
+    result = validate(allow_pickle=True)
+    assert result.exit_code == 0, result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -175,6 +176,37 @@ def test_changed_spec_is_refused_with_the_differences(tmp_path, tiny_models) -> 
     assert "defaults.steps: 2 → 5" in message and "seed: 7 → 99" in message
     with pytest.raises(RunError, match="output is not empty .* --fresh needs --overwrite"):
         run_job(spec, fresh=True)
+
+
+def test_resume_ignores_unused_files_and_refuses_changed_weights(
+    tmp_path, tiny_models, ray_session
+) -> None:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["base"], model)
+    spec = load_spec(cli_job(tmp_path, model, 4))
+    assert run_job(spec).done == 4
+    recorded = json.loads(Path(spec.output, "_MODELS.json").read_text())[str(model)]
+    assert set(recorded["components"]) >= {"unet", "vae", "text_encoder", "tokenizer"}
+    # What a hub download adds beside the loaded files: no change of weights.
+    (model / "sd-v1-5.ckpt").write_bytes(b"a root checkpoint the pipeline never loads")
+    shutil.copy(
+        model / "unet" / "diffusion_pytorch_model.safetensors",
+        model / "unet" / "diffusion_pytorch_model.fp16.safetensors",
+    )
+    assert run_job(spec).skipped == 4
+    # A loaded file changed: resuming would mix two models' images.
+    from safetensors.numpy import load_file, save_file
+
+    weights = model / "vae" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = sorted(tensors)[0]
+    tensors[name] = tensors[name] + np.float32(0.01)
+    save_file(tensors, weights)
+    with pytest.raises(RunError) as info:
+        run_job(spec)
+    message = str(info.value)
+    assert f"{model}: vae changed (recorded {recorded['sha256'][:12]}" in message
+    assert "--fresh --overwrite" in message and Path(spec.output, "_SUCCESS").exists()
 
 
 def test_rerun_verifies_bit_exact_and_detects_changed_weights(

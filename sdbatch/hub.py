@@ -1,0 +1,98 @@
+"""Hugging Face hub ids: `org/name` or `org/name@<revision>`, pinned to a commit per job.
+
+A hub id is looked up in the local Hugging Face cache (`HF_HOME` / `HF_HUB_CACHE`, the
+`models--org--name/snapshots/<commit>/` layout). When the cache lacks it and the
+machine may go online (`HF_HUB_OFFLINE` unset), it is downloaded once into that cache
+through `huggingface_hub`, only the files the pipeline loads (`weights.choose_files`:
+no root single-file checkpoints, fp16 variants or `.bin` twins). `run` pins every hub id
+to the commit it resolved (`org/name@<40 hex>`) before anything renders, so all actors
+load the same files even if the branch moves mid-job, the commit is what `job.yaml` and
+the metadata's model columns record, and a resume after the branch moved is refused as
+a changed spec.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from .weights import choose_files, components_of
+
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
+
+
+class HubError(Exception):
+    pass
+
+
+def split(ref: str) -> tuple[str, str | None] | None:
+    """(repo id, revision or None) if `ref` is spelled as a hub id, else None."""
+    m = _HUB_ID.match(ref)
+    return (m["repo"], m["rev"]) if m else None
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def resolve(ref: str) -> Path:
+    """The snapshot folder of a hub id: from the local cache, else downloaded once."""
+    from huggingface_hub import snapshot_download
+
+    parts = split(ref)
+    if parts is None:
+        raise HubError(f"model {ref}: not a hub id (org/name or org/name@revision)")
+    repo, revision = parts
+    try:
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except Exception as err:  # noqa: BLE001 - not in the cache (or an unreadable one)
+        cached_error = err
+    if offline():
+        raise HubError(
+            f"model {ref}: not a local folder and not in the local Hugging Face cache "
+            f"({type(cached_error).__name__}; HF_HUB_OFFLINE is set, so not downloaded); "
+            "download it first or give a path"
+        )
+    try:
+        return Path(
+            snapshot_download(repo, revision=revision, allow_patterns=_loaded(repo, revision))
+        )
+    except Exception as err:  # noqa: BLE001 - network, auth, unknown repo or revision
+        raise HubError(
+            f"model {ref}: not in the local Hugging Face cache and the download failed: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from None
+
+
+def _loaded(repo: str, revision: str | None) -> list[str]:
+    """The repo's files that the pipeline (or lone model) loads, by the hashing rule."""
+    import json
+
+    from huggingface_hub import HfApi, hf_hub_download
+
+    files = HfApi().list_repo_files(repo, revision=revision)
+    folders: dict[str, list[str]] = {}
+    for f in files:
+        parent, _, name = f.rpartition("/")
+        folders.setdefault(parent, []).append(name)
+    if "model_index.json" in files:
+        index = json.loads(
+            Path(hf_hub_download(repo, "model_index.json", revision=revision)).read_text()
+        )
+        chosen = ["model_index.json"]
+        for component in components_of(index):
+            chosen += [f"{component}/{n}" for n in choose_files(folders.get(component, []))]
+        return chosen
+    return choose_files(folders.get("", []))
+
+
+def pin(ref: str) -> str:
+    """`org/name[@branch]` → `org/name@<commit>` (the snapshot it resolves to)."""
+    parts = split(ref)
+    if parts is None:
+        return ref
+    repo, _ = parts
+    commit = resolve(ref).name
+    return f"{repo}@{commit}" if _COMMIT.match(commit) else ref
