@@ -1,0 +1,218 @@
+"""Checkpoints from where users keep them: an S3 prefix copied once per node."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdbatch.runner import read_metadata, run_job
+from sdbatch.spec import load_spec
+from tests.helpers import prompts, write_manifest, write_spec
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+
+
+def upload_folder(s3_server, bucket: str, folder: Path, prefix: str) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            key = f"{prefix}/{path.relative_to(folder).as_posix()}"
+            s3_server.client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+
+
+def downloads(cache: Path) -> list[dict]:
+    log = cache / "models" / "downloads.log"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+@pytest.fixture
+def s3_model(s3_server, tiny_models, tmp_path, monkeypatch):
+    """The tiny base model under s3://…/models/base/ with files the pipeline never loads,
+    and an empty node cache for this test."""
+    bucket = s3_server.bucket("models")
+    upload_folder(s3_server, bucket, tiny_models["base"], "models/base")
+    extra = {
+        "models/base/v1-5-pruned.safetensors": b"root single-file checkpoint" * 100,
+        "models/base/unet/diffusion_pytorch_model.fp16.safetensors": b"fp16 variant" * 100,
+        "models/base/unet/diffusion_pytorch_model.bin": b"a .bin twin" * 100,
+    }
+    for key, body in extra.items():
+        s3_server.client.put_object(Bucket=bucket, Key=key, Body=body)
+    cache = tmp_path / "node-cache"
+    monkeypatch.setenv("SDBATCH_CACHE_DIR", str(cache))
+    return {"uri": f"s3://{bucket}/models/base/", "cache": cache, "bucket": bucket}
+
+
+def test_model_from_s3_renders_as_the_local_folder_and_downloads_once(
+    s3_model, s3_server, tiny_models, tmp_path, ray_session
+) -> None:
+    # The actors get this test's SDBATCH_CACHE_DIR through the job's runtime env.
+    rows = prompts(4)
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
+
+    def job(name: str, model: str):
+        return load_spec(
+            write_spec(
+                tmp_path / f"{name}.yaml",
+                manifest=str(manifest),
+                output=str(tmp_path / name),
+                model=model,
+                storage=s3_server.storage(),
+                defaults={"steps": 2},
+            )
+        )
+
+    from_s3, local = job("from-s3", s3_model["uri"]), job("local", str(tiny_models["base"]))
+    run_job(from_s3)
+    run_job(local)
+    ours = read_metadata(from_s3.output).to_pandas().set_index("id")
+    theirs = read_metadata(local.output).to_pandas().set_index("id")
+    assert set(ours.status) == {"ok"} and len(ours) == 4
+    for item_id, row in ours.iterrows():  # same pixels (the PNGs' text chunks name the model)
+        mine = np.asarray(Image.open(row.image_uri))
+        assert np.array_equal(mine, np.asarray(Image.open(theirs.loc[item_id, "image_uri"])))
+    assert (ours.model_sha256 == theirs.model_sha256.iloc[0]).all()  # same loaded files
+    assert set(ours.model) == {s3_model["uri"]}
+
+    # One download on this node (driver and actor share it), of the loaded files only.
+    logged = downloads(s3_model["cache"])
+    assert len(logged) == 1 and logged[0]["uri"] == s3_model["uri"]
+    (copy,) = [p for p in (s3_model["cache"] / "models").iterdir() if p.is_dir()]
+    names = {p.relative_to(copy).as_posix() for p in copy.rglob("*") if p.is_file()}
+    assert "unet/diffusion_pytorch_model.safetensors" in names
+    assert not names & {
+        "v1-5-pruned.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+    }
+    # A second job on the warm node downloads nothing.
+    run_job(job("again", s3_model["uri"]))
+    assert len(downloads(s3_model["cache"])) == 1
+
+
+def _copy(uri: str, storage: dict, cache: str, queue) -> None:
+    import os
+
+    os.environ["SDBATCH_CACHE_DIR"] = cache
+    from sdbatch.modelcache import local_copy
+
+    queue.put(str(local_copy(uri, storage)))
+
+
+def test_two_processes_of_one_node_download_once(s3_model, s3_server) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_copy, args=(s3_model["uri"], s3_server.storage(), str(s3_model["cache"]), queue)
+        )
+        for _ in range(2)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    paths = {queue.get(timeout=5) for _ in procs}
+    assert len(paths) == 1 and len(downloads(s3_model["cache"])) == 1
+    # A changed object is new content: a new cache entry, downloaded again.
+    s3_server.client.put_object(
+        Bucket=s3_model["bucket"], Key="models/base/scheduler/scheduler_config.json",
+        Body=json.dumps({"_class_name": "DDIMScheduler", "num_train_timesteps": 1000}).encode(),
+    )  # fmt: skip
+    from sdbatch.modelcache import local_copy
+
+    again = local_copy(s3_model["uri"], s3_server.storage())
+    assert str(again) not in paths and len(downloads(s3_model["cache"])) == 2
+
+
+def test_s3_prefix_without_a_model_is_refused_by_validate(s3_server, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from sdbatch.cli import app
+
+    bucket = s3_server.bucket("empty")
+    s3_server.client.put_object(Bucket=bucket, Key="models/x/readme.txt", Body=b"hi")
+    manifest = write_manifest(tmp_path / "m.parquet", prompts(1))
+    spec = write_spec(
+        tmp_path / "job.yaml",
+        manifest=str(manifest),
+        output=str(tmp_path / "out"),
+        model=f"s3://{bucket}/models/x/",
+        storage=s3_server.storage(),
+    )
+    result = CliRunner().invoke(app, ["validate", str(spec)])
+    assert result.exit_code == 1
+    assert f"s3://{bucket}/models/x/: no model_index.json or config.json" in result.output
+    assert "Traceback" not in result.output
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+@pytest.fixture
+def hub_cache(tmp_path, tiny_models, monkeypatch):
+    """A Hugging Face cache holding the tiny base as `sdbatch-tests/tiny-base` (main →
+    COMMIT), laid out as huggingface_hub writes it."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf-hub"
+    repo = cache / "models--sdbatch-tests--tiny-base"
+    shutil.copytree(tiny_models["base"], repo / "snapshots" / COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))  # the actors' processes
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # this one
+    return cache
+
+
+def test_hub_id_from_the_cache_is_pinned_to_its_commit(hub_cache, tmp_path, ray_session) -> None:
+    import yaml
+
+    manifest = write_manifest(tmp_path / "m.parquet", prompts(2))
+    spec = load_spec(
+        write_spec(
+            tmp_path / "job.yaml",
+            manifest=str(manifest),
+            output=str(tmp_path / "out"),
+            model="sdbatch-tests/tiny-base",
+            defaults={"steps": 2},
+        )
+    )
+    assert spec.models.base == "sdbatch-tests/tiny-base"  # not taken for a relative path
+    run_job(spec)
+    meta = read_metadata(spec.output).to_pandas()
+    pinned = f"sdbatch-tests/tiny-base@{COMMIT}"
+    assert set(meta.model) == {pinned} and set(meta.status) == {"ok"}
+    stored = yaml.safe_load(Path(spec.output, "job.yaml").read_text())
+    assert stored["models"]["base"] == pinned
+    # The same job resumes (nothing left), and `@main` names the same commit.
+    assert run_job(spec).skipped == 2
+
+
+def test_unknown_hub_revision_is_refused_by_validate(hub_cache, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from sdbatch.cli import app
+
+    manifest = write_manifest(tmp_path / "m.parquet", prompts(1))
+    spec = write_spec(
+        tmp_path / "job.yaml",
+        manifest=str(manifest),
+        output=str(tmp_path / "out"),
+        model="sdbatch-tests/tiny-base@v9",
+    )
+    result = CliRunner().invoke(app, ["validate", str(spec)])
+    assert result.exit_code == 1, result.output
+    assert "model sdbatch-tests/tiny-base@v9: not a local folder and not in the local" in (
+        result.output
+    )
+    assert "Traceback" not in result.output
+    ok = spec.read_text().replace("tiny-base@v9", f"tiny-base@{COMMIT[:40]}")
+    spec.write_text(ok)
+    assert CliRunner().invoke(app, ["validate", str(spec)]).exit_code == 0
