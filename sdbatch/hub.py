@@ -45,15 +45,13 @@ def resolve(ref: str) -> Path:
     if parts is None:
         raise HubError(f"model {ref}: not a hub id (org/name or org/name@revision)")
     repo, revision = parts
-    try:
-        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
-    except Exception as err:  # noqa: BLE001 - not in the cache (or an unreadable one)
-        cached_error = err
+    cached = _cached_snapshot(repo, revision)
+    if cached is not None:
+        return cached
     if offline():
         raise HubError(
             f"model {ref}: not a local folder and not in the local Hugging Face cache "
-            f"({type(cached_error).__name__}; HF_HUB_OFFLINE is set, so not downloaded); "
-            "download it first or give a path"
+            "(HF_HUB_OFFLINE is set, so not downloaded); download it first or give a path"
         )
     try:
         return Path(
@@ -64,6 +62,20 @@ def resolve(ref: str) -> Path:
             f"model {ref}: not in the local Hugging Face cache and the download failed: "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from None
+
+
+def _cached_snapshot(repo: str, revision: str | None) -> Path | None:
+    """The cached snapshot of `repo` at `revision`, if it holds a model_index.json (a
+    pipeline) or config.json (a lone model). Not `snapshot_download(local_files_only=True)`:
+    that refuses a snapshot downloaded with allow_patterns (only the loaded files) as
+    incomplete."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for marker in ("model_index.json", "config.json"):
+        found = try_to_load_from_cache(repo, marker, revision=revision)
+        if isinstance(found, str):
+            return Path(found).parent
+    return None
 
 
 def _loaded(repo: str, revision: str | None) -> list[str]:

@@ -216,3 +216,63 @@ def test_unknown_hub_revision_is_refused_by_validate(hub_cache, tmp_path) -> Non
     ok = spec.read_text().replace("tiny-base@v9", f"tiny-base@{COMMIT[:40]}")
     spec.write_text(ok)
     assert CliRunner().invoke(app, ["validate", str(spec)]).exit_code == 0
+
+
+def test_hub_id_is_downloaded_once_through_huggingface_hub(
+    tiny_models, tmp_path, monkeypatch
+) -> None:
+    """Online (HF_HUB_OFFLINE unset), against a hub on 127.0.0.1 (HF_ENDPOINT): only the
+    files the pipeline loads are fetched, once; the next job finds them in the cache."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import huggingface_hub.constants
+
+    from sdbatch import hub
+    from sdbatch.models import model_hash
+    from tests.hfserver import HubServer
+
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_models["base"], repo)
+    unused = {
+        "v1-5-pruned-emaonly.safetensors",
+        "unet/diffusion_pytorch_model.fp16.safetensors",
+        "unet/diffusion_pytorch_model.bin",
+        "text_encoder/flax_model.msgpack",
+    }
+    for name in unused:
+        (repo / name).write_bytes(b"never loaded" * 100)
+    server = HubServer("sdbatch-tests/online", repo, COMMIT)
+    cache = tmp_path / "hf-cache"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    env.update(HF_ENDPOINT=server.endpoint, HF_HUB_CACHE=str(cache), HF_HUB_DISABLE_XET="1")
+    manifest = write_manifest(tmp_path / "m.parquet", prompts(1))
+    spec = write_spec(
+        tmp_path / "job.yaml",
+        manifest=str(manifest),
+        output=str(tmp_path / "out"),
+        model="sdbatch-tests/online",
+    )
+    try:
+        for _ in range(2):
+            done = subprocess.run(
+                [sys.executable, "-m", "sdbatch.cli", "validate", str(spec)],
+                capture_output=True,
+                text=True,
+                env=env,
+                timeout=120,
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+    finally:
+        server.stop()
+    loaded = {n for n in server.files if n not in unused}
+    assert set(server.downloads) == loaded  # nothing unused fetched
+    assert set(server.downloads.values()) == {1}  # each file once over both runs
+    # The snapshot is a normal HF cache entry: pinned to the served commit, same weights.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    assert hub.pin("sdbatch-tests/online") == f"sdbatch-tests/online@{COMMIT}"
+    assert model_hash("sdbatch-tests/online").sha256 == model_hash(str(tiny_models["base"])).sha256
