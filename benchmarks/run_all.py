@@ -31,6 +31,7 @@ BENCHES: dict[str, tuple[str, list[str]]] = {
     "overhead": ("bench_overhead.py", ["--quick"]),
     "overhead_sdxl": ("bench_overhead.py --family sdxl --shapes 1x2", ["--quick"]),
     "families": ("bench_families.py", ["--quick"]),
+    "model_sources": ("bench_model_sources.py", ["--quick"]),
     "scaling": ("bench_scaling.py", ["--quick"]),
     "actors": ("bench_actors.py", ["--quick"]),
     "modes": ("bench_modes.py", ["--quick"]),
@@ -112,6 +113,12 @@ def summary_rows(name: str, f: dict[str, Any]) -> list[list[Any]]:
             [name, "pixel max diff 1x2 vs loop", f.get("pixel_max_diff_1x2_vs_loop"), "0", ""]
         )
         return rows
+    if name == "model_sources":
+        return [
+            [name, f"{m} S3 warm ÷ local start-up", get(f, m, "warm_over_local"), "≤ 1.1",
+             v(get(f, m, "warm_over_local"), 1.1, False)]
+            for m in f
+        ]  # fmt: skip
     if name == "families":
         return [
             [name, f"{label} peak RSS MiB", get(f, label, "peak_mib"), "report", ""] for label in f

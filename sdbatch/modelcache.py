@@ -105,8 +105,23 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+_resolved: dict[str, Path] = {}  # uri + options → folder, for the life of this process
+
+
 def local_copy(uri: str, storage: dict[str, Any] | None = None) -> Path:
-    """The node-local folder holding `uri`'s loaded files (downloaded at most once)."""
+    """The node-local folder holding `uri`'s loaded files (downloaded at most once).
+
+    Within one process (a driver's job, an actor) a prefix is listed once: later calls
+    return the same folder without asking S3 again.
+    """
+    memo = json.dumps([uri, storage], sort_keys=True, default=str)
+    if memo in _resolved and (_resolved[memo] / COMPLETE).is_file():
+        return _resolved[memo]
+    _resolved[memo] = _local_copy(uri, storage)
+    return _resolved[memo]
+
+
+def _local_copy(uri: str, storage: dict[str, Any] | None) -> Path:
     store, objects = _listing(uri.rstrip("/") + "/", storage)
     wanted = _select(store, objects, uri)
     key = hashlib.sha256(
