@@ -10,8 +10,10 @@ the figure is the model's resolution and load only:
 - local: `models.base` is the tiny model's folder.
 - S3 cold: `s3://…/prefix/` on a moto server (a child process on 127.0.0.1) with an
   empty node cache: listing, download of the loaded files, load.
-- S3 warm: the same prefix, cache already filled by the cold run: one LIST and one GET
-  of model_index.json to recompute the content key, then the load from the cache.
+- S3 warm, driver's listing (what `run` does): the cache is filled and the actor gets
+  the driver's listing of the prefix, so it loads from the cache without a request.
+- S3 warm, actor lists: the same without the listing (rerun, estimate): one LIST and one
+  GET of model_index.json to recompute the content key, then the load from the cache.
 
 Goal: S3 warm ≤ 1.1× local (median of --repeats fresh processes each). Tiny models: the
 load is short, so the fixed S3 cost (two requests to a Python S3 server sharing these 2
@@ -47,16 +49,24 @@ def child(args: argparse.Namespace) -> None:
     from sdbatch.render import Renderer
 
     storage = json.loads(args.storage)
+    sources = json.loads(args.sources)
     started = time.perf_counter()
     use_storage(storage)
-    Renderer(models={"txt2img": args.ref}, model_hashes={}, batch_size=1, storage=storage)
+    Renderer(
+        models={"txt2img": args.ref},
+        model_hashes={},
+        batch_size=1,
+        storage=storage,
+        model_sources=sources,
+    )
     c.child_report({"startup_s": time.perf_counter() - started})
 
 
-def startup(ref: str, cache: str, storage: dict) -> float:
+def startup(ref: str, cache: str, storage: dict, sources: dict | None = None) -> float:
     """Seconds to build a Renderer for `ref` in a fresh process (after its imports)."""
     cmd = [str(Path(__file__).resolve()), "--child", "--cache", cache, "--ref", ref]
-    return c.run_child([*cmd, "--storage", json.dumps(storage)], timeout=600)["startup_s"]
+    cmd += ["--storage", json.dumps(storage), "--sources", json.dumps(sources or {})]
+    return c.run_child(cmd, timeout=600)["startup_s"]
 
 
 def main() -> None:
@@ -67,6 +77,7 @@ def main() -> None:
     parser.add_argument("--ref", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     parser.add_argument("--storage", default="{}", help=argparse.SUPPRESS)
+    parser.add_argument("--sources", default="{}", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
@@ -74,6 +85,8 @@ def main() -> None:
         args.repeats = 1
 
     use_fake_aws_env()
+    from sdbatch.modelcache import local_copy, plans
+
     models = c.tiny_models(["base", "sdxl"])
     config = {"repeats": args.repeats, "models": list(models)}
     c.header("model_sources: actor start-up, S3 (warm node cache) vs local folder", config)
@@ -92,19 +105,29 @@ def main() -> None:
             cache = tempfile.mkdtemp(prefix="sdbatch-bench-cache-")
             cold = startup(uri, cache, storage)
             local = [startup(str(folder), cache, storage) for _ in range(args.repeats)]
-            warm = [startup(uri, cache, storage) for _ in range(args.repeats)]
+            listed = [startup(uri, cache, storage) for _ in range(args.repeats)]
+            # What run_job does: the driver lists the prefix and hands the listing over.
+            os.environ["SDBATCH_CACHE_DIR"] = cache
+            local_copy(uri, storage)
+            sources = plans([uri])
+            warm = [startup(uri, cache, storage, sources) for _ in range(args.repeats)]
             ratio = c.ratio(statistics.median(warm), statistics.median(local))
             figures[variant] = {
                 "local_s": local,
                 "s3_warm_s": warm,
+                "s3_warm_self_listed_s": listed,
                 "s3_cold_s": cold,
                 "warm_over_local": ratio,
+                "self_listed_over_local": c.ratio(
+                    statistics.median(listed), statistics.median(local)
+                ),
             }
             rows.append(
                 [
                     variant,
                     statistics.median(local),
                     statistics.median(warm),
+                    statistics.median(listed),
                     cold,
                     ratio,
                     c.verdict(ratio, 1.1, higher_is_better=False),
@@ -113,7 +136,15 @@ def main() -> None:
     finally:
         server.stop()
     c.table(
-        ["model", "local s (median)", "S3 warm s (median)", "S3 cold s", "warm / local", "≤ 1.1"],
+        [
+            "model",
+            "local s",
+            "S3 warm s (driver's listing)",
+            "S3 warm s (actor lists)",
+            "S3 cold s",
+            "warm / local",
+            "≤ 1.1",
+        ],
         rows,
     )
     print(

@@ -106,6 +106,9 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 _resolved: dict[str, Path] = {}  # uri + options → folder, for the life of this process
+# uri → {"entry": cache folder name, "wanted": objects}: what this process (or the driver,
+# handed over with `adopt`) listed; lets a warm actor find its copy without asking S3.
+_plans: dict[str, dict[str, Any]] = {}
 
 
 def local_copy(uri: str, storage: dict[str, Any] | None = None) -> Path:
@@ -121,14 +124,36 @@ def local_copy(uri: str, storage: dict[str, Any] | None = None) -> Path:
     return _resolved[memo]
 
 
-def _local_copy(uri: str, storage: dict[str, Any] | None) -> Path:
+def plans(refs: list[str]) -> dict[str, dict[str, Any]]:
+    """The listings this process made for `refs` (the driver hands them to its actors)."""
+    return {ref: _plans[ref] for ref in refs if ref in _plans}
+
+
+def adopt(listed: dict[str, dict[str, Any]] | None) -> None:
+    """Use the driver's listings: an actor whose node already holds that content loads it
+    without a request to S3; a cold node downloads exactly what the driver listed."""
+    _plans.update(listed or {})
+
+
+def _plan(uri: str, storage: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
+    from .store import S3Store
+
+    if uri in _plans:
+        return S3Store(uri.rstrip("/") + "/", storage), _plans[uri]
     store, objects = _listing(uri.rstrip("/") + "/", storage)
     wanted = _select(store, objects, uri)
     key = hashlib.sha256(
         json.dumps([uri.rstrip("/"), [(o["rel"], o["size"], o["etag"]) for o in wanted]]).encode()
     ).hexdigest()[:16]
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", store.prefix.rsplit("/", 1)[-1] or store.bucket)
-    dest = cache_dir() / "models" / f"{name}-{key}"
+    _plans[uri] = {"entry": f"{name}-{key}", "wanted": wanted}
+    return store, _plans[uri]
+
+
+def _local_copy(uri: str, storage: dict[str, Any] | None) -> Path:
+    store, plan = _plan(uri, storage)
+    wanted = plan["wanted"]
+    dest = cache_dir() / "models" / plan["entry"]
     if (dest / COMPLETE).is_file():
         return dest
     with _locked(dest.parent / f".{dest.name}.lock"):

@@ -129,7 +129,9 @@ class Renderer:
         depth_controlnet: str | None = None,
         depth_estimator: str | None = None,
         storage: dict[str, Any] | None = None,
+        model_sources: dict[str, dict[str, Any]] | None = None,
     ):
+        from .modelcache import adopt as adopt_listings
         from .models import (
             REFINER_CLASSES,
             inspect_checkpoint,
@@ -143,6 +145,7 @@ class Renderer:
 
         quiet_libraries()
         use_storage(storage)  # s3:// checkpoints: copied into this node's cache first
+        adopt_listings(model_sources)  # ... as the driver listed them
         import torch
 
         # Ray sets OMP_NUM_THREADS=1 in workers; the thread count changes output bits on

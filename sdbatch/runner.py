@@ -814,6 +814,7 @@ def _build_pipeline(
 ) -> Any:
     import ray.data
 
+    from . import modelcache
     from .prepare import prepare_batch
     from .render import Renderer
 
@@ -846,6 +847,7 @@ def _build_pipeline(
             render_options=spec.compute.render_options(),
             warmup_sizes=sorted(sizes),
             storage=spec.storage.model_dump(),
+            model_sources=modelcache.plans(sorted(hashes)),
         ),
         compute=ray.data.ActorPoolStrategy(size=placement.actors),
         batch_size=None,
