@@ -154,6 +154,12 @@ def run(
     retry_failed: Annotated[
         bool, typer.Option(help="Render only the items that failed before.")
     ] = False,
+    break_lease: Annotated[
+        bool,
+        typer.Option(
+            help="Delete another run's lease on the output first (only if that run is gone)."
+        ),
+    ] = False,
 ) -> None:
     """Render a job. Resumes from whatever the output folder already holds."""
     from .manifest import ManifestError
@@ -175,6 +181,7 @@ def run(
             overwrite=overwrite,
             retry_failed=retry_failed,
             stop=stop,
+            break_lease=break_lease,
         )
     except (ManifestError, RunError, ModelError, StoreError) as e:
         reporter.stop()
@@ -334,6 +341,10 @@ def status(
         out.print(f"  latest run: {st.images_per_second:.2f} img/s")
     for reason, count in st.top_failures:
         out.print(f"  {count} × {reason}", markup=False)
+    if st.lease:
+        err.print(f"warning: a run is writing this output now: {st.lease}", markup=False)
+    if st.lease_taken_over_from:
+        out.print(f"  latest run took over a stale lease: {st.lease_taken_over_from}", markup=False)
 
 
 @app.command()

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .lease import LEASE_KEY, Lease, LeaseError, describe
 from .manifest import ManifestInfo, iter_rows, validate_manifest
 from .plan import block_rows_for, homogeneous_blocks, plan_items
 from .spec import JobSpec, dump_spec
@@ -517,27 +518,63 @@ def run_job(
     overwrite: bool = False,
     retry_failed: bool = False,
     stop: threading.Event | None = None,
+    break_lease: bool = False,
 ) -> RunResult:
     """Run a job to completion; resumes from whatever the output already holds.
 
     fresh: refuse a non-empty output (unless overwrite: clear it first).
     retry_failed: render only items with a failure row and no image yet.
+    break_lease: delete another run's lease on the output first (that run may be alive).
     stop: set it (the CLI's SIGINT handler does) to stop the job: what is finished is
       committed, then KeyboardInterrupt is raised. Checked between steps and while
       rendering, so a KeyboardInterrupt swallowed inside a library cannot keep the job going.
     """
-    import ray
 
     def check_stop() -> None:
         if stop is not None and stop.is_set():
             raise KeyboardInterrupt
 
     called = time.monotonic()
-    # 1. Check inputs and the output before loading anything.
+    # 1. Check inputs and the output before loading anything; take the output's lease.
     store = open_store(spec.output, spec.storage.model_dump())
     store.check_writable()
     info = check_job(spec)
     spec = pin_hub_models(spec)  # every actor loads the same commit, and job.yaml says which
+    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    try:
+        lease = Lease(store, run_id, spec.execution.lease_seconds).acquire(break_lease)
+    except LeaseError as err:
+        raise RunError(str(err)) from None
+    try:
+        return _run_held(
+            spec, store, info, lease, called, check_stop, address, on_progress, on_start,
+            verbose, fresh, overwrite, retry_failed,
+        )  # fmt: skip
+    except LeaseError as err:
+        raise RunError(str(err)) from None
+    finally:
+        lease.release()
+
+
+def _run_held(
+    spec: JobSpec,
+    store: Store,
+    info: ManifestInfo,
+    lease: Lease,
+    called: float,
+    check_stop: Callable[[], None],
+    address: str | None,
+    on_progress: Callable[[Progress], None] | None,
+    on_start: Callable[[Progress, Placement], None] | None,
+    verbose: bool,
+    fresh: bool,
+    overwrite: bool,
+    retry_failed: bool,
+) -> RunResult:
+    """run_job's steps while this run holds the output's lease."""
+    import ray
+
+    run_id = lease.run_id
     if fresh:
         _start_fresh(store, overwrite)
     _check_same_render(spec, store)
@@ -557,7 +594,6 @@ def run_job(
     _drop_orphan_shards(store)
     done = done_items(store)
     only = failed_items(store) - done if retry_failed else None
-    run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     store.write_bytes(SPEC_KEY, dump_spec(spec).encode(), content_type="application/yaml")
     store.delete(SUCCESS_KEY)
 
@@ -580,6 +616,9 @@ def run_job(
                     "total": info.total_items,
                     "planned": planned,
                     "started_at": datetime.now(timezone.utc).isoformat(),
+                    "lease_taken_over_from": (
+                        describe(lease.took_over) if lease.took_over else None
+                    ),
                 }
             ).encode(),
             content_type="application/json",
@@ -599,8 +638,9 @@ def run_job(
                 o = spec.output_options
                 packer = ShardPacker(store, run_id, o.shard_size, o.extension)
             parts = _commit_stream(
-                ds, store, run_id, progress, on_progress, spec.execution, packer, check_stop
-            )
+                ds, store, run_id, progress, on_progress, spec.execution, packer, check_stop,
+                lease.check,
+            )  # fmt: skip
     except Stalled as err:
         if owns_ray:
             release_ray(verbose)  # the only way to stop a hung actor's work from here
@@ -642,7 +682,7 @@ def run_job(
 
 
 def _start_fresh(store: Store, overwrite: bool) -> None:
-    existing = [k for k in store.list() if k != "_sdbatch_write_probe"]
+    existing = [k for k in store.list() if k not in ("_sdbatch_write_probe", LEASE_KEY)]
     if not existing:
         return
     if not overwrite:
@@ -884,6 +924,7 @@ def _commit_stream(
     execution: Any,
     packer: ShardPacker | None = None,
     check_stop: Callable[[], None] = lambda: None,
+    check_lease: Callable[[], None] = lambda: None,
 ) -> list[str]:
     """Append written rows to metadata/failure parts as they stream in.
 
@@ -898,6 +939,8 @@ def _commit_stream(
 
     def flush() -> None:
         nonlocal last_flush
+        if any(t.num_rows for ts in pending.values() for t in ts):
+            check_lease()  # a run that lost the output's lease commits nothing more
         for prefix, tables in pending.items():
             tables = [t for t in tables if t.num_rows]
             if tables:

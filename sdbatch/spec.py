@@ -281,6 +281,13 @@ class ExecutionSpec(_Strict):
     max_actor_restarts: int = Field(
         3, ge=0, le=100, description="Restarts per render actor before the job fails (crash loops)."
     )
+    lease_seconds: float = Field(
+        120.0,
+        ge=5,
+        le=86_400,
+        description="A run holds a lease on its output, renewed every third of this; another "
+        "run refuses a lease whose heartbeat is younger, and takes over an older one.",
+    )
 
 
 class OutputOptions(_Strict):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from .lease import describe, live_lease
 from .runner import FAILURES_PREFIX, METADATA_PREFIX, RUN_KEY, SUCCESS_KEY, done_items, read_parts
 from .store import open_store
 
@@ -25,6 +26,8 @@ class JobStatus:
     complete: bool
     images_per_second: float | None
     top_failures: list[tuple[str, int]] = field(default_factory=list)
+    lease: str | None = None  # who is writing this output now, if a run holds a live lease
+    lease_taken_over_from: str | None = None  # the stale holder the latest run replaced
 
     @property
     def remaining(self) -> int | None:
@@ -46,6 +49,7 @@ def job_status(output: str, storage: dict[str, Any] | None = None, top: int = 5)
             failed.add(key)
             reasons[f"{row['error_type']}: {(row['error_message'] or '')[:100]}"] += 1
     run = json.loads(store.read_bytes(RUN_KEY)) if store.exists(RUN_KEY) else {}
+    holder = live_lease(store)
     return JobStatus(
         output=store.uri,
         total=run.get("total"),
@@ -54,6 +58,8 @@ def job_status(output: str, storage: dict[str, Any] | None = None, top: int = 5)
         complete=store.exists(SUCCESS_KEY),
         images_per_second=_latest_rate(store, run),
         top_failures=reasons.most_common(top),
+        lease=describe(holder) if holder else None,
+        lease_taken_over_from=run.get("lease_taken_over_from"),
     )
 
 

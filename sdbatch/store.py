@@ -87,6 +87,14 @@ class Store:
         """Remove `key`; a missing key is not an error."""
         raise NotImplementedError
 
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        """Write `key` only if no object is there; True if this call created it."""
+        raise NotImplementedError
+
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        """Replace `key` only if it still holds `expected` (compare and swap)."""
+        raise NotImplementedError
+
     def uri_of(self, key: str) -> str:
         return f"{self.uri.rstrip('/')}/{clean_key(key, self.uri)}"
 
@@ -174,6 +182,37 @@ class LocalStore(Store):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        # Complete content under a temporary name, then a hard link: link() fails if the
+        # name exists, so exactly one of several creators wins and nobody reads half a file.
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        import fcntl
+
+        path = self._path(key)
+        with open(path.parent / f".{path.name}.lock.tmp", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if path.read_bytes() != expected:
+                    return False
+            except FileNotFoundError:
+                return False
+            self.write_bytes(key, data)
+            return True
 
     def uri_of(self, key: str) -> str:
         return str(self.root / clean_key(key, self.uri))
@@ -289,6 +328,49 @@ class S3Store(Store):
         full = self._full(key)
         with self._errors(self.uri_of(key), "cannot delete"):
             self.client.delete_object(Bucket=self.bucket, Key=full)
+
+    def create_exclusive(self, key: str, data: bytes) -> bool:
+        full = self._full(key)
+        with self._errors(self.uri_of(key), "cannot write"):
+            try:
+                self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
+            except Exception as err:  # noqa: BLE001
+                code = _error_code(err)
+                if code in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                if code not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
+                    raise
+                # An endpoint without conditional writes: create if absent, then read back
+                # (the later writer wins; the other one sees it at its next lease check).
+                if self.exists(key):
+                    return False
+                self._put(full, data, "application/json")
+            return self._get(full) == data
+
+    def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
+        full = self._full(key)
+        with self._errors(self.uri_of(key), "cannot write"):
+            try:
+                head = self.client.get_object(Bucket=self.bucket, Key=full)
+                current = head["Body"].read()
+            except Exception as err:  # noqa: BLE001
+                if _error_code(err) in _MISSING_OBJECT:
+                    return False
+                raise
+            if current != expected:
+                return False
+            try:
+                self.client.put_object(
+                    Bucket=self.bucket, Key=full, Body=data, IfMatch=head["ETag"]
+                )
+            except Exception as err:  # noqa: BLE001
+                code = _error_code(err)
+                if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
+                    return False
+                if code not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
+                    raise
+                self._put(full, data, "application/json")
+            return self._get(full) == data
 
     def uri_of(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._full(key)}"

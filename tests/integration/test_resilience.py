@@ -99,6 +99,30 @@ def test_driver_killed_twice_then_resumes_exactly_once(
     assert (status.done, status.failed, status.remaining, status.complete) == (200, 0, 0, True)
 
 
+def test_two_runs_on_one_output_never_commit_an_item_twice(tmp_path, tiny_models) -> None:
+    spec_path = cli_job(tmp_path, tiny_models["base"], 40)
+    spec = load_spec(spec_path)
+    lease = Path(spec.output, "_LEASE.json")
+    first = start(spec_path)
+    deadline = time.monotonic() + 120
+    while not lease.exists() and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.1)
+    assert lease.exists(), "the first run took no lease"
+    second = subprocess.run(
+        [*SDBATCH, "run", str(spec_path), "--progress", "none"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert second.returncode == 1
+    assert "another sdbatch run is writing this output: run " in second.stderr
+    assert "Traceback" not in second.stderr
+    status = subprocess.run([*SDBATCH, "status", spec.output], capture_output=True, text=True)
+    assert "a run is writing this output now" in status.stderr
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    assert len(sha_by_item(spec.output)) == 40  # each item once (sha_by_item asserts it)
+    assert not lease.exists()  # released at the end
+
+
 def test_actor_crash_mid_batch_recovers_without_losing_items(
     tmp_path, tiny_models, ray_session, monkeypatch
 ) -> None:
