@@ -26,10 +26,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## Create .venv and install sdbatch with test/dev extras
 
-$(MODELS)/sdxl-refiner/model_index.json: | $(VENV)/.installed
+$(MODELS)/sdxl-refiner.safetensors: | $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/sdbatch models tiny $(MODELS)
 
-models: $(MODELS)/sdxl-refiner/model_index.json ## Build the tiny offline models (if absent)
+models: $(MODELS)/sdxl-refiner.safetensors ## Build the tiny offline models (if absent)
 
 jobs/data/demo.parquet: jobs/make_demo_manifest.py | $(VENV)/.installed
 	$(PY) jobs/make_demo_manifest.py $@

@@ -466,7 +466,7 @@ def models_tiny(
     out_dir: Annotated[Path, typer.Argument(metavar="DIR", help="Where to write the pipelines.")],
     force: Annotated[bool, typer.Option(help="Rebuild even if present.")] = False,
 ) -> None:
-    """Build tiny random-weight pipelines (SD 1.x base, inpaint, depth; SD 2 v; SDXL base, inpaint, refiner, depth ControlNet) for tests and demos, offline."""
+    """Build tiny random-weight pipelines (SD 1.x base, inpaint, depth; SD 2 v; SDXL base, inpaint, refiner, depth ControlNet) and single-file .safetensors exports of them, for tests and demos, offline."""
     from .tiny import build_tiny
 
     paths = build_tiny(out_dir, force=force)

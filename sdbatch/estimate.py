@@ -116,6 +116,7 @@ def _calibrate(spec: JobSpec, items: list[dict[str, Any]]) -> float:
         dtype=spec.compute.dtype,
         torch_threads=spec.compute.threads(),
         storage=spec.storage.model_dump(),
+        layouts=spec.models.layouts() if spec.models else None,
     )
     for item in items:
         item.update(status=None, notes=None)

@@ -17,7 +17,7 @@ import os
 import re
 from pathlib import Path
 
-from .weights import choose_files, components_of
+from .weights import choose_files, components_of, is_weights
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
@@ -37,8 +37,12 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def resolve(ref: str) -> Path:
-    """The snapshot folder of a hub id: from the local cache, else downloaded once."""
+def resolve(ref: str, skip_weights_of: tuple[str, ...] = ()) -> Path:
+    """The snapshot folder of a hub id: from the local cache, else downloaded once.
+
+    `skip_weights_of`: components whose weights are not wanted (the layout of a single-file
+    checkpoint needs only their configs): not downloaded.
+    """
     from huggingface_hub import snapshot_download
 
     parts = split(ref)
@@ -55,7 +59,15 @@ def resolve(ref: str) -> Path:
         )
     try:
         return Path(
-            snapshot_download(repo, revision=revision, allow_patterns=_loaded(repo, revision))
+            snapshot_download(
+                repo,
+                revision=revision,
+                allow_patterns=[
+                    f
+                    for f in _loaded(repo, revision)
+                    if not (f.split("/")[0] in skip_weights_of and is_weights(f.split("/")[-1]))
+                ],
+            )
         )
     except Exception as err:  # noqa: BLE001 - network, auth, unknown repo or revision
         raise HubError(

@@ -1,7 +1,8 @@
 """Checkpoints on S3: copied once per node into a local cache before anything loads them.
 
-`s3://bucket/prefix/` holding a diffusers folder (or a lone model: a ControlNet, a DPT)
-is copied to `$SDBATCH_CACHE_DIR/models/<name>-<key>/` (default `~/.cache/sdbatch`),
+`s3://bucket/prefix/` holding a diffusers folder (or a lone model: a ControlNet, a DPT),
+or `s3://bucket/path/model.safetensors` (a single-file checkpoint, `local_file`), is
+copied to `$SDBATCH_CACHE_DIR/models/<name>-<key>/` (default `~/.cache/sdbatch`),
 where `key` hashes the URI and the (path, size, ETag) of every file copied: a changed
 object is a new cache entry, an unchanged prefix is found again by the next job on that
 node without a download. Only the files the pipeline loads are copied (the selection of
@@ -30,6 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .singlefile import is_single_file
 from .weights import cache_dir, choose_files, components_of
 
 COMPLETE = ".sdbatch-complete"
@@ -43,7 +45,10 @@ def is_remote(ref: str) -> bool:
     return ref.startswith("s3://")
 
 
-def _listing(uri: str, storage: dict[str, Any] | None) -> tuple[Any, list[dict[str, Any]]]:
+def _listing(
+    uri: str, storage: dict[str, Any] | None, name: str = ""
+) -> tuple[Any, list[dict[str, Any]]]:
+    """The objects under prefix `uri` (whose names start with `name`, if given)."""
     from .store import S3Store, StoreError
 
     try:
@@ -52,7 +57,7 @@ def _listing(uri: str, storage: dict[str, Any] | None) -> tuple[Any, list[dict[s
         root = f"{store.prefix}/" if store.prefix else ""
         objects = []
         for page in client.get_paginator("list_objects_v2").paginate(
-            Bucket=store.bucket, Prefix=root
+            Bucket=store.bucket, Prefix=root + name
         ):
             for obj in page.get("Contents", ()):
                 rel = obj["Key"][len(root) :]
@@ -124,6 +129,11 @@ def local_copy(uri: str, storage: dict[str, Any] | None = None) -> Path:
     return _resolved[memo]
 
 
+def local_file(uri: str, storage: dict[str, Any] | None = None) -> Path:
+    """The node-local copy of one object (a single-file checkpoint), downloaded once."""
+    return local_copy(uri, storage) / uri.rsplit("/", 1)[-1]
+
+
 def plans(refs: list[str]) -> dict[str, dict[str, Any]]:
     """The listings this process made for `refs` (the driver hands them to its actors)."""
     return {ref: _plans[ref] for ref in refs if ref in _plans}
@@ -138,14 +148,24 @@ def adopt(listed: dict[str, dict[str, Any]] | None) -> None:
 def _plan(uri: str, storage: dict[str, Any] | None) -> tuple[Any, dict[str, Any]]:
     from .store import S3Store
 
+    single = is_single_file(uri)
+    folder = uri.rsplit("/", 1)[0] + "/" if single else uri.rstrip("/") + "/"
     if uri in _plans:
-        return S3Store(uri.rstrip("/") + "/", storage), _plans[uri]
-    store, objects = _listing(uri.rstrip("/") + "/", storage)
-    wanted = _select(store, objects, uri)
+        return S3Store(folder, storage), _plans[uri]
+    if single:  # one object: list that name only, not the folder beside it
+        name = uri.rsplit("/", 1)[-1]
+        store, objects = _listing(folder, storage, name)
+        wanted = [o for o in objects if o["rel"] == name]
+        if not wanted:
+            raise ModelCacheError(f"model {uri}: no such object")
+    else:
+        store, objects = _listing(folder, storage)
+        wanted = _select(store, objects, uri)
     key = hashlib.sha256(
         json.dumps([uri.rstrip("/"), [(o["rel"], o["size"], o["etag"]) for o in wanted]]).encode()
     ).hexdigest()[:16]
-    name = re.sub(r"[^A-Za-z0-9._-]+", "-", store.prefix.rsplit("/", 1)[-1] or store.bucket)
+    last = uri.rstrip("/").rsplit("/", 1)[-1] if single else store.prefix.rsplit("/", 1)[-1]
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", last or store.bucket)
     _plans[uri] = {"entry": f"{name}-{key}", "wanted": wanted}
     return store, _plans[uri]
 

@@ -18,9 +18,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from . import hub
-from .modelcache import ModelCacheError, is_remote, local_copy
-from .weights import ModelHash, WeightsError, hash_folder
+from . import hub, singlefile
+from .modelcache import ModelCacheError, is_remote, local_copy, local_file
+from .weights import ModelHash, WeightsError, hash_folder, hash_single_file
 
 # name → (diffusers class, config overrides). Built from the checkpoint's own scheduler
 # config, so betas and timestep spacing follow the model, as in A1111/diffusers docs.
@@ -117,6 +117,29 @@ def use_storage(options: dict[str, Any] | None) -> None:
     _storage = options
 
 
+_layouts: dict[str, str] = {}
+
+
+def use_layouts(models: dict[str, Any] | None) -> None:
+    """`models.config` of the job (`ModelsSpec.layouts`): single-file checkpoint → the
+    diffusers folder, hub id or s3:// prefix giving its layout, in this process."""
+    _layouts.clear()
+    _layouts.update(models or {})
+
+
+def resolve_file(ref: str) -> Path:
+    """The local path of a single-file checkpoint (an `s3://` one copied into the cache)."""
+    if is_remote(ref):
+        try:
+            return local_file(ref, _storage)
+        except ModelCacheError as err:
+            raise ModelError(str(err)) from None
+    path = Path(ref)
+    if not path.is_file():
+        raise ModelError(f"model {ref}: file not found")
+    return path
+
+
 def resolve_checkpoint(ref: str, marker: str = "model_index.json") -> Path:
     """The local folder of a checkpoint: a path as-is, a hub id from the HF cache, or an
     `s3://` prefix copied once into this node's cache (`modelcache.local_copy`).
@@ -140,8 +163,8 @@ def resolve_checkpoint(ref: str, marker: str = "model_index.json") -> Path:
         if not (path / marker).is_file():
             what = "a diffusers pipeline" if marker == "model_index.json" else "a model"
             raise ModelError(
-                f"model {ref}: no {marker} (not {what} folder; "
-                "convert single-file checkpoints with diffusers first)"
+                f"model {ref}: no {marker} (not {what} folder; a single-file "
+                "checkpoint is given as its .safetensors file)"
             )
         return path
     try:
@@ -172,16 +195,19 @@ def check_checkpoint(ref: str) -> str | None:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """What a pipeline folder is, read from its JSON files (no torch)."""
+    """What a pipeline folder (or single file) is, read from its JSON files (no torch)."""
 
     ref: str
-    path: Path
+    path: Path  # the diffusers folder; of a single file, the folder giving its layout
     pipeline_class: str
     family: str  # sd1 | sd2 | sdxl
     unet_in_channels: int
     has_text_encoder: bool  # the SDXL refiner has only text_encoder_2
     has_depth_estimator: bool
     has_safety_checker: bool
+    file: Path | None = None  # a single-file checkpoint, loaded with from_single_file
+    layout: str | None = None  # ... and where its layout came from (models.config or default)
+    file_components: tuple[str, ...] = ()  # the components the single file provides
 
     @property
     def kind(self) -> str:
@@ -199,9 +225,77 @@ def _read_json(path: Path, ref: str) -> dict[str, Any]:
     return data
 
 
-@lru_cache(maxsize=64)
 def inspect_checkpoint(ref: str) -> Checkpoint:
     """Family and layout of a pipeline checkpoint; ModelError if sdbatch cannot run it."""
+    if singlefile.is_single_file(ref):
+        return _inspect_file(ref, _layouts.get(ref))
+    return _inspect_folder(ref)
+
+
+_FAMILY_NAMES = {"sd1": "SD 1.x", "sd2": "SD 2.x", "sdxl": "SDXL"}
+
+
+@lru_cache(maxsize=64)
+def _inspect_file(ref: str, config: str | None) -> Checkpoint:
+    """A single file: its family from its tensor names, its layout from `config` (or the
+    repository diffusers would use), which must be of the same family and channels."""
+    try:
+        info = singlefile.describe(resolve_file(ref))
+    except singlefile.SingleFileError as err:
+        raise ModelError(f"model {ref}: {err}") from None
+    what = (  # "an": every family name starts with S ("es")
+        f"{_FAMILY_NAMES[info.family]}{' refiner' if info.refiner else ''} single file "
+        f"with a {info.unet_in_channels}-channel UNet"
+    )
+    layout_ref = config or info.default_config
+    if layout_ref is None:
+        raise ModelError(
+            f"model {ref}: an {what} has no default layout; set models.config for it "
+            "(a diffusers folder or hub id of the same architecture)"
+        )
+    try:
+        if hub.split(layout_ref) and not Path(layout_ref).exists():
+            try:  # only its configs when downloaded: the file holds these weights
+                hub.resolve(layout_ref, skip_weights_of=info.components)
+            except hub.HubError as err:
+                raise ModelError(str(err)) from None
+        layout = _inspect_folder(layout_ref)
+    except ModelError as err:
+        source = "models.config" if config else "the default layout for such a file"
+        hint = "" if config else "; or set models.config for it to a diffusers folder or hub id"
+        raise ModelError(
+            f"model {ref}: an {what}; its layout (configs, tokenizers, scheduler) comes from "
+            f"{source} {layout_ref}: {err}{hint}"
+        ) from None
+    refiner = layout.family == "sdxl" and not layout.has_text_encoder
+    if (layout.family, layout.unet_in_channels, refiner) != (
+        info.family,
+        info.unet_in_channels,
+        info.refiner,
+    ):
+        raise ModelError(
+            f"model {ref}: an {what}, but its layout {layout_ref} is "
+            f"{_FAMILY_NAMES[layout.family]}{' refiner' if refiner else ''} with a "
+            f"{layout.unet_in_channels}-channel UNet ({layout.pipeline_class}); set "
+            "models.config for it to a diffusers folder of the same architecture"
+        )
+    return Checkpoint(
+        ref=ref,
+        path=layout.path,
+        pipeline_class=layout.pipeline_class,
+        family=info.family,
+        unet_in_channels=info.unet_in_channels,
+        has_text_encoder="text_encoder" in info.components,
+        has_depth_estimator=layout.has_depth_estimator,
+        has_safety_checker=False,  # from_single_file never loads one
+        file=resolve_file(ref),
+        layout=layout_ref,
+        file_components=info.components,
+    )
+
+
+@lru_cache(maxsize=64)
+def _inspect_folder(ref: str) -> Checkpoint:
     path = resolve_checkpoint(ref)
     index = _read_json(path / "model_index.json", ref)
     cls = str(index.get("_class_name"))
@@ -291,6 +385,10 @@ def model_hash(ref: str) -> ModelHash:
     Works for pipeline folders and for lone models (a ControlNet, a depth estimator).
     """
     try:
+        if singlefile.is_single_file(ref):
+            checkpoint = inspect_checkpoint(ref)
+            assert checkpoint.file is not None
+            return hash_single_file(checkpoint.file, checkpoint.path, checkpoint.file_components)
         return hash_folder(resolve_model_folder(ref))
     except WeightsError as err:
         raise ModelError(f"model {ref}: {err}") from None
@@ -369,8 +467,20 @@ def load_pipeline(
         extra["add_watermarker"] = False
     if ref in shared:
         pipe = cls.from_pipe(shared[ref], **extra)
+    elif checkpoint.file is not None:
+        # The layout folder gives configs, tokenizers, the scheduler (and SD 2 depth's DPT);
+        # from_single_file never loads a safety checker.
+        pipe = cls.from_single_file(
+            str(checkpoint.file),
+            config=str(checkpoint.path),
+            torch_dtype=torch_dtype,
+            local_files_only=True,
+            **_reusable_components(ref, shared),
+            **extra,
+        ).to(device)
+        shared[ref] = pipe
     else:
-        reuse = _reusable_components(checkpoint.path, shared)
+        reuse = _reusable_components(ref, shared)
         kwargs: dict[str, Any] = {
             "torch_dtype": torch_dtype,
             "local_files_only": True,
@@ -408,13 +518,14 @@ def load_depth_estimator(ref: str, device: str) -> tuple[Any, Any]:
     return model.to(device).eval(), processor
 
 
-def _reusable_components(path: Path, shared: dict[str, Any]) -> dict[str, Any]:
+def _reusable_components(ref: str, shared: dict[str, Any]) -> dict[str, Any]:
     """Modules of already loaded pipelines whose loaded files are byte-identical to
-    `path`'s (per-component hashes, each file hashed once per content)."""
+    `ref`'s (per-component hashes, each file hashed once per content; a single file's
+    components hash the file with their config, so they match only the same file)."""
     reuse: dict[str, Any] = {}
-    mine = hash_folder(path).components
+    mine = model_hash(ref).components
     for other_ref, pipe in shared.items():
-        theirs = hash_folder(inspect_checkpoint(other_ref).path).components
+        theirs = model_hash(other_ref).components
         for name in SHAREABLE:
             if name in reuse or getattr(pipe, name, None) is None:
                 continue

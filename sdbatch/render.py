@@ -129,6 +129,7 @@ class Renderer:
         depth_controlnet: str | None = None,
         depth_estimator: str | None = None,
         storage: dict[str, Any] | None = None,
+        layouts: dict[str, str] | None = None,
         model_sources: dict[str, dict[str, Any]] | None = None,
     ):
         from .modelcache import adopt as adopt_listings
@@ -140,11 +141,13 @@ class Renderer:
             load_pipeline,
             quiet_libraries,
             resolve_device,
+            use_layouts,
             use_storage,
         )
 
         quiet_libraries()
         use_storage(storage)  # s3:// checkpoints: copied into this node's cache first
+        use_layouts(layouts)  # single-file checkpoints: the folders giving their layout
         adopt_listings(model_sources)  # ... as the driver listed them
         import torch
 

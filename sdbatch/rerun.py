@@ -14,7 +14,7 @@ import io
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,9 @@ from .plan import ITEM_SCHEMA, image_key
 from .runner import FAILURES_PREFIX, METADATA_PREFIX, done_items, read_parts
 from .store import Store, open_store
 from .write import CONTENT_TYPES, METADATA_SCHEMA, encode_image
+
+if TYPE_CHECKING:
+    from .spec import JobSpec
 
 
 @dataclass
@@ -93,17 +96,20 @@ def rerun(
     storage: dict[str, Any] | None = None,
 ) -> RerunReport:
     """Render the chosen items again from metadata; write them to `to`, compare if `verify`."""
-    from .models import use_storage, weights_sha256
+    from .models import use_layouts, use_storage, weights_sha256
     from .prepare import InputError, prepare_item
     from .render import MODEL_COLUMNS, Renderer, checkpoints_of, models_of
 
     # 1. Choose rows and check that the weights are still the ones recorded.
     source = open_store(output, storage)
     rows = select_rows(source, ids, failed)
-    options = _image_options(source)
+    stored = _stored_spec(source)
+    options = stored.output_options.model_dump() if stored else {"format": "png"}
+    layouts = stored.models.layouts() if stored and stored.models else {}
     target = open_store(to, storage) if to else None
     report = RerunReport()
     use_storage(storage)  # s3:// checkpoints: this node's cached copy
+    use_layouts(layouts)  # single-file checkpoints: the layouts the job used
     current_hash: dict[str, str | None] = {}
     for ref in {ref for r in rows for ref in checkpoints_of(r).values()}:
         try:
@@ -148,6 +154,7 @@ def rerun(
             dtype=dtype or "auto",
             torch_threads=int(threads or 1),
             storage=storage,
+            layouts=layouts,
         )
         for row in group:
             # 3. Rebuild the work item and its inputs exactly as the first run saw them.
@@ -239,17 +246,16 @@ def rerun(
     return report
 
 
-def _image_options(store: Store) -> dict[str, Any]:
-    """Encoding options the job used (from its stored job.yaml); PNG if unknown."""
+def _stored_spec(store: Store) -> JobSpec | None:
+    """The spec the job ran with (its stored job.yaml); None for outputs without one."""
     import yaml
 
     from .spec import parse_spec
 
     try:
-        spec = parse_spec(yaml.safe_load(store.read_bytes("job.yaml")), store.uri_of("job.yaml"))
-        return spec.output_options.model_dump()
-    except Exception:  # noqa: BLE001 - older outputs: PNG files
-        return {"format": "png"}
+        return parse_spec(yaml.safe_load(store.read_bytes("job.yaml")), store.uri_of("job.yaml"))
+    except Exception:  # noqa: BLE001 - older outputs: PNG files, no layouts
+        return None
 
 
 def _stored_pixels(store: Store, row: dict[str, Any]) -> np.ndarray | None:

@@ -116,10 +116,12 @@ class RunResult:
 
 def check_job(spec: JobSpec) -> ManifestInfo:
     """Everything that can be known without rendering: manifest, models, output."""
-    from .models import use_storage
+    from .models import use_layouts, use_storage
 
     info = validate_manifest(spec.manifest, spec)
     use_storage(spec.storage.model_dump())  # s3:// checkpoints are read with these options
+    assert spec.models is not None
+    use_layouts(spec.models.layouts())  # single-file checkpoints: their models.config
     problems = check_models(spec, info)
     if problems:
         raise RunError("\n".join(dict.fromkeys(problems)))
@@ -234,15 +236,17 @@ def pin_hub_models(spec: JobSpec) -> JobSpec:
     from . import hub
 
     assert spec.models is not None
-    pinned = {
-        name: hub.pin(value)
-        for name, value in spec.models.model_dump().items()
-        if isinstance(value, str)
-        and not value.startswith("s3://")
-        and not Path(value).exists()
-        and hub.split(value)
-    }
-    changed = {k: v for k, v in pinned.items() if v != getattr(spec.models, k)}
+
+    def pinned(value: str) -> str:
+        if value.startswith("s3://") or Path(value).exists() or not hub.split(value):
+            return value
+        return hub.pin(value)
+
+    fields = {k: v for k, v in spec.models.model_dump().items() if isinstance(v, str)}
+    changed: dict[str, Any] = {k: p for k, v in fields.items() if (p := pinned(v)) != v}
+    config = {k: pinned(v) for k, v in spec.models.config.items()}
+    if config != spec.models.config:
+        changed["config"] = config
     if not changed:
         return spec
     return spec.model_copy(update={"models": spec.models.model_copy(update=changed)})
@@ -887,7 +891,8 @@ def _build_pipeline(
             render_options=spec.compute.render_options(),
             warmup_sizes=sorted(sizes),
             storage=spec.storage.model_dump(),
-            model_sources=modelcache.plans(sorted(hashes)),
+            layouts=spec.models.layouts(),
+            model_sources=modelcache.plans(sorted({*hashes, *spec.models.layouts().values()})),
         ),
         compute=ray.data.ActorPoolStrategy(size=placement.actors),
         batch_size=None,

@@ -133,9 +133,14 @@ class RenderParams(_Strict):
         return check_multiple_of_8(v)
 
 
+# The checkpoint fields that may be a single-file `.safetensors` (and so take a layout).
+SINGLE_FILE_FIELDS = ("base", "inpaint", "depth", "refiner")
+
+
 class ModelsSpec(_Strict):
-    """Checkpoints per mode: a local diffusers folder, a hub id already in the HF cache, or
-    an `s3://bucket/prefix/` diffusers folder (copied once per node into a local cache).
+    """Checkpoints per mode: a local diffusers folder, a hub id (local HF cache, or
+    downloaded once when online), an `s3://bucket/prefix/` diffusers folder (copied once per
+    node into a local cache), or a single-file `.safetensors` checkpoint (local or s3://).
     The family (SD 1.x, 2.x, SDXL) is read from each checkpoint."""
 
     base: str = Field(
@@ -162,14 +167,46 @@ class ModelsSpec(_Strict):
         description="SDXL refiner (second stage for txt2img, img2img, inpaint), "
         "switched to at refiner_switch.",
     )
+    config: dict[str, str] = Field(
+        default_factory=dict,
+        description="Layout of single-file checkpoints, per field (e.g. {base: "
+        "stable-diffusion-v1-5/stable-diffusion-v1-5}): a diffusers folder, hub id or s3:// "
+        "prefix of the same architecture, giving configs, tokenizers and scheduler. Default: "
+        "the repository diffusers picks for the file's family.",
+    )
     allow_pickle: bool = Field(
         False,
         description="Load pickled weights (.bin/.ckpt/.pt) where a checkpoint has no "
         ".safetensors; unpickling can run arbitrary code, so only for trusted files.",
     )
 
+    @field_validator("config")
+    @classmethod
+    def _config_fields(cls, v: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(v) - set(SINGLE_FILE_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"keys are checkpoint fields ({', '.join(SINGLE_FILE_FIELDS)}), got {unknown}"
+            )
+        return v
+
+    def layouts(self) -> dict[str, str]:
+        """Single-file checkpoint → its layout (`models.config`), for `models.use_layouts`."""
+        return {
+            ref: layout
+            for name, layout in self.config.items()
+            if (ref := getattr(self, name)) is not None
+        }
+
     @model_validator(mode="after")
-    def _one_depth_route(self) -> ModelsSpec:
+    def _consistent(self) -> ModelsSpec:
+        for name in self.config:
+            ref = getattr(self, name)
+            if ref is None or not ref.lower().endswith(".safetensors"):
+                raise ValueError(
+                    f"config.{name} gives the layout of a single-file .safetensors "
+                    f"checkpoint, but models.{name} is {ref!r}"
+                )
         if self.depth and self.depth_controlnet:
             raise ValueError(
                 "set models.depth (an SD 2 depth checkpoint) or models.depth_controlnet "
@@ -580,9 +617,12 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
     assert spec.models is not None
     models = spec.models.model_copy(
         update={
-            k: fix(v, may_be_hub=True)
-            for k, v in spec.models.model_dump().items()
-            if isinstance(v, str)  # checkpoint references, not flags like allow_pickle
+            **{
+                k: fix(v, may_be_hub=True)
+                for k, v in spec.models.model_dump().items()
+                if isinstance(v, str)  # checkpoint references, not flags like allow_pickle
+            },
+            "config": {k: fix(v, may_be_hub=True) for k, v in spec.models.config.items()},
         }
     )
     updates["models"] = models

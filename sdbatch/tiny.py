@@ -18,7 +18,8 @@ pipeline code; only the pictures are meaningless. Rebuilding gives byte-identica
 The three SDXL pipelines hold byte-identical vae, text_encoder_2, tokenizer_2 and scheduler
 files (sdxl and sdxl-inpaint also text_encoder and tokenizer), as the real ones share them.
 
-    build_tiny("/tmp/tiny")  ->  /tmp/tiny/base, /tmp/tiny/inpaint, ...: one folder per variant
+    build_tiny("/tmp/tiny")  ->  /tmp/tiny/base, /tmp/tiny/inpaint, ...: one folder per variant,
+                                 /tmp/tiny/base.safetensors, ...: SINGLE_FILES as one file each
 
 To add a variant, write one function returning an unsaved pipeline (or a lone model, listed in
 `_MODELS`) and register it in `_BUILDERS`.
@@ -39,6 +40,10 @@ from typing import Any
 # cross-attention width; a 4-block VAE gives latents at 1/8 of the image size, like real SD
 # (a 2-block VAE makes 4× larger latents and renders 5–10× slower).
 TEXT_WIDTH = 32
+# SDXL's second text encoder (OpenCLIP bigG in the real model) is wider than its first, as
+# in the real one (1280 vs 768): diffusers' single-file loader tells the two encoders of an
+# SDXL checkpoint apart by their width, so equal widths would load one in place of the other.
+TEXT2_WIDTH = 40
 LATENT_CHANNELS = 4
 UNET_SAMPLE_SIZE = 8  # latent side; × the VAE's factor 8 = the pipelines' default, 64 px
 DEPTH_IMAGE_SIZE = 32  # the DPT processor resizes every input to this square
@@ -185,10 +190,10 @@ def _sdxl_unet(in_channels: int, *, refiner: bool = False) -> Any:
     time_ids = 5 if refiner else 6
     return _unet(
         in_channels,
-        cross_attention_dim=TEXT_WIDTH if refiner else 2 * TEXT_WIDTH,
+        cross_attention_dim=TEXT2_WIDTH if refiner else TEXT_WIDTH + TEXT2_WIDTH,
         addition_embed_type="text_time",
         addition_time_embed_dim=TIME_ID_WIDTH,
-        projection_class_embeddings_input_dim=time_ids * TIME_ID_WIDTH + TEXT_WIDTH,
+        projection_class_embeddings_input_dim=time_ids * TIME_ID_WIDTH + TEXT2_WIDTH,
         transformer_layers_per_block=(1, 1),
         **_SD2_UNET,
     )
@@ -266,7 +271,11 @@ def _tokenizer() -> Any:
 
 
 def _text_encoder(
-    hidden_act: str = "quick_gelu", *, projection: bool = False, seed: int = SEED
+    hidden_act: str = "quick_gelu",
+    *,
+    projection: bool = False,
+    seed: int = SEED,
+    width: int = TEXT_WIDTH,
 ) -> Any:
     """SD 1.x's CLIP ViT-L/14 in miniature; OpenCLIP's (SD 2.x, SDXL's second encoder) uses
     "gelu". `projection` adds the projected pooled output that SDXL also conditions on."""
@@ -275,8 +284,8 @@ def _text_encoder(
     vocab = _vocab()
     config = CLIPTextConfig(
         vocab_size=len(vocab),
-        hidden_size=TEXT_WIDTH,
-        projection_dim=TEXT_WIDTH,
+        hidden_size=width,
+        projection_dim=width,
         intermediate_size=37,
         num_hidden_layers=2,
         num_attention_heads=4,
@@ -355,7 +364,7 @@ def _sdxl_shared() -> dict[str, Any]:
     unseen."""
     return {
         "vae": _vae(**_SDXL_VAE),
-        "text_encoder_2": _text_encoder("gelu", projection=True, seed=SEED + 1),
+        "text_encoder_2": _text_encoder("gelu", projection=True, seed=SEED + 1, width=TEXT2_WIDTH),
         "tokenizer_2": _tokenizer(),
         "scheduler": _scheduler(SDXL_SCHEDULER),
     }
@@ -517,12 +526,24 @@ def _quiet() -> Iterator[None]:
             t_logging.enable_progress_bar()
 
 
+# Pipelines also written as one original-layout file (`DIR/<variant>.safetensors`, the
+# A1111/Civitai format), for `from_single_file`; exported from the saved folder (`ldm`).
+SINGLE_FILES = ("base", "inpaint", "sd2-v", "sdxl", "sdxl-inpaint", "sdxl-refiner")
+# Bumped whenever a variant's weights or layout change: an older DIR is rebuilt in full.
+# 2: SDXL's second text encoder is wider than its first (TEXT2_WIDTH); single files.
+TINY_VERSION = 2
+_VERSION_FILE = ".sdbatch-tiny-version"
+
+
 def build_tiny(
     out_dir: str | Path, variants: Iterable[str] = VARIANTS, *, force: bool = False
 ) -> dict[str, Path]:
-    """Write out_dir/<variant> for each of `variants` (default: all of VARIANTS); skip a variant
-    whose folder is already complete (has model_index.json, or config.json for a lone model)
-    unless force. Returns {variant: path}."""
+    """Write out_dir/<variant> for each of `variants` (default: all of VARIANTS), and
+    out_dir/<variant>.safetensors for those in SINGLE_FILES; skip what is already complete
+    (a folder with model_index.json, or config.json for a lone model) unless force; a
+    DIR built by another TINY_VERSION is cleared first. Returns {variant: path} (folders)."""
+    from .ldm import write_original
+
     # 1. Check every name before building anything.
     names = list(dict.fromkeys(variants))
     unknown = [n for n in names if n not in _BUILDERS]
@@ -532,11 +553,21 @@ def build_tiny(
     # 2. Build what is missing (or everything, with force); keep what is complete.
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    version = out / _VERSION_FILE
+    if not version.is_file() or version.read_text().strip() != str(TINY_VERSION):
+        for name in VARIANTS:  # built by an older sdbatch: none of them may be reused
+            shutil.rmtree(out / name, ignore_errors=True)
+            (out / f"{name}.safetensors").unlink(missing_ok=True)
     paths = {}
     for name in names:
         dest = out / name
         if force or not (dest / _marker(name)).is_file():
             with _quiet():
                 _save(_BUILDERS[name](), dest, _marker(name))
+        single = out / f"{name}.safetensors"
+        if name in SINGLE_FILES and (force or not single.is_file()):
+            with _quiet():
+                write_original(dest, single)
         paths[name] = dest
+    version.write_text(f"{TINY_VERSION}\n")
     return paths

@@ -175,19 +175,46 @@ def file_sha256(path: Path) -> str:
 
 def hash_folder(root: Path) -> ModelHash:
     """Hash what the checkpoint at `root` loads (see the module docstring)."""
+    loaded = loaded_files(root)
+    return _hash({c: [(p.relative_to(root).as_posix(), p) for p in ps] for c, ps in loaded.items()})
+
+
+def is_weights(name: str) -> bool:
+    """A weights file of a component (what a single-file checkpoint stands in for)."""
+    return bool(_WEIGHT.match(name))
+
+
+def hash_single_file(file: Path, layout: Path, provided: tuple[str, ...]) -> ModelHash:
+    """Hash a single-file checkpoint with what it loads from its layout folder: every
+    component's config, tokenizer and scheduler files, and the weights of components the
+    file does not hold (SD 2 depth's DPT). A component the file provides hashes the file
+    with its config, so two files never share a component hash."""
+    entries: dict[str, list[tuple[str, Path]]] = {"": [(file.name, file)]}
+    for component, paths in loaded_files(layout).items():
+        entries.setdefault(component, [])
+        if component in provided:
+            entries[component].append((file.name, file))
+        entries[component] += [
+            (f"layout/{p.relative_to(layout).as_posix()}", p)
+            for p in paths
+            if not (component in provided and is_weights(p.name))
+        ]
+    return _hash(entries)
+
+
+def _hash(entries: dict[str, list[tuple[str, Path]]]) -> ModelHash:
     files: dict[str, str] = {}
     components: dict[str, str] = {}
     pickled: list[str] = []
     new = False
-    for component, paths in loaded_files(root).items():
+    for component, named in entries.items():
         h = hashlib.sha256()
-        for p in paths:
-            rel = p.relative_to(root).as_posix()
+        for rel, p in named:
             before = len(_memory)
             files[rel] = file_sha256(p)
             new |= len(_memory) > before
             h.update(f"{rel}\0{files[rel]}\0".encode())
-            if p.suffix in PICKLE_SUFFIXES:
+            if p.suffix in PICKLE_SUFFIXES and rel not in pickled:
                 pickled.append(rel)
         if component:
             components[component] = h.hexdigest()

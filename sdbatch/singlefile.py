@@ -1,0 +1,120 @@
+"""Single-file checkpoints (the A1111/Civitai `.safetensors` format), read without torch.
+
+One file holds the UNet, the VAE and the text encoder(s) in the original (LDM) layout;
+diffusers' `from_single_file` loads it with the *layout* of a diffusers folder: its
+component configs, tokenizers and scheduler (and, for SD 2 depth, the DPT). sdbatch reads
+the file's tensor names from the safetensors header (8 bytes of length, then JSON) to tell
+its family and UNet input channels, then takes the layout from `models.config.<field>`
+(a diffusers folder, hub id or `s3://` prefix) or, when none is given, from the hub
+repository diffusers itself would pick for that family (`DEFAULT_CONFIGS`, resolved through
+the local HF cache or downloaded when online), checked to be of the same family and
+channels. The layout is hashed with the file: a changed scheduler config is a change.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+SUFFIXES = (".safetensors", ".ckpt")
+UNET = "model.diffusion_model."
+_CONV_IN = UNET + "input_blocks.0.0.weight"
+
+# (family, UNet input channels) → the hub repository whose layout diffusers' own
+# `fetch_diffusers_config` uses for such a file (SD 2 depth added: diffusers has none).
+DEFAULT_CONFIGS = {
+    ("sd1", 4): "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    ("sd1", 9): "stable-diffusion-v1-5/stable-diffusion-inpainting",
+    ("sd2", 4): "stabilityai/stable-diffusion-2-1",
+    ("sd2", 9): "stabilityai/stable-diffusion-2-inpainting",
+    ("sd2", 5): "stabilityai/stable-diffusion-2-depth",
+    ("sdxl", 4): "stabilityai/stable-diffusion-xl-base-1.0",
+    ("sdxl", 9): "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
+    ("sdxl-refiner", 4): "stabilityai/stable-diffusion-xl-refiner-1.0",
+}
+
+
+class SingleFileError(Exception):
+    pass
+
+
+def is_single_file(ref: str) -> bool:
+    return ref.lower().endswith(SUFFIXES)
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """What the tensor names of a single-file checkpoint say."""
+
+    family: str  # sd1 | sd2 | sdxl
+    refiner: bool  # SDXL refiner: OpenCLIP bigG alone
+    unet_in_channels: int
+    components: tuple[str, ...]  # the pipeline components the file provides
+
+    @property
+    def default_config(self) -> str | None:
+        key = ("sdxl-refiner" if self.refiner else self.family, self.unet_in_channels)
+        return DEFAULT_CONFIGS.get(key)
+
+
+def tensor_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name → shape, from the safetensors header (a few kB read, no torch)."""
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100_000_000:
+                raise ValueError(f"header of {size} bytes")
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error) as err:
+        raise SingleFileError(f"not a readable .safetensors file ({err})") from None
+    if not isinstance(header, dict):
+        raise SingleFileError("not a readable .safetensors file (header is not an object)")
+    return {
+        name: list(entry.get("shape", []))
+        for name, entry in header.items()
+        if name != "__metadata__" and isinstance(entry, dict)
+    }
+
+
+def describe(path: Path) -> FileInfo:
+    """Family, refiner-ness, UNet channels and provided components of a checkpoint file."""
+    if path.suffix.lower() != ".safetensors":
+        raise SingleFileError(
+            "single-file checkpoints are read as .safetensors; a pickled .ckpt can run "
+            "arbitrary code when loaded: convert it to .safetensors first"
+        )
+    shapes = tensor_shapes(path)
+    names = list(shapes)
+
+    def has(prefix: str) -> bool:
+        return any(n.startswith(prefix) for n in names)
+
+    if _CONV_IN not in shapes or len(shapes[_CONV_IN]) != 4:
+        if has("down_blocks.") or has("text_model."):
+            raise SingleFileError(
+                "holds diffusers-layout tensors of one model, not an original-layout "
+                "checkpoint (model.diffusion_model.*); give its diffusers folder instead"
+            )
+        raise SingleFileError(
+            f"no UNet in the original layout ({_CONV_IN}); not a Stable Diffusion checkpoint"
+        )
+    in_channels = int(shapes[_CONV_IN][1])
+    refiner = False
+    if has("conditioner.embedders.1.model."):
+        family, encoders = "sdxl", ["text_encoder", "text_encoder_2"]
+    elif has("conditioner.embedders.0.model."):
+        family, encoders, refiner = "sdxl", ["text_encoder_2"], True
+    elif has("cond_stage_model.model."):
+        family, encoders = "sd2", ["text_encoder"]
+    elif has("cond_stage_model.transformer."):
+        family, encoders = "sd1", ["text_encoder"]
+    else:
+        raise SingleFileError(
+            "no text encoder (cond_stage_model.* or conditioner.embedders.*); sdbatch runs "
+            "SD 1.x, SD 2.x and SDXL checkpoints"
+        )
+    if not has("first_stage_model."):
+        raise SingleFileError("no VAE (first_stage_model.*) in the file")
+    return FileInfo(family, refiner, in_channels, ("unet", "vae", *encoders))
