@@ -1,10 +1,12 @@
 """Overhead (issue 7 #1; SDXL: issue 12): sdbatch end to end vs a hand-written diffusers loop.
 
     .venv/bin/python benchmarks/bench_overhead.py [--quick] [--items N | --target-seconds 120]
-        [--family sd|sdxl] [--shapes 1x2,2x1]
+        [--family sd|sdxl|sd-real] [--shapes 1x2,2x1]
 
 `--family sdxl` runs the tiny SDXL base instead of the tiny SD 1.x model; the loop is then
 a `StableDiffusionXLPipeline` loop (no negative prompt, as a plain script writes it).
+`--family sd-real` runs SD 1.5's real architecture with random weights (`_real.py`, 860 M
+UNet parameters); e.g. `--items 16 --size 256 --steps 4 --batch 4`.
 
 The same items (same prompts, seeds, size, steps, DDIM, CFG 7.5, batch size) are
 rendered three times, each in a fresh Python process so every contender pays its own
@@ -44,7 +46,7 @@ from pathlib import Path
 import _common as c
 
 BENCH = "overhead"
-VARIANTS = {"sd": "base", "sdxl": "sdxl"}  # --family → tiny model variant
+VARIANTS = {"sd": "base", "sdxl": "sdxl", "sd-real": "sd15-real"}  # --family → model
 
 
 # ---------------------------------------------------------------- children
@@ -185,7 +187,12 @@ def main() -> None:
     # 1. Model, and the item count that makes the loop run about --target-seconds.
     bench = BENCH if args.family == "sd" else f"{BENCH}_{args.family}"
     variant = VARIANTS[args.family]
-    models = c.tiny_models([variant])
+    if args.family == "sd-real":  # SD 1.5's architecture, random weights (_real.py)
+        from _real import sd15
+
+        models = {variant: sd15()}
+    else:
+        models = c.tiny_models([variant])
     work = c.workdir(bench)
     me = [str(Path(__file__).resolve())]
     common = ["--size", str(args.size), "--steps", str(args.steps), "--batch", str(args.batch)]
@@ -208,7 +215,7 @@ def main() -> None:
         unit = 4 * args.batch
         args.items = max(unit, math.ceil(args.target_seconds / per_image / unit) * unit)
         calibration = per_image
-    config = c.job_config(args, model=f"tiny {variant}")
+    config = c.job_config(args, model=variant if args.family == "sd-real" else f"tiny {variant}")
     c.header(f"{bench}: sdbatch vs a hand-written diffusers loop", config)
     if calibration:
         print(
