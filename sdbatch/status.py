@@ -6,15 +6,19 @@ works while a job is running, after it finished, and after it crashed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import pyarrow.parquet as pq
+
+from .compact import live_files, repair
 from .lease import describe, live_lease
 from .runner import FAILURES_PREFIX, METADATA_PREFIX, RUN_KEY, SUCCESS_KEY, done_items, read_parts
-from .store import open_store
+from .store import StoreError, open_store
 
 
 @dataclass
@@ -36,6 +40,11 @@ class JobStatus:
 
 def job_status(output: str, storage: dict[str, Any] | None = None, top: int = 5) -> JobStatus:
     store = open_store(output, storage)
+    holder = live_lease(store)
+    if holder is None:  # no run is writing: finish what an interrupted compaction left
+        for prefix in (METADATA_PREFIX, FAILURES_PREFIX):
+            with contextlib.suppress(StoreError, OSError):  # read-only credentials: fine
+                repair(store, prefix)
     done = done_items(store)
     reasons: Counter[str] = Counter()
     failed: set[tuple[str, int]] = set()
@@ -49,7 +58,6 @@ def job_status(output: str, storage: dict[str, Any] | None = None, top: int = 5)
             failed.add(key)
             reasons[f"{row['error_type']}: {(row['error_message'] or '')[:100]}"] += 1
     run = json.loads(store.read_bytes(RUN_KEY)) if store.exists(RUN_KEY) else {}
-    holder = live_lease(store)
     return JobStatus(
         output=store.uri,
         total=run.get("total"),
@@ -69,11 +77,14 @@ def _latest_rate(store: Any, run: dict[str, Any]) -> float | None:
     if not run_id or not started:
         return None
     stamps = []
-    for key in store.list(METADATA_PREFIX):
+    for key in live_files(store, METADATA_PREFIX):
         if run_id in key:
-            for table in read_parts(store, key, ["created_at"]):
-                stamps += table["created_at"].to_pylist()
-    if not stamps:
+            table = pq.read_table(store.open_input(key), columns=["created_at"])
+            stamps += table["created_at"].to_pylist()
+    if not stamps:  # compacted (a finished job): the run's own figure
+        if store.exists(SUCCESS_KEY):
+            with contextlib.suppress(ValueError):
+                return json.loads(store.read_bytes(SUCCESS_KEY)).get("images_per_second")
         return None
     seconds = (max(stamps) - datetime.fromisoformat(started)).total_seconds()
     return len(stamps) / seconds if seconds > 0 else None

@@ -21,10 +21,12 @@ StoreError (or FileNotFoundError for a missing object) naming the URI and the ca
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import os
 import posixpath
+import shutil
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -74,6 +76,10 @@ class Store:
 
     def write_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         """Write the whole object atomically, replacing any object under `key`."""
+        raise NotImplementedError
+
+    def write_file(self, key: str, path: str | Path, content_type: str | None = None) -> None:
+        """Write the local file at `path` as `key`, atomically, without holding it in memory."""
         raise NotImplementedError
 
     def exists(self, key: str) -> bool:
@@ -163,6 +169,22 @@ class LocalStore(Store):
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def write_file(self, key: str, path: str | Path, content_type: str | None = None) -> None:
+        target = self._path(key)
+        tmp: str | None = None
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            os.close(fd)
+            shutil.copyfile(path, tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)
+            os.replace(tmp, target)
+        except OSError as err:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    Path(tmp).unlink(missing_ok=True)
+            raise StoreError(f"{self.uri_of(key)}: cannot write: {err.strerror}") from None
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -285,6 +307,17 @@ class S3Store(Store):
         full = self._full(key)
         with self._errors(self.uri_of(key), "cannot write"):
             self._put(full, data, content_type)
+
+    def write_file(self, key: str, path: str | Path, content_type: str | None = None) -> None:
+        full = self._full(key)
+        with self._errors(self.uri_of(key), "cannot write"):
+            # Multipart above boto3's threshold; S3 makes the object visible only whole.
+            self.client.upload_file(
+                str(path),
+                self.bucket,
+                full,
+                ExtraArgs={"ContentType": content_type or "application/octet-stream"},
+            )
 
     def _put(self, full_key: str, data: bytes, content_type: str | None) -> None:
         # Content-MD5 is checked by every S3 implementation, so a corrupted upload fails

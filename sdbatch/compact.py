@@ -1,0 +1,148 @@
+"""Metadata compaction: a finished job's rows in at most one Parquet file per 10⁶ rows.
+
+During a run every commit writes a part (`metadata/part-<run>-NNNNN.parquet`, likewise
+`failures/`): cheap and crash-safe, but a 10⁷-image job leaves ~40,000 small files that
+pandas, DuckDB and `datasets` then open one by one. When a job completes, `compact`
+rewrites the live files of a prefix, in order, into `compact-<token>-NNNNN.parquet` files
+of at most ROWS_PER_FILE rows each (one schema, the union of the parts'), streaming one
+part at a time, and then:
+
+1. writes the record `<prefix>_COMPACTED.json` {token, files, replaces}: the commit point;
+2. deletes the files it replaces;
+3. rewrites the record with an empty `replaces`.
+
+Which files hold the rows (`live_files`, used by every sdbatch reader): each `.parquet`
+under the prefix, minus those the record says it replaces, minus `compact-*` files the
+record does not list (a compaction that never reached step 1). So a crash at any point
+leaves every row in exactly one live file: before step 1 the old files are live and the
+new ones ignored, after it the reverse. `repair` (at the start of the next `run`, or
+`status` while no run holds the lease) deletes what a crash left behind. Parts written
+after a compaction (a resumed and extended job, `rerun`) are live beside its files and
+folded in by the next one. Other tools see one consistent set once step 2 is done, as
+`_SUCCESS` (written after compaction) lists the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .store import Store
+
+RECORD = "_COMPACTED.json"
+ROWS_PER_FILE = 1_000_000
+_PARQUET = "application/vnd.apache.parquet"
+
+
+def _record(store: Store, prefix: str) -> dict[str, Any]:
+    try:
+        data = json.loads(store.read_bytes(prefix + RECORD))
+    except FileNotFoundError:
+        return {"files": [], "replaces": []}
+    except ValueError as err:
+        raise ValueError(f"{store.uri_of(prefix + RECORD)}: unreadable ({err})") from None
+    return {"files": list(data.get("files", [])), "replaces": list(data.get("replaces", []))}
+
+
+def live_files(store: Store, prefix: str) -> list[str]:
+    """The Parquet files that hold `prefix`'s rows, each row in exactly one, in order."""
+    record = _record(store, prefix)
+    listed, gone = set(record["files"]), set(record["replaces"])
+    live = []
+    for key in sorted(store.list(prefix)):
+        name = key[len(prefix) :]
+        if not key.endswith(".parquet") or key in gone or "/" in name:
+            continue
+        if name.startswith("compact-") and key not in listed:
+            continue  # written by a compaction that never committed
+        live.append(key)
+    return live
+
+
+def repair(store: Store, prefix: str) -> int:
+    """Delete what an interrupted compaction left (uncommitted or replaced files); the
+    number of files removed. Only while no other process may be compacting."""
+    record = _record(store, prefix)
+    live = set(live_files(store, prefix))
+    stale = [
+        k
+        for k in store.list(prefix)
+        if k.endswith(".parquet") and k not in live and "/" not in k[len(prefix) :]
+    ]
+    for key in stale:
+        store.delete(key)
+    if record["replaces"]:
+        _write_record(store, prefix, record["files"], [])
+    return len(stale)
+
+
+def compact(store: Store, prefix: str, rows_per_file: int = ROWS_PER_FILE) -> list[str]:
+    """Rewrite `prefix`'s live files into files of at most `rows_per_file` rows (see the
+    module docstring); the live files after. Nothing to do when they are already the
+    record's own."""
+    repair(store, prefix)
+    live = live_files(store, prefix)
+    record = _record(store, prefix)
+    if not live or set(live) <= set(record["files"]):
+        return live
+    schema = pa.unify_schemas(
+        [pq.read_schema(store.open_input(k)) for k in live], promote_options="default"
+    )
+    token = uuid.uuid4().hex[:12]
+    written: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="sdbatch-compact-") as tmp:
+        writer: pq.ParquetWriter | None = None
+        rows_in_file = 0
+        path = os.path.join(tmp, "file.parquet")
+
+        def finish() -> None:
+            nonlocal writer
+            if writer is None:
+                return
+            writer.close()
+            writer = None
+            key = f"{prefix}compact-{token}-{len(written):05d}.parquet"
+            store.write_file(key, path, content_type=_PARQUET)
+            written.append(key)
+
+        for key in live:
+            table = _conform(pq.read_table(store.open_input(key)), schema)
+            start = 0
+            while start < table.num_rows:
+                if writer is None:
+                    writer = pq.ParquetWriter(path, schema)
+                    rows_in_file = 0
+                take = min(rows_per_file - rows_in_file, table.num_rows - start)
+                writer.write_table(table.slice(start, take))
+                rows_in_file += take
+                start += take
+                if rows_in_file >= rows_per_file:
+                    finish()
+        finish()
+    _write_record(store, prefix, written, live)  # 1. the commit point
+    for key in live:  # 2.
+        store.delete(key)
+    _write_record(store, prefix, written, [])  # 3.
+    return written
+
+
+def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with `schema`'s columns in its order (missing ones as nulls)."""
+    columns = [
+        table[f.name].cast(f.type)
+        if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _write_record(store: Store, prefix: str, files: list[str], replaces: list[str]) -> None:
+    body = json.dumps({"files": files, "replaces": replaces}, indent=1).encode()
+    store.write_bytes(prefix + RECORD, body, content_type="application/json")
