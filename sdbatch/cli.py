@@ -176,6 +176,7 @@ def run(
             address=address,
             on_start=reporter.start,
             on_progress=reporter.update,
+            on_note=reporter.note,
             verbose=verbose,
             fresh=fresh,
             overwrite=overwrite,
@@ -289,6 +290,10 @@ class _Reporter:
             )
             self.bar.start()
             self.task = self.bar.add_task("render", total=remaining, rate=0.0, failed=0)
+
+    def note(self, line: str) -> None:
+        """What the driver is doing before rendering starts (scanning, planning)."""
+        err.print(line, markup=False, highlight=False)
 
     def update(self, p: Any) -> None:
         if self.bar is not None:

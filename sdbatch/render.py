@@ -642,3 +642,12 @@ def _short(err: BaseException, limit: int = 500) -> str:
     last = traceback.extract_tb(err.__traceback__)[-1:] if err.__traceback__ else []
     where = f" (at {last[0].filename.rsplit('/', 1)[-1]}:{last[0].lineno})" if last else ""
     return text + where
+
+
+class BlockRenderer(Renderer):
+    """The job's render actor: each Ray Data row is one packed planned block (`stream`)."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from .stream import per_block
+
+        return per_block(super().__call__, batch)

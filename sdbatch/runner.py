@@ -32,11 +32,12 @@ import pyarrow.parquet as pq
 
 from .compact import compact, live_files, repair
 from .lease import LEASE_KEY, Lease, LeaseError, describe
-from .manifest import ManifestInfo, iter_rows, validate_manifest
-from .plan import block_rows_for, homogeneous_blocks, plan_items
+from .manifest import ManifestInfo, validate_manifest
+from .plan import block_rows_for
 from .spec import JobSpec, dump_spec
 from .store import AWS_ENV_VARS, Store, open_store, unwrap_task_error
-from .write import METADATA_SCHEMA, ShardPacker, write_batch
+from .stream import ROW_PER_BLOCK, anti_join, unpack
+from .write import METADATA_SCHEMA, ShardPacker
 
 METADATA_PREFIX = "metadata/"
 FAILURES_PREFIX = "failures/"
@@ -47,8 +48,13 @@ MODELS_KEY = "_MODELS.json"  # per checkpoint: combined, per-component and per-f
 # CPUs kept free for the read/prepare/write tasks so the actor pool can never take
 # them all (Ray Data then hangs silently on a 2-CPU machine).
 CPU_STAGE_CPUS = 0.25
-# CPU-stage tasks that always fit beside the pool: one prepare and one write.
-STAGE_TASKS = 2
+# CPU-stage tasks that always fit beside the pool: one plan, one prepare, one write.
+# Ray Data reserves each stage its share of the CPUs up front; a stage left without one
+# waits for another to finish. The plan stage runs for as long as the job (a task per
+# manifest fragment), so it is capped at PLAN_TASKS concurrent tasks: its reservation
+# is then PLAN_TASKS × CPU_STAGE_CPUS and the write stage always gets its own.
+STAGE_TASKS = 3
+PLAN_TASKS = 1
 # Ray keeps at most num_cpus idle worker processes (its soft limit) and kills the rest
 # after a second. With one render actor per core the actors alone reach it, so every
 # write task started a fresh Python worker (1-3 s of CPU taken from the actors): a
@@ -276,19 +282,29 @@ def aux_models(spec: JobSpec, info: ManifestInfo) -> dict[str, str | None]:
 
 
 def done_items(store: Store) -> set[tuple[str, int]]:
-    """(id, image_index) of items with a metadata row whose image exists.
+    """(id, image_index) of items with a metadata row whose image exists (a Python set:
+    for tools that need one; the driver keeps `stream.done_table`'s Arrow table)."""
+    table = done_table(store)
+    return set(zip(table["id"].to_pylist(), table["image_index"].to_pylist(), strict=True))
 
-    One listing of images/ (not a request per item), so this stays cheap on S3.
-    """
-    images = set(store.list("images/")) | set(store.list("shards/"))
-    done: set[tuple[str, int]] = set()
-    for table in read_parts(store, METADATA_PREFIX, columns=["id", "image_index", "key"]):
-        for item_id, k, key in zip(
-            *(table[c].to_pylist() for c in ("id", "image_index", "key")), strict=True
-        ):
-            if key in images:
-                done.add((item_id, k))
-    return done
+
+def done_table(store: Store) -> pa.Table:
+    """`stream.DONE_SCHEMA` rows of items with a metadata row whose image exists, once
+    each. One listing of images/ and shards/ (not a request per item): cheap on S3."""
+    from .stream import done_table as scan
+
+    return scan(store, METADATA_PREFIX, ("images/", "shards/"))
+
+
+def failed_table(store: Store) -> pa.Table:
+    """`stream.DONE_SCHEMA` rows of items with a failure row (they may have succeeded since)."""
+    from .stream import DONE_SCHEMA, unique
+
+    parts = [
+        t.cast(DONE_SCHEMA)
+        for t in read_parts(store, FAILURES_PREFIX, columns=["id", "image_index", "row_id"])
+    ]
+    return unique(pa.concat_tables(parts)) if parts else DONE_SCHEMA.empty_table()
 
 
 def _drop_orphan_shards(store: Store) -> None:
@@ -302,14 +318,6 @@ def _drop_orphan_shards(store: Store) -> None:
         referenced.update(table["key"].to_pylist())
     for key in shards - referenced:
         store.delete(key)
-
-
-def failed_items(store: Store) -> set[tuple[str, int]]:
-    """(id, image_index) of items with a failure row (they may have succeeded since)."""
-    failed: set[tuple[str, int]] = set()
-    for table in read_parts(store, FAILURES_PREFIX, columns=["id", "image_index"]):
-        failed.update(zip(table["id"].to_pylist(), table["image_index"].to_pylist(), strict=True))
-    return failed
 
 
 def read_parts(store: Store, prefix: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
@@ -506,6 +514,8 @@ def configure_ray_data(spec: JobSpec, verbose: bool) -> None:
     ctx.enable_auto_log_stats = False
     # A write task's StoreError reaches the driver as a StoreError (not UserCodeException).
     ctx.raise_original_map_exception = True
+    # Every row (one planned block) its own Ray block through every stage (`stream`).
+    ctx.target_max_block_size = ROW_PER_BLOCK
     if not verbose:
         _ray_data_console(logging.ERROR)  # execution notes off, errors still shown
 
@@ -519,6 +529,7 @@ def run_job(
     address: str | None = None,
     on_progress: Callable[[Progress], None] | None = None,
     on_start: Callable[[Progress, Placement], None] | None = None,
+    on_note: Callable[[str], None] | None = None,
     verbose: bool = False,
     fresh: bool = False,
     overwrite: bool = False,
@@ -531,6 +542,7 @@ def run_job(
     fresh: refuse a non-empty output (unless overwrite: clear it first).
     retry_failed: render only items with a failure row and no image yet.
     break_lease: delete another run's lease on the output first (that run may be alive).
+    on_note: called with a line of what the driver is doing before rendering starts.
     stop: set it (the CLI's SIGINT handler does) to stop the job: what is finished is
       committed, then KeyboardInterrupt is raised. Checked between steps and while
       rendering, so a KeyboardInterrupt swallowed inside a library cannot keep the job going.
@@ -554,7 +566,7 @@ def run_job(
     try:
         return _run_held(
             spec, store, info, lease, called, check_stop, address, on_progress, on_start,
-            verbose, fresh, overwrite, retry_failed,
+            on_note, verbose, fresh, overwrite, retry_failed,
         )  # fmt: skip
     except LeaseError as err:
         raise RunError(str(err)) from None
@@ -572,6 +584,7 @@ def _run_held(
     address: str | None,
     on_progress: Callable[[Progress], None] | None,
     on_start: Callable[[Progress, Placement], None] | None,
+    on_note: Callable[[str], None] | None,
     verbose: bool,
     fresh: bool,
     overwrite: bool,
@@ -600,8 +613,19 @@ def _run_held(
     for prefix in (METADATA_PREFIX, FAILURES_PREFIX):
         repair(store, prefix)  # what an interrupted compaction left
     _drop_orphan_shards(store)
-    done = done_items(store)
-    only = failed_items(store) - done if retry_failed else None
+    note = on_note or (lambda line: None)
+    parts_before = len(live_files(store, METADATA_PREFIX))
+    if parts_before:
+        note(f"resuming: scanning {parts_before:,} metadata file(s) for done items")
+    scan_started = time.monotonic()
+    done = done_table(store)
+    only = anti_join(failed_table(store), done) if retry_failed else None
+    if parts_before:
+        note(
+            f"{done.num_rows:,} item(s) already done"
+            + (f", {only.num_rows:,} failed to retry" if only is not None else "")
+            + f" ({time.monotonic() - scan_started:.1f} s)"
+        )
     store.write_bytes(SPEC_KEY, dump_spec(spec).encode(), content_type="application/yaml")
     store.delete(SUCCESS_KEY)
 
@@ -613,16 +637,17 @@ def _run_held(
         _warm_stage_workers(STAGE_TASKS)
         check_stop()
 
-        # 4. Plan into homogeneous blocks (one batch key per block, a multiple of batch_size).
-        refs, planned, sizes = _plan_blocks(spec, info, done, only, placement.actors)
-        progress = Progress(total=info.total_items, skipped=info.total_items - planned)
+        # 4. The plan, streamed: Ray Data tasks expand manifest fragments into homogeneous
+        # blocks as rendering goes (`stream`); here only its size is estimated.
+        plan, to_render = _plan(spec, info, done, only, models, placement.actors)
+        progress = Progress(total=info.total_items, skipped=info.total_items - to_render)
         store.write_bytes(
             RUN_KEY,
             json.dumps(
                 {
                     "run_id": run_id,
                     "total": info.total_items,
-                    "planned": planned,
+                    "planned": to_render,
                     "started_at": datetime.now(timezone.utc).isoformat(),
                     "lease_taken_over_from": (
                         describe(lease.took_over) if lease.took_over else None
@@ -637,10 +662,11 @@ def _run_held(
 
         # 5. Render, write, and commit metadata parts as results stream back.
         parts: list[str] = []
-        if planned:
+        if plan is not None:
             ds = _pipeline(
-                spec, refs, models, aux, hashes, placement, info.modes != {"txt2img"}, sizes
-            )
+                spec, plan, models, aux, hashes, placement, info.modes != {"txt2img"},
+                _warmup_sizes(spec, info),
+            )  # fmt: skip
             packer = None
             if spec.output_options.layout == "webdataset":
                 o = spec.output_options
@@ -683,7 +709,7 @@ def _run_held(
     # Every planned item went through (failures included): the rows into ≤ 1 file per
     # 10⁶ (crash-safe, `compact`); a stopped run leaves its parts for the next one.
     files = {p.rstrip("/"): compact(store, p) for p in (METADATA_PREFIX, FAILURES_PREFIX)}
-    if len(done_items(store)) >= info.total_items:
+    if done_table(store).num_rows >= info.total_items:
         store.write_bytes(
             SUCCESS_KEY,
             json.dumps({**result.summary(), "files": files}, indent=2).encode(),
@@ -796,33 +822,86 @@ def _explain_ray_error(err: Exception, spec: JobSpec) -> str:
     return f"the job failed in Ray: {cause or (lines[-1] if lines else type(err).__name__)}"
 
 
-def _plan_blocks(
+def _plan(
     spec: JobSpec,
     info: ManifestInfo,
-    done: set[tuple[str, int]],
-    only: set[tuple[str, int]] | None,
+    done: pa.Table,
+    only: pa.Table | None,
+    models: dict[str, str],
     actors: int,
-) -> tuple[list, int, set[tuple[str, int, int]]]:
-    """Object refs of planned blocks, how many items they hold, and their (mode, w, h)."""
+) -> tuple[Any, int]:
+    """The planning stage (a Ray Data dataset of packed planned blocks, `stream`) and an
+    estimate of the items it will plan; (None, 0) when there is nothing to render."""
     import ray
+    import ray.data
 
-    from .plan import ITEM_SCHEMA
-
-    estimate = len(only) if only is not None else max(1, info.total_items - len(done))
-    block_rows = block_rows_for(estimate, spec.batch_size, actors)
+    from .manifest import _open
     from .models import family_of
+    from .stream import fragments, plan_fragment
 
-    items = plan_items(
-        iter_rows(spec.manifest, info.columns, spec.storage.model_dump()), spec, done, family_of
+    storage = spec.storage.model_dump()
+    estimate = only.num_rows if only is not None else max(0, info.total_items - done.num_rows)
+    kwargs = dict(
+        spec=spec,
+        columns=info.columns,
+        storage=storage,
+        families={ref: family_of(ref) for ref in set(models.values())},
+        block_rows=block_rows_for(max(1, estimate), spec.batch_size, actors),
+        done=ray.put(done) if done.num_rows else None,
+        only=ray.put(only) if only is not None else None,
     )
-    if only is not None:
-        items = (it for it in items if (it["id"], it["image_index"]) in only)
-    refs, count, sizes = [], 0, set()
-    for block in homogeneous_blocks(items, block_rows):
-        refs.append(ray.put(pa.Table.from_pylist(block, schema=ITEM_SCHEMA)))
-        count += len(block)
-        sizes.add((block[0]["mode"], block[0]["width"], block[0]["height"]))
-    return refs, count, sizes
+    if only is not None and not only.num_rows:
+        return None, 0
+    parts = fragments(_open(spec.manifest, storage))
+    ds = ray.data.from_items(parts, override_num_blocks=len(parts)).map_batches(
+        plan_fragment,
+        fn_kwargs=kwargs,
+        batch_size=1,
+        batch_format="pyarrow",
+        num_cpus=CPU_STAGE_CPUS,
+        compute=ray.data.TaskPoolStrategy(size=PLAN_TASKS),
+        runtime_env=_runtime_env(),
+    )
+    if estimate == 0:
+        # Everything looks done: confirm it with the planning tasks alone (cheap, no
+        # actor loads a model) before starting a pool for nothing.
+        counts = ds.map_batches(_count_items, batch_format="pyarrow", num_cpus=CPU_STAGE_CPUS)
+        estimate = sum(int(row["items"]) for row in counts.iter_rows())
+        if estimate == 0:
+            return None, 0
+    return ds, estimate
+
+
+def _count_items(batch: pa.Table) -> pa.Table:
+    from .stream import unpack
+
+    return pa.table({"items": [sum(b.num_rows for b, _ in unpack(batch) if b is not None)]})
+
+
+def _warmup_sizes(spec: JobSpec, info: ManifestInfo) -> list[tuple[str, int, int]]:
+    """(mode, width, height) the actors compile for before the first batch; a scan of
+    three manifest columns, only where the job compiles (torch_compile)."""
+    if not spec.compute.render_options().get("torch_compile"):
+        return []
+    from .manifest import _open
+
+    pf = _open(spec.manifest, spec.storage.model_dump())
+    names = [c for c in ("mode", "width", "height") if c in info.columns]
+    d = spec.defaults
+    sizes: set[tuple[str, int, int]] = set()
+    if not names:
+        return [(d.mode, d.width, d.height)]
+    for batch in pf.iter_batches(columns=names, batch_size=65536):
+        table = pa.Table.from_batches([batch]).group_by(names).aggregate([])
+        for row in table.to_pylist():
+            sizes.add(
+                (
+                    row.get("mode") or d.mode,
+                    row.get("width") or d.width,
+                    row.get("height") or d.height,
+                )
+            )
+    return sorted(sizes)
 
 
 def _import_stage_modules() -> None:
@@ -855,27 +934,27 @@ def _pipeline(*args: Any) -> Any:
 
 def _build_pipeline(
     spec: JobSpec,
-    refs: list,
+    plan: Any,
     models: dict[str, str],
     aux: dict[str, str | None],
     hashes: dict[str, str],
     placement: Placement,
     needs_inputs: bool,
-    sizes: set[tuple[str, int, int]],
+    sizes: list[tuple[str, int, int]],
 ) -> Any:
     import ray.data
 
     from . import modelcache
-    from .prepare import prepare_batch
-    from .render import Renderer
+    from .render import BlockRenderer
+    from .stream import prepare_blocks, write_blocks
 
     # Environment read now, not at ray.init: a connected cluster gets this job's settings.
     env = _runtime_env()
-    ds = ray.data.from_arrow_refs(refs)
+    ds = plan  # one packed planned block per row (`stream`), whatever the stage
     if needs_inputs:
         # Fetch + decode input images in CPU tasks, ahead of the actors.
         ds = ds.map_batches(
-            prepare_batch,
+            prepare_blocks,
             fn_kwargs=dict(storage=spec.storage.model_dump()),
             batch_format="pyarrow",
             batch_size=None,
@@ -885,7 +964,7 @@ def _build_pipeline(
     # batch_size=None: each call gets one planned block (one batch key, a multiple of
     # batch_size items), so pipeline calls are as full as the plan allows.
     ds = ds.map_batches(
-        Renderer,
+        BlockRenderer,
         fn_constructor_kwargs=dict(
             models=models,
             **aux,
@@ -896,7 +975,7 @@ def _build_pipeline(
             torch_threads=placement.torch_threads,
             prompt_overflow=spec.prompt_overflow,
             render_options=spec.compute.render_options(),
-            warmup_sizes=sorted(sizes),
+            warmup_sizes=sizes,
             storage=spec.storage.model_dump(),
             layouts=spec.models.layouts(),
             model_sources=modelcache.plans(sorted({*hashes, *spec.models.layouts().values()})),
@@ -913,7 +992,7 @@ def _build_pipeline(
         runtime_env=env,
     )
     return ds.map_batches(
-        write_batch,
+        write_blocks,
         fn_kwargs=dict(
             output=spec.output,
             job_name=spec.name,
@@ -993,6 +1072,20 @@ def _commit_stream(
         except BaseException as err:  # noqa: BLE001 - handed to the driver thread
             hand_over(err)
 
+    def take(block: pa.Table) -> None:
+        ok_mask = pc.equal(block["status"], "ok")
+        ok, bad = block.filter(ok_mask), block.filter(pc.invert(ok_mask))
+        if packer is not None:
+            bad = bad.drop_columns(["encoded"])
+            pending[METADATA_PREFIX].extend(packer.add(ok))
+        else:
+            pending[METADATA_PREFIX].append(ok)
+        pending[FAILURES_PREFIX].append(bad)
+        progress.done += ok.num_rows
+        progress.failed += bad.num_rows
+        progress.actor_seconds += pc.sum(ok["render_seconds"]).as_py() or 0.0
+
+    planned_skips = 0
     threading.Thread(target=consume, name="sdbatch-consume", daemon=True).start()
     watchdog = execution.watchdog_seconds or None
     last_item = time.monotonic()
@@ -1014,17 +1107,11 @@ def _commit_stream(
             if isinstance(got, BaseException):
                 raise unwrap_task_error(got)
             last_item = time.monotonic()
-            ok_mask = pc.equal(got["status"], "ok")
-            ok, bad = got.filter(ok_mask), got.filter(pc.invert(ok_mask))
-            if packer is not None:
-                bad = bad.drop_columns(["encoded"])
-                pending[METADATA_PREFIX].extend(packer.add(ok))
-            else:
-                pending[METADATA_PREFIX].append(ok)
-            pending[FAILURES_PREFIX].append(bad)
-            progress.done += ok.num_rows
-            progress.failed += bad.num_rows
-            progress.actor_seconds += pc.sum(ok["render_seconds"]).as_py() or 0.0
+            for block, skipped in unpack(got):
+                if block is None:
+                    planned_skips += skipped
+                else:
+                    take(block)
             if on_progress:
                 on_progress(progress)
             rows = sum(t.num_rows for ts in pending.values() for t in ts)
@@ -1033,6 +1120,8 @@ def _commit_stream(
                 or time.monotonic() - last_flush > execution.commit_seconds
             ):
                 flush()
+        # Every fragment reported: the exact count of what was already done.
+        progress.skipped = planned_skips
     finally:
         abandoned.set()
         if not finished:

@@ -13,12 +13,25 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .compact import live_files, repair
 from .lease import describe, live_lease
-from .runner import FAILURES_PREFIX, METADATA_PREFIX, RUN_KEY, SUCCESS_KEY, done_items, read_parts
+from .runner import FAILURES_PREFIX, METADATA_PREFIX, RUN_KEY, SUCCESS_KEY, done_table, read_parts
 from .store import StoreError, open_store
+from .stream import anti_join
+
+FAILURE_COLUMNS = pa.schema(
+    [
+        ("id", pa.string()),
+        ("image_index", pa.int32()),
+        ("error_type", pa.string()),
+        ("error_message", pa.string()),
+    ]
+)
 
 
 @dataclass
@@ -45,24 +58,20 @@ def job_status(output: str, storage: dict[str, Any] | None = None, top: int = 5)
         for prefix in (METADATA_PREFIX, FAILURES_PREFIX):
             with contextlib.suppress(StoreError, OSError):  # read-only credentials: fine
                 repair(store, prefix)
-    done = done_items(store)
-    reasons: Counter[str] = Counter()
-    failed: set[tuple[str, int]] = set()
-    for table in read_parts(
-        store, FAILURES_PREFIX, ["id", "image_index", "error_type", "error_message"]
-    ):
-        for row in table.to_pylist():
-            key = (row["id"], row["image_index"])
-            if key in done or key in failed:
-                continue
-            failed.add(key)
-            reasons[f"{row['error_type']}: {(row['error_message'] or '')[:100]}"] += 1
+    done = done_table(store)
+    failed = unresolved_failures(store, done)
+    reasons: Counter[str] = Counter(
+        f"{kind}: {(message or '')[:100]}"
+        for kind, message in zip(
+            failed["error_type"].to_pylist(), failed["error_message"].to_pylist(), strict=True
+        )
+    )
     run = json.loads(store.read_bytes(RUN_KEY)) if store.exists(RUN_KEY) else {}
     return JobStatus(
         output=store.uri,
         total=run.get("total"),
-        done=len(done),
-        failed=len(failed),
+        done=done.num_rows,
+        failed=failed.num_rows,
         complete=store.exists(SUCCESS_KEY),
         images_per_second=_latest_rate(store, run),
         top_failures=reasons.most_common(top),
@@ -76,15 +85,31 @@ def _latest_rate(store: Any, run: dict[str, Any]) -> float | None:
     run_id, started = run.get("run_id"), run.get("started_at")
     if not run_id or not started:
         return None
-    stamps = []
+    count, latest = 0, None
     for key in live_files(store, METADATA_PREFIX):
         if run_id in key:
             table = pq.read_table(store.open_input(key), columns=["created_at"])
-            stamps += table["created_at"].to_pylist()
-    if not stamps:  # compacted (a finished job): the run's own figure
+            stamp = pc.max(table["created_at"]).as_py()
+            count += table.num_rows
+            latest = stamp if latest is None or (stamp and stamp > latest) else latest
+    if not count or latest is None:  # compacted (a finished job): the run's own figure
         if store.exists(SUCCESS_KEY):
             with contextlib.suppress(ValueError):
                 return json.loads(store.read_bytes(SUCCESS_KEY)).get("images_per_second")
         return None
-    seconds = (max(stamps) - datetime.fromisoformat(started)).total_seconds()
-    return len(stamps) / seconds if seconds > 0 else None
+    seconds = (latest - datetime.fromisoformat(started)).total_seconds()
+    return count / seconds if seconds > 0 else None
+
+
+def unresolved_failures(store: Any, done: pa.Table) -> pa.Table:
+    """The first failure row of each item that has no image since (Arrow: a job's
+    failures are not a Python object each)."""
+    parts = [
+        t.select(FAILURE_COLUMNS.names).cast(FAILURE_COLUMNS)
+        for t in read_parts(store, FAILURES_PREFIX, FAILURE_COLUMNS.names)
+    ]
+    table = pa.concat_tables(parts) if parts else FAILURE_COLUMNS.empty_table()
+    order = pa.array(np.arange(table.num_rows, dtype=np.int64))
+    table = anti_join(table.append_column("order", order), done)
+    first = table.group_by(["id", "image_index"], use_threads=False).aggregate([("order", "min")])
+    return table.filter(pc.is_in(table["order"], value_set=first["order_min"])).sort_by("order")

@@ -1,0 +1,202 @@
+"""The streaming plan: manifest fragments become planned blocks inside Ray Data tasks.
+
+The driver never materialises the plan. It cuts the manifest into fragments (runs of
+Parquet row groups, from the file's footer) and hands Ray Data one row per fragment;
+a CPU task per fragment reads only its rows, expands them into items (`plan.expand_row`:
+seeds and keys as ever), drops what is done and cuts homogeneous blocks as they fill
+(`plan.homogeneous_blocks`), so rendering starts as soon as the first block is cut,
+whatever the manifest's size. The done set travels as one Arrow table (id, image_index,
+row_id) in the object store; each task keeps only its own fragment's rows of it.
+
+A planned block is one Ray Data *row* from there on (`pack`: the block's Arrow IPC bytes
+in a `block` column): Ray Data coalesces and splits blocks by bytes, which would mix
+batch keys and hand a small job's whole plan to one actor, but it never splits a row.
+With `ROW_PER_BLOCK` bytes as its target block size every row is its own Ray block, so
+each stage (prepare, render, write) gets exactly one planned block per call, and the
+actor pool balances block by block as before. A plan task ends its fragment with a row
+whose `skipped` says how many of its items were already done.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .plan import ITEM_SCHEMA, expand_row, homogeneous_blocks, manifest_base
+
+# Manifest rows per planning task (whole row groups: a larger row group is one fragment).
+FRAGMENT_ROWS = 50_000
+READ_ROWS = 4096
+# DataContext.target_max_block_size for a job: every row (a planned block) its own block.
+ROW_PER_BLOCK = 1
+BLOCK_SCHEMA = pa.schema([("block", pa.binary()), ("skipped", pa.int64())])
+DONE_SCHEMA = pa.schema([("id", pa.string()), ("image_index", pa.int32()), ("row_id", pa.string())])
+
+
+def fragments(pf: pq.ParquetFile, target_rows: int = FRAGMENT_ROWS) -> list[dict[str, Any]]:
+    """Runs of consecutive row groups of about `target_rows` rows: one planning task each."""
+    out: list[dict[str, Any]] = []
+    groups: list[int] = []
+    rows = 0
+    for i in range(pf.metadata.num_row_groups):
+        groups.append(i)
+        rows += pf.metadata.row_group(i).num_rows
+        if rows >= target_rows:
+            out.append({"fragment": len(out), "row_groups": groups})
+            groups, rows = [], 0
+    if groups:
+        out.append({"fragment": len(out), "row_groups": groups})
+    return out
+
+
+def pack(table: pa.Table) -> pa.Table:
+    """One planned (or prepared, rendered, written) block as a one-row table."""
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return pa.table({"block": [sink.getvalue()], "skipped": [0]}, schema=BLOCK_SCHEMA)
+
+
+def skipped_row(count: int) -> pa.Table:
+    return pa.table({"block": [None], "skipped": [count]}, schema=BLOCK_SCHEMA)
+
+
+def unpack(batch: pa.Table) -> Iterator[tuple[pa.Table | None, int]]:
+    """(block, skipped) per row of a batch of packed rows; block is None on a count row."""
+    for data, skipped in zip(batch["block"].to_pylist(), batch["skipped"].to_pylist(), strict=True):
+        if data is None:
+            yield None, int(skipped or 0)
+        else:
+            yield pa.ipc.open_stream(data).read_all(), 0
+
+
+def per_block(fn: Callable[[pa.Table], pa.Table], batch: pa.Table) -> pa.Table:
+    """Apply a stage's function (a table of items in, a table out) to each packed block;
+    count rows pass through unchanged."""
+    rows = []
+    for block, skipped in unpack(batch):
+        rows.append(skipped_row(skipped) if block is None else pack(fn(block)))
+    return pa.concat_tables(rows) if rows else BLOCK_SCHEMA.empty_table()
+
+
+def prepare_blocks(batch: pa.Table, **kwargs: Any) -> pa.Table:
+    from .prepare import prepare_batch
+
+    return per_block(lambda t: prepare_batch(t, **kwargs), batch)
+
+
+def write_blocks(batch: pa.Table, **kwargs: Any) -> pa.Table:
+    from .write import write_batch
+
+    return per_block(lambda t: write_batch(t, **kwargs), batch)
+
+
+def fragment_done(done: pa.Table | None, row_ids: pa.Array) -> set[tuple[str, int]]:
+    """The (id, image_index) pairs of `done` whose manifest row is one of `row_ids`."""
+    if done is None or not done.num_rows:
+        return set()
+    mine = done.filter(pc.is_in(done["row_id"], value_set=row_ids))
+    return set(zip(mine["id"].to_pylist(), mine["image_index"].to_pylist(), strict=True))
+
+
+def plan_fragment(
+    batch: pa.Table,
+    *,
+    spec: Any,
+    columns: list[str],
+    storage: dict[str, Any] | None,
+    families: dict[str, str | None],
+    block_rows: int,
+    done: Any = None,
+    only: Any = None,
+) -> Iterator[pa.Table]:
+    """The planned blocks of the manifest fragments in `batch` (rows of `fragments`), as
+    packed rows; then one count row per fragment. `done` / `only`: object refs (or
+    tables) of DONE_SCHEMA: skip the former; with `only`, plan nothing else."""
+    import ray
+
+    from .manifest import _open
+
+    done_table = ray.get(done) if isinstance(done, ray.ObjectRef) else done
+    only_table = ray.get(only) if isinstance(only, ray.ObjectRef) else only
+    pf = _open(spec.manifest, storage)
+    base = manifest_base(spec.manifest)
+    for groups in batch["row_groups"].to_pylist():
+        row_ids = pf.read_row_groups(groups, columns=["id"])["id"].combine_chunks()
+        skip = fragment_done(done_table, row_ids)
+        keep = None if only_table is None else fragment_done(only_table, row_ids) - skip
+        del row_ids
+        skipped = [0]
+        rows = (
+            row
+            for record in pf.iter_batches(batch_size=READ_ROWS, row_groups=groups, columns=columns)
+            for row in record.to_pylist()
+        )
+        items = _wanted(rows, spec, base, families, skip, keep, skipped)
+        for block in homogeneous_blocks(items, block_rows):
+            yield pack(pa.Table.from_pylist(block, schema=ITEM_SCHEMA))
+        yield skipped_row(skipped[0])
+
+
+def _wanted(
+    rows: Iterator[dict[str, Any]],
+    spec: Any,
+    base: str,
+    families: dict[str, str | None],
+    skip: set[tuple[str, int]],
+    keep: set[tuple[str, int]] | None,
+    skipped: list[int],
+) -> Iterator[dict[str, Any]]:
+    """The items of `rows` to render: not in `skip`, and in `keep` unless it is None;
+    `skipped[0]` counts the others."""
+    for row in rows:
+        for item in expand_row(row, spec, base, families.get):
+            key = (item["id"], item["image_index"])
+            if key in skip or (keep is not None and key not in keep):
+                skipped[0] += 1
+            else:
+                yield item
+
+
+def done_table(store: Any, metadata_prefix: str, listed: tuple[str, ...]) -> pa.Table:
+    """(id, image_index, row_id) of every item with a metadata row whose image exists,
+    once each, as Arrow: one listing of `listed` prefixes, no Python object per item."""
+    from .compact import live_files
+
+    chunks: list[pa.Array] = []
+    names: list[str] = []
+    for prefix in listed:
+        for key in store.list(prefix):
+            names.append(key)
+            if len(names) >= 100_000:
+                chunks.append(pa.array(names, pa.string()))
+                names = []
+    chunks.append(pa.array(names, pa.string()))
+    stored = pa.chunked_array(chunks, pa.string()).combine_chunks()
+    del chunks, names
+    parts = []
+    for key in live_files(store, metadata_prefix):
+        t = pq.read_table(store.open_input(key), columns=["id", "image_index", "row_id", "key"])
+        t = t.filter(pc.is_in(t["key"], value_set=stored))
+        parts.append(t.select(["id", "image_index", "row_id"]).cast(DONE_SCHEMA))
+    if not parts:
+        return DONE_SCHEMA.empty_table()
+    return unique(pa.concat_tables(parts))
+
+
+def unique(table: pa.Table) -> pa.Table:
+    return table.group_by(list(table.column_names), use_threads=False).aggregate([])
+
+
+def anti_join(left: pa.Table, right: pa.Table) -> pa.Table:
+    """Rows of `left` whose (id, image_index) is not in `right`."""
+    if not right.num_rows or not left.num_rows:
+        return left
+    return left.join(
+        right.select(["id", "image_index"]), ["id", "image_index"], join_type="left anti"
+    )
