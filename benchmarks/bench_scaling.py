@@ -9,7 +9,9 @@
    to end (run_job's whole wall time / images, start-up included, so it falls as jobs
    grow; that one is not expected to be flat). Goal: steady-state time per image flat
    within ±10 % of the median of the three.
-2. Driver memory for planning a 10⁶-row manifest: the manifest is written with pyarrow,
+2. (The pre-streaming driver path: run_job no longer plans in the driver, see
+   bench_stream.py for what a job's driver costs now.)
+   Driver memory for planning a 10⁶-row manifest: the manifest is written with pyarrow,
    then a fresh Python process runs only the driver's planning path, as run_job does
    it but without Ray: `validate_manifest`, `plan_items` over the streamed rows,
    `homogeneous_blocks` with run_job's block size, each block turned into an Arrow

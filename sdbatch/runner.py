@@ -516,6 +516,13 @@ def configure_ray_data(spec: JobSpec, verbose: bool) -> None:
     ctx.raise_original_map_exception = True
     # Every row (one planned block) its own Ray block through every stage (`stream`).
     ctx.target_max_block_size = ROW_PER_BLOCK
+    # Planned blocks are made by the plan task on whatever node it ran on; preferring the
+    # actors of that node would hand a small job's every block to one node's actors.
+    # A block is a few KB of items: send it to the least busy actor wherever it is.
+    # (Deprecated in Ray 2.60 "for removal after January 2027", with nothing replacing it.)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ctx.execution_options.actor_locality_enabled = False
     if not verbose:
         _ray_data_console(logging.ERROR)  # execution notes off, errors still shown
 
@@ -841,18 +848,27 @@ def _plan(
 
     storage = spec.storage.model_dump()
     estimate = only.num_rows if only is not None else max(0, info.total_items - done.num_rows)
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         spec=spec,
         columns=info.columns,
         storage=storage,
         families={ref: family_of(ref) for ref in set(models.values())},
         block_rows=block_rows_for(max(1, estimate), spec.batch_size, actors),
-        done=ray.put(done) if done.num_rows else None,
-        only=ray.put(only) if only is not None else None,
     )
     if only is not None and not only.num_rows:
         return None, 0
     parts = fragments(_open(spec.manifest, storage))
+    if len(parts) == 1:
+        # One fragment (at most FRAGMENT_ROWS rows, so bounded): planned here, up front,
+        # so every actor has a block from the first moment. Streamed, a plan slower than
+        # the actors (tiny models) would feed one idle actor at a time.
+        rows = list(plan_fragment(pa.Table.from_pylist(parts), done=done, only=only, **kwargs))
+        planned = sum(b.num_rows for row in rows for b, _ in unpack(row) if b is not None)
+        return (ray.data.from_arrow(rows), planned) if planned else (None, 0)
+    kwargs.update(
+        done=ray.put(done) if done.num_rows else None,
+        only=ray.put(only) if only is not None else None,
+    )
     ds = ray.data.from_items(parts, override_num_blocks=len(parts)).map_batches(
         plan_fragment,
         fn_kwargs=kwargs,
