@@ -205,7 +205,7 @@ def write_spec(path: Path, spec: dict[str, Any]) -> Path:
 
 def start_ray() -> float:
     """Start the one local Ray of this process; returns the seconds it took."""
-    from sdbatch.runner import init_ray
+    from sdbatch.session import init_ray
 
     started = time.perf_counter()
     init_ray()
@@ -269,7 +269,7 @@ def warm_up(models: dict[str, Path], work: Path, **compute: Any) -> float:
 
 
 def metadata(output: str | Path) -> Any:
-    from sdbatch.runner import read_metadata
+    from sdbatch.output import read_metadata
 
     return read_metadata(str(output)).to_pandas()
 

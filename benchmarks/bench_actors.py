@@ -57,7 +57,7 @@ def child_cluster(args: argparse.Namespace) -> None:
     cluster.wait_for_nodes()
     cluster_start = t()
     try:
-        from sdbatch.runner import init_ray
+        from sdbatch.session import init_ray
 
         init_ray(cluster.address)
         spec = parse_spec(json.loads(args.cluster_spec))

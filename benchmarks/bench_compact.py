@@ -63,7 +63,7 @@ def main() -> int:
     import pyarrow.parquet as pq
 
     from sdbatch.compact import compact, live_files
-    from sdbatch.runner import METADATA_PREFIX, read_parts
+    from sdbatch.output import METADATA_PREFIX, read_parts
     from sdbatch.store import LocalStore
     from sdbatch.write import METADATA_SCHEMA
 

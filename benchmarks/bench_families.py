@@ -77,12 +77,12 @@ def child(args: argparse.Namespace) -> None:
     """One actor's work in this process; prints CHILD json."""
     import torch
 
+    from sdbatch.checks import aux_models, models_for
     from sdbatch.manifest import ManifestInfo
     from sdbatch.models import family_of, loaded_modules
     from sdbatch.plan import plan_items
     from sdbatch.prepare import prepare_item
     from sdbatch.render import Renderer
-    from sdbatch.runner import aux_models, models_for
 
     torch.set_num_threads(args.threads)
     imported_mib = peak_mib()

@@ -42,8 +42,8 @@ def plan_cost(spec: Any) -> dict:
     import pyarrow as pa
 
     from sdbatch.manifest import iter_rows, validate_manifest
+    from sdbatch.output import done_items
     from sdbatch.plan import ITEM_SCHEMA, block_rows_for, homogeneous_blocks, plan_items
-    from sdbatch.runner import done_items
     from sdbatch.store import open_store
 
     t = c.timer()

@@ -126,8 +126,8 @@ def add_done_items(output: Path, count: int) -> int:
     import pyarrow.parquet as pq
 
     from sdbatch.compact import live_files
+    from sdbatch.output import METADATA_PREFIX
     from sdbatch.plan import image_key, item_seed
-    from sdbatch.runner import METADATA_PREFIX
     from sdbatch.store import open_store
 
     store = open_store(str(output))

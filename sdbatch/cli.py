@@ -58,8 +58,9 @@ def validate(
     spec_path: Annotated[Path, typer.Argument(metavar="JOB.yaml", help="Job spec.")],
 ) -> None:
     """Check a job spec, its manifest and its models without rendering anything."""
+    from .checks import check_job
+    from .errors import RunError
     from .manifest import ManifestError
-    from .runner import RunError, check_job
 
     spec = _load(spec_path)
     try:
@@ -80,10 +81,10 @@ def plan(
     """Show what a job will render (per mode/size/steps/scheduler/model), what is done, and an estimate."""
     from rich.table import Table
 
+    from .errors import RunError
     from .estimate import plan_report
     from .manifest import ManifestError
     from .models import ModelError
-    from .runner import RunError
     from .store import StoreError
 
     spec = _load(spec_path)

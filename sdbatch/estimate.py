@@ -14,10 +14,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checks import check_job
 from .manifest import iter_rows
 from .models import family_of
+from .output import METADATA_PREFIX, done_items, read_parts
 from .plan import plan_items
-from .runner import METADATA_PREFIX, check_job, done_items, read_parts
 from .spec import JobSpec
 from .store import open_store
 

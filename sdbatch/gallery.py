@@ -177,7 +177,7 @@ def build_gallery(
     limit: at most this many images (and failures) on the page; None or 0 for all.
     where: an SQL predicate over the metadata columns (DuckDB), e.g. "mode = 'inpaint'".
     """
-    from .runner import FAILURES_PREFIX, METADATA_PREFIX, SUCCESS_KEY
+    from .output import FAILURES_PREFIX, METADATA_PREFIX, SUCCESS_KEY
 
     # 1. Read what the output holds (every part, old and new schemas alike).
     store = open_store(output, storage)
@@ -230,7 +230,7 @@ def build_gallery(
 
 
 def _read_all(store: Store, prefix: str) -> pa.Table | None:
-    from .runner import read_parts
+    from .output import read_parts
 
     tables = list(read_parts(store, prefix))
     if not tables:

@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .output import FAILURES_PREFIX, METADATA_PREFIX, done_items, read_parts
 from .plan import ITEM_SCHEMA, image_key
-from .runner import FAILURES_PREFIX, METADATA_PREFIX, done_items, read_parts
 from .store import Store, open_store
 from .write import CONTENT_TYPES, METADATA_SCHEMA, encode_image
 

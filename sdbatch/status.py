@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from .compact import live_files, repair
 from .lease import describe, live_lease
-from .runner import FAILURES_PREFIX, METADATA_PREFIX, RUN_KEY, SUCCESS_KEY, done_table, read_parts
+from .output import FAILURES_PREFIX, METADATA_PREFIX, RUN_KEY, SUCCESS_KEY, done_table, read_parts
 from .store import StoreError, open_store
 from .stream import anti_join
 

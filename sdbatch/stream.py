@@ -90,10 +90,34 @@ def prepare_blocks(batch: pa.Table, **kwargs: Any) -> pa.Table:
     return per_block(lambda t: prepare_batch(t, **kwargs), batch)
 
 
-def write_blocks(batch: pa.Table, **kwargs: Any) -> pa.Table:
+def write_blocks(batch: pa.Table, *, packer: Any = None, **kwargs: Any) -> pa.Table:
+    """The write stage. With a `packer` (the job's `write.ShardPacker` actor) finished
+    images go into its shards, and the rows of shards it closes come back instead."""
     from .write import write_batch
 
-    return per_block(lambda t: write_batch(t, **kwargs), batch)
+    def write(block: pa.Table) -> pa.Table:
+        table = write_batch(block, **kwargs)
+        if packer is None:
+            return table
+        ok = pc.equal(table["status"], "ok")
+        closed = call_actor(packer.add, table.filter(ok))
+        failed = table.filter(pc.invert(ok)).drop_columns(["encoded"])
+        return pa.concat_tables([failed, *closed])
+
+    return per_block(write, batch)
+
+
+def call_actor(method: Any, *args: Any) -> Any:
+    """`ray.get(method.remote(*args))`; a StoreError raised in the actor as itself (one
+    line), not wrapped in Ray's traceback."""
+    import ray
+
+    from .store import unwrap_task_error
+
+    try:
+        return ray.get(method.remote(*args))
+    except ray.exceptions.RayTaskError as err:
+        raise unwrap_task_error(err) from None
 
 
 def fragment_done(done: pa.Table | None, row_ids: pa.Array) -> set[tuple[str, int]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from datetime import datetime, timezone
 from typing import Any
 
@@ -271,8 +272,8 @@ def write_batch(
 ) -> pa.Table:
     """Encode each rendered image and store it; return metadata rows (schema above).
 
-    With the webdataset layout nothing is stored here: the encoded bytes travel back in
-    an `encoded` column and the driver packs them into tar shards.
+    With the webdataset layout nothing is stored here: the encoded bytes go on in an
+    `encoded` column to the job's `ShardPacker`.
     """
     from .store import open_store
 
@@ -304,28 +305,40 @@ def write_batch(
 class ShardPacker:
     """Packs encoded images into WebDataset tar shards (`{sample}.{ext}` + `{sample}.json`).
 
-    Runs in the driver, which sees every finished item. A shard is uploaded whole when it
-    holds `shard_size` samples (or at the end of the run); only then are its samples'
-    metadata rows released for commit, so an interrupted run never records an item whose
-    shard does not exist, and resume re-renders what the lost open shard held.
+    Runs as one Ray actor per job, beside the write tasks (`stream.write_blocks` hands it
+    each block's finished items), never in the driver: the open shard is a temporary file
+    on the actor's node, so memory does not grow with shard_size × image size. A shard is
+    uploaded whole when it holds `shard_size` samples (or when the driver closes the
+    packer at the end of the run); only then are its samples' metadata rows released to
+    be committed, so an interrupted run never records an item whose shard does not
+    exist, and resume re-renders what the lost open shard held. An item added twice (a
+    retried write task) is packed once.
     """
 
-    def __init__(self, store: Any, run_id: str, shard_size: int, extension: str):
-        self.store, self.run_id, self.shard_size, self.extension = (
-            store,
-            run_id,
-            shard_size,
-            extension,
-        )
+    def __init__(
+        self,
+        output: str,
+        storage: dict[str, Any] | None,
+        run_id: str,
+        shard_size: int,
+        extension: str,
+    ):
+        from .store import open_store
+
+        self.store = open_store(output, storage)
+        self.run_id, self.shard_size, self.extension = run_id, shard_size, extension
         self.seq = 0
-        self._reset()
+        self._open_shard()
 
-    def _reset(self) -> None:
+    def _open_shard(self) -> None:
         import tarfile
+        import tempfile
 
-        self.buf = io.BytesIO()
-        self.tar = tarfile.open(fileobj=self.buf, mode="w")
+        fd, self.path = tempfile.mkstemp(prefix=f"sdbatch-shard-{self.run_id}-", suffix=".tar")
+        self.file = os.fdopen(fd, "w+b")
+        self.tar = tarfile.open(fileobj=self.file, mode="w")
         self.rows: list[dict[str, Any]] = []
+        self.keys: set[str] = set()
 
     def _add_member(self, name: str, data: bytes) -> None:
         import tarfile
@@ -339,6 +352,8 @@ class ShardPacker:
         closed = []
         for row in table.to_pylist():
             data = row.pop("encoded")
+            if row["key"] in self.keys:
+                continue
             # WebDataset splits a member name at its first dot: keep the sample key dot-free.
             sample = row["key"].rsplit("/", 1)[-1].rsplit(".", 1)[0].replace(".", "_")
             self._add_member(f"{sample}.{self.extension}", data)
@@ -351,6 +366,7 @@ class ShardPacker:
             )
             row["member"] = f"{sample}.{self.extension}"
             self.rows.append(row)
+            self.keys.add(row["key"])
             if len(self.rows) >= self.shard_size:
                 closed.append(self.close())
         return [t for t in closed if t.num_rows]
@@ -360,8 +376,12 @@ class ShardPacker:
         if not self.rows:
             return METADATA_SCHEMA.empty_table()
         self.tar.close()
+        self.file.close()
         key = f"shards/{self.run_id}-{self.seq:05d}.tar"
-        self.store.write_bytes(key, self.buf.getvalue(), content_type="application/x-tar")
+        try:
+            self.store.write_file(key, self.path, content_type="application/x-tar")
+        finally:
+            os.unlink(self.path)
         for row in self.rows:
             row.update(key=key, image_uri=f"{self.store.uri_of(key)}#{row['member']}")
         table = pa.Table.from_pylist(
@@ -369,5 +389,5 @@ class ShardPacker:
             schema=METADATA_SCHEMA,
         )
         self.seq += 1
-        self._reset()
+        self._open_shard()
         return table

@@ -34,7 +34,7 @@ def ray_session():
     """One local Ray for the whole session (dashboard off), shut down at the end."""
     import ray
 
-    from sdbatch.runner import init_ray
+    from sdbatch.session import init_ray
 
     init_ray()
     yield ray

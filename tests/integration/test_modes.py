@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdbatch.runner import models_for, read_metadata, run_job
+from sdbatch.checks import models_for
+from sdbatch.runner import read_metadata, run_job
 from tests.helpers import make_inputs
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]

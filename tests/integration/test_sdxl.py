@@ -376,9 +376,9 @@ def test_sdxl_rerun_verifies_bit_exact(sdxl_mixed) -> None:
 
 
 def test_sdxl_actor_holds_each_module_once(tiny_models) -> None:
+    from sdbatch.checks import aux_models, models_for
     from sdbatch.models import loaded_modules
     from sdbatch.render import Renderer
-    from sdbatch.runner import aux_models, models_for
     from sdbatch.spec import parse_spec
 
     spec = parse_spec(

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from sdbatch.compact import RECORD, compact, live_files, repair
-from sdbatch.runner import read_parts
+from sdbatch.output import read_parts
 from sdbatch.store import LocalStore
 
 PREFIX = "metadata/"

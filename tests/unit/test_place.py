@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sdbatch.runner import CPU_STAGE_CPUS, STAGE_TASKS, RunError, place
+from sdbatch.errors import RunError
+from sdbatch.session import CPU_STAGE_CPUS, STAGE_TASKS, place
 from sdbatch.spec import parse_spec
 
 

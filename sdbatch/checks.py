@@ -1,0 +1,175 @@
+"""Checks of a job before anything loads or renders: the manifest, the checkpoints each
+mode needs and whether they fit together, hub ids pinned to commits.
+
+`validate`, `plan` and `run` all start here, so a job `validate` passes never fails for
+a reason it could have known.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .errors import RunError
+from .manifest import ManifestInfo, validate_manifest
+from .spec import JobSpec
+
+
+def check_job(spec: JobSpec) -> ManifestInfo:
+    """Everything that can be known without rendering: manifest, models, output."""
+    from .models import use_layouts, use_storage
+
+    info = validate_manifest(spec.manifest, spec)
+    use_storage(spec.storage.model_dump())  # s3:// checkpoints are read with these options
+    assert spec.models is not None
+    use_layouts(spec.models.layouts())  # single-file checkpoints: their models.config
+    problems = check_models(spec, info)
+    if problems:
+        raise RunError("\n".join(dict.fromkeys(problems)))
+    return info
+
+
+def check_models(spec: JobSpec, info: ManifestInfo) -> list[str]:
+    """Problems with the checkpoints the job's modes need: unsupported pipeline classes,
+    and models that do not fit together (so `validate` never passes a job whose every
+    item would then fail)."""
+    from .models import (
+        check_checkpoint,
+        check_controlnet,
+        check_depth_estimator,
+        inspect_checkpoint,
+        pickle_problem,
+    )
+
+    models = spec.models
+    assert models is not None
+    problems: list[str] = []
+    checkpoints = {}
+    for mode in sorted(info.modes):
+        try:
+            ref = spec.model_for(mode)
+        except ValueError as err:
+            problems.append(f"{spec.manifest}: {err}")
+            continue
+        problem = check_checkpoint(ref)
+        if problem:
+            problems.append(problem)
+        else:
+            checkpoints[mode] = inspect_checkpoint(ref)
+    base_problem = check_checkpoint(models.base)
+    base = None if base_problem else inspect_checkpoint(models.base)
+    if base is not None and not base.has_text_encoder and base.family == "sdxl":
+        problems.append(
+            f"models.base {models.base}: an SDXL refiner (no text_encoder) cannot be the base "
+            "model; give it as models.refiner"
+        )
+    inpaint = checkpoints.get("inpaint")
+    if inpaint is not None and inpaint.unet_in_channels not in (4, 9):
+        problems.append(
+            f"models.inpaint {inpaint.ref}: UNet has {inpaint.unet_in_channels} input channels, "
+            "expected 9 (an inpainting checkpoint) or 4 (a base model)"
+        )
+    depth = checkpoints.get("depth2img")
+    if depth is not None and models.depth:
+        if depth.family == "sdxl":
+            problems.append(
+                f"models.depth {models.depth}: an SDXL checkpoint; SDXL depth2img uses "
+                "models.depth_controlnet with the base model"
+            )
+        elif depth.unet_in_channels != 5 or not depth.has_depth_estimator:
+            problems.append(
+                f"models.depth {models.depth}: not a depth2img checkpoint (needs a 5-channel "
+                f"UNet and a depth_estimator; found {depth.pipeline_class}, "
+                f"{depth.unet_in_channels}-channel UNet)"
+            )
+    if models.depth_controlnet:
+        if base is not None and base.family != "sdxl":
+            problems.append(
+                f"models.depth_controlnet is for SDXL; the base model {models.base} is "
+                f"{base.family.upper()}: use models.depth (an SD 2 depth checkpoint)"
+            )
+        elif "depth2img" in info.modes:
+            problems.append(check_controlnet(models.depth_controlnet) or "")
+            if info.estimates_depth and not models.depth_estimator:
+                problems.append(
+                    f"{spec.manifest}: depth2img rows without a depth_map need "
+                    "models.depth_estimator (a DPT, e.g. Intel/dpt-hybrid-midas) beside "
+                    "models.depth_controlnet"
+                )
+    if models.depth_estimator and "depth2img" in info.modes and info.estimates_depth:
+        problems.append(check_depth_estimator(models.depth_estimator) or "")
+    if models.refiner:
+        problem = check_checkpoint(models.refiner)
+        if problem:
+            problems.append(f"models.refiner: {problem}")
+        elif inspect_checkpoint(models.refiner).family != "sdxl":
+            problems.append(
+                f"models.refiner {models.refiner}: "
+                f"{inspect_checkpoint(models.refiner).pipeline_class}, not an SDXL pipeline"
+            )
+        if base is not None and base.family != "sdxl":
+            problems.append(
+                f"models.refiner is an SDXL second stage; the base model {models.base} is "
+                f"{base.family.upper()}"
+            )
+    if not models.allow_pickle and not problems:
+        for name, ref in model_fields(spec, info).items():
+            problems.append(pickle_problem(ref, f"models.{name}") or "")
+    return [p for p in problems if p]
+
+
+def model_fields(spec: JobSpec, info: ManifestInfo) -> dict[str, str]:
+    """`models.<field>` → checkpoint, for every model the job's rows load."""
+    m = spec.models
+    assert m is not None
+    used = {spec.model_for(mode) for mode in info.modes}
+    aux = {ref for ref in aux_models(spec, info).values() if ref}
+    fields = {
+        name: ref
+        for name in ("base", "inpaint", "depth", "depth_controlnet", "depth_estimator", "refiner")
+        if (ref := getattr(m, name)) and (ref in used or ref in aux)
+    }
+    return fields
+
+
+def pin_hub_models(spec: JobSpec) -> JobSpec:
+    """The spec with each hub id (`org/name`, `org/name@branch`) as `org/name@<commit>`."""
+    from . import hub
+
+    assert spec.models is not None
+
+    def pinned(value: str) -> str:
+        if value.startswith("s3://") or Path(value).exists() or not hub.split(value):
+            return value
+        return hub.pin(value)
+
+    fields = {k: v for k, v in spec.models.model_dump().items() if isinstance(v, str)}
+    changed: dict[str, Any] = {k: p for k, v in fields.items() if (p := pinned(v)) != v}
+    config = {k: pinned(v) for k, v in spec.models.config.items()}
+    if config != spec.models.config:
+        changed["config"] = config
+    if not changed:
+        return spec
+    return spec.model_copy(update={"models": spec.models.model_copy(update=changed)})
+
+
+def models_for(spec: JobSpec, modes: set[str]) -> dict[str, str]:
+    """Checkpoint per mode, for the modes this job uses only (actors load nothing else)."""
+    return {mode: spec.model_for(mode) for mode in sorted(modes)}
+
+
+def aux_models(spec: JobSpec, info: ManifestInfo) -> dict[str, str | None]:
+    """The refiner, depth ControlNet and depth estimator the actors load, where the job's
+    rows use them (Renderer keyword arguments)."""
+    from .models import family_of
+    from .plan import REFINER_MODES
+
+    m = spec.models
+    assert m is not None
+    sdxl = {mode for mode in info.modes if family_of(spec.model_for(mode)) == "sdxl"}
+    depth = "depth2img" in sdxl and bool(m.depth_controlnet)
+    return {
+        "refiner": m.refiner if m.refiner and sdxl & set(REFINER_MODES) else None,
+        "depth_controlnet": m.depth_controlnet if depth else None,
+        "depth_estimator": m.depth_estimator if depth and info.estimates_depth else None,
+    }
