@@ -24,8 +24,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .output import FAILURES_PREFIX, METADATA_PREFIX
-from .store import Store, unwrap_task_error
+from .store import Store, StoreError, unwrap_task_error
 from .stream import unpack
+from .write import UNSTORED
 
 
 class Stalled(Exception):
@@ -38,6 +39,7 @@ class Progress:
     done: int = 0
     failed: int = 0
     skipped: int = 0
+    committed: int = 0  # done items whose metadata rows are written (resume skips them)
     actor_seconds: float = 0.0  # time inside pipeline calls, summed over images
     started: float = field(default_factory=time.monotonic)
 
@@ -77,12 +79,24 @@ class Committer:
         self._last_flush = time.monotonic()
 
     def add(self, batch: pa.Table) -> None:
-        """One batch of packed rows from the write stage; flushes when a part is due."""
+        """One batch of packed rows from the write stage; flushes when a part is due.
+
+        Rows the write stage could not store (the output failed) are not committed: what
+        was stored is, at once, then StoreError stops the job with the store's message.
+        """
+        unstored: list[str] = []
         for block, skipped in unpack(batch):
             if block is None:
                 self.skipped += skipped
-            else:
-                self._take(block)
+                continue
+            lost = pc.equal(block["status"], UNSTORED)
+            if pc.any(lost).as_py():
+                unstored += block.filter(lost)["error_message"].to_pylist()
+                block = block.filter(pc.invert(lost))
+            self._take(block)
+        if unstored:
+            self.flush()
+            raise StoreError(unstored[0])
         if self._rows >= self.commit_rows or self.due():
             self.flush()
 
@@ -121,6 +135,8 @@ class Committer:
                     key, buf.getvalue(), content_type="application/vnd.apache.parquet"
                 )
                 self.parts.append(key)
+                if prefix == METADATA_PREFIX:
+                    self.progress.committed += sum(t.num_rows for t in tables)
             self._pending[prefix] = []
         self._rows = 0
         self._last_flush = time.monotonic()

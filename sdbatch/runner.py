@@ -45,7 +45,7 @@ from .session import (
     warm_stage_workers,
 )
 from .spec import JobSpec
-from .store import Store, open_store
+from .store import Store, StoreError, open_store
 from .stream import anti_join, unpack
 
 __all__ = ["Placement", "Progress", "RunError", "RunResult", "read_metadata", "run_job"]
@@ -158,6 +158,7 @@ class _Job:
 
         # 3. Ray and placement.
         owns_ray = init_ray(address, self.verbose)
+        progress: Progress | None = None
         try:
             configure_ray_data(spec, self.verbose)
             placement = place(spec, ray.cluster_resources())
@@ -189,6 +190,14 @@ class _Job:
             raise RunError(str(err)) from None
         except ray.exceptions.RayError as err:
             raise RunError(explain_ray_error(err, spec)) from None
+        except StoreError as err:
+            # Disk full, permission or credentials gone, bucket deleted: what is stored
+            # and committed stays; the same command resumes once the cause is fixed.
+            kept = progress.committed if progress is not None else 0
+            raise RunError(
+                f"stopped: {err}\n{kept} image(s) committed by this run are kept; fix the "
+                "output (space, permissions, credentials), then run the same command to resume"
+            ) from None
         except KeyboardInterrupt:
             # What finished is committed (_render's finally); stop the rest now, even an
             # actor hung inside a pipeline call, instead of at interpreter exit.
@@ -197,6 +206,7 @@ class _Job:
             raise
 
         # 6. Compact and mark success: only when every item is done.
+        assert progress is not None
         result = RunResult(
             name=spec.name,
             output=store.uri,

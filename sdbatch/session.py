@@ -232,7 +232,10 @@ def configure_ray_data(spec: JobSpec, verbose: bool) -> None:
         warnings.simplefilter("ignore")
         ctx.execution_options.actor_locality_enabled = False
     if not verbose:
-        _ray_data_console(logging.ERROR)  # execution notes off, errors still shown
+        # Off the console: execution notes, and the traceback Ray Data logs for a failed
+        # task before it raises the same error here (the driver reports it in one line;
+        # Ray Data's session log file keeps the traceback).
+        _ray_data_console(logging.CRITICAL + 1)
 
 
 # ---------------------------------------------------------------- the job

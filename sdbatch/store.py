@@ -152,6 +152,8 @@ class LocalStore(Store):
             return self._path(key).read_bytes()
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise FileNotFoundError(f"{self.uri_of(key)}: no such file") from None
+        except OSError as err:
+            raise StoreError(f"{self.uri_of(key)}: cannot read: {err.strerror}") from None
 
     def write_bytes(self, key: str, data: bytes, content_type: str | None = None) -> None:
         path = self._path(key)
@@ -166,8 +168,10 @@ class LocalStore(Store):
             # mkstemp creates 0600; outputs are shared (web servers, other users): umask rules.
             os.chmod(tmp, 0o666 & ~_UMASK)
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as err:
             Path(tmp).unlink(missing_ok=True)
+            if isinstance(err, OSError):  # disk full, permission revoked, folder gone
+                raise StoreError(f"{self.uri_of(key)}: cannot write: {err.strerror}") from None
             raise
 
     def write_file(self, key: str, path: str | Path, content_type: str | None = None) -> None:
@@ -209,9 +213,10 @@ class LocalStore(Store):
         # Complete content under a temporary name, then a hard link: link() fails if the
         # name exists, so exactly one of several creators wins and nobody reads half a file.
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp: str | None = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
             os.chmod(tmp, 0o666 & ~_UMASK)
@@ -219,8 +224,11 @@ class LocalStore(Store):
             return True
         except FileExistsError:
             return False
+        except OSError as err:
+            raise StoreError(f"{self.uri_of(key)}: cannot write: {err.strerror}") from None
         finally:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
 
     def replace_if(self, key: str, data: bytes, expected: bytes) -> bool:
         import fcntl

@@ -19,6 +19,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+# An item rendered but not stored because the output failed: never committed (it renders
+# again on resume); the committer stops the job with the store's message.
+UNSTORED = "unstored"
+
 # The one metadata schema: run, resume, rerun and status all read these columns.
 METADATA_SCHEMA = pa.schema(
     [
@@ -280,20 +284,32 @@ def write_batch(
     options = image_options or {}
     shards = options.get("layout") == "webdataset"
     content_type = CONTENT_TYPES[options.get("format", "png")]
+    from .store import StoreError
+
     store = open_store(output, storage)
     now = datetime.now(timezone.utc)
     rows, encoded = [], []
+    store_error: StoreError | None = None
     for row in batch.to_pylist():
         pixels = row.pop("pixels", None)
         row.update(job_name=job_name, created_at=now, image_uri=None, sha256=None)
         data = None
-        if row["status"] == "ok":
+        if row["status"] == "ok" and store_error is not None:
+            row.update(status=UNSTORED, error_type="StoreError", error_message=str(store_error))
+        elif row["status"] == "ok":
             image = np.frombuffer(pixels, dtype=np.uint8).reshape(row["height"], row["width"], 3)
             data = encode_image(image, row, options)
             row["sha256"] = hashlib.sha256(data).hexdigest()
             if not shards:
-                store.write_bytes(row["key"], data, content_type=content_type)
-                row["image_uri"] = store.uri_of(row["key"])
+                try:
+                    store.write_bytes(row["key"], data, content_type=content_type)
+                    row["image_uri"] = store.uri_of(row["key"])
+                except StoreError as err:
+                    # The output failed (disk full, access revoked): the images stored so
+                    # far are still committed; this one and the rest of the block are
+                    # not failures of theirs, and stop the job (`commit`).
+                    store_error, data = err, None
+                    row.update(status=UNSTORED, error_type="StoreError", error_message=str(err))
         rows.append({name: row.get(name) for name in METADATA_SCHEMA.names})
         encoded.append(data)
     table = pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)

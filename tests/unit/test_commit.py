@@ -18,7 +18,7 @@ from sdbatch.commit import Committer, Progress, Stalled, watched
 from sdbatch.output import FAILURES_PREFIX, METADATA_PREFIX
 from sdbatch.store import LocalStore, StoreError
 from sdbatch.stream import pack, skipped_row
-from sdbatch.write import METADATA_SCHEMA, ShardPacker
+from sdbatch.write import METADATA_SCHEMA, UNSTORED, ShardPacker
 
 
 def written(ids: list[int], failed: tuple[int, ...] = (), encoded: bool = False) -> pa.Table:
@@ -79,7 +79,7 @@ def test_committer_splits_ok_and_failed_rows_into_parts(tmp_path) -> None:
     c.flush()
     assert rows_of(store, METADATA_PREFIX) == ["item-0000", "item-0002", "item-0003", "item-0004"]
     assert rows_of(store, FAILURES_PREFIX) == ["item-0001"]
-    assert (progress.done, progress.failed, c.skipped) == (4, 1, 5)
+    assert (progress.done, progress.failed, c.skipped, progress.committed) == (4, 1, 5, 4)
     assert progress.actor_seconds == pytest.approx(2.0)
 
 
@@ -200,3 +200,26 @@ def test_shard_packer_closes_full_shards_and_packs_each_item_once(tmp_path) -> N
     assert sorted(store.list("shards/")) == ["shards/run1-00000.tar", "shards/run1-00001.tar"]
     # The open shard lived in a temporary file (not in memory), gone once uploaded.
     assert open_shard.endswith(".tar") and not os.path.exists(open_shard)
+
+
+def test_rows_the_output_could_not_store_stop_the_job_after_committing_the_rest(
+    tmp_path,
+) -> None:
+    store = LocalStore(str(tmp_path))
+    progress = Progress(total=10)
+    c = committer(store, progress)
+    block = written([0, 1, 2, 3], failed=(1,))
+    status = block["status"].to_pylist()
+    status[2:] = [UNSTORED, UNSTORED]
+    messages = [None, "boom", "/out/images/x.png: cannot write: No space left on device", "same"]
+    block = block.set_column(block.schema.get_field_index("status"), "status", pa.array(status))
+    block = block.set_column(
+        block.schema.get_field_index("error_message"), "error_message", pa.array(messages)
+    )
+    with pytest.raises(StoreError, match="x.png: cannot write: No space left on device"):
+        c.add(pack(block))
+    # What was stored is committed at once; the unstored items are neither done nor
+    # failures (they render again on resume).
+    assert rows_of(store, METADATA_PREFIX) == ["item-0000"]
+    assert rows_of(store, FAILURES_PREFIX) == ["item-0001"]
+    assert (progress.done, progress.failed, progress.committed) == (1, 1, 1)
