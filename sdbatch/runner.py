@@ -48,6 +48,10 @@ from .spec import JobSpec
 from .store import Store, StoreError, open_store
 from .stream import anti_join, unpack
 
+# How far the streamed plan may run ahead of the write stage, in blocks per actor: enough
+# for every actor's queue (Ray Data sends an actor up to 4 blocks at once) and the writes.
+AHEAD_BLOCKS = 8
+
 __all__ = ["Placement", "Progress", "RunError", "RunResult", "read_metadata", "run_job"]
 
 
@@ -167,7 +171,7 @@ class _Job:
 
             # 4. The plan, streamed: Ray Data tasks expand manifest fragments into
             # homogeneous blocks as rendering goes (`stream`); here only its size is known.
-            plan, to_render = _plan(spec, info, done, only, models, placement.actors)
+            plan, to_render, gate = _plan(spec, info, done, only, models, placement.actors)
             progress = Progress(total=info.total_items, skipped=info.total_items - to_render)
             output.write_run_record(
                 store,
@@ -183,7 +187,8 @@ class _Job:
             # 5. Render, write, and commit metadata parts as results stream back.
             parts: list[str] = []
             if plan is not None:
-                parts = self._render(store, lease, plan, models, aux, hashes, placement, progress)
+                stages = _Stages(models, aux, hashes, placement, gate)
+                parts = self._render(store, lease, plan, stages, progress)
         except Stalled as err:
             if owns_ray:
                 release_ray(self.verbose)  # the only way to stop a hung actor's work from here
@@ -261,17 +266,14 @@ class _Job:
         store: Store,
         lease: Lease,
         plan: Any,
-        models: dict[str, str],
-        aux: dict[str, str | None],
-        hashes: dict[str, str],
-        placement: Placement,
+        stages: _Stages,
         progress: Progress,
     ) -> list[str]:
         """Stream the plan through render and write; commit rows as they come back.
         However this ends (done, stall, error, Ctrl-C), what was written is committed."""
         spec, execution = self.spec, self.spec.execution
         packer = _shard_packer(spec, lease.run_id)
-        ds = _pipeline(spec, plan, models, aux, hashes, placement, packer, self.info)
+        ds = _pipeline(spec, plan, stages, packer, self.info)
         committer = Committer(
             store,
             lease.run_id,
@@ -309,26 +311,14 @@ class _Job:
 
 
 def _shard_packer(spec: JobSpec, run_id: str) -> Any:
-    """The job's WebDataset `ShardPacker` actor (None for the files layout), on the
-    driver's node: packing is light, and a worker node may go away."""
+    """The job's WebDataset `ShardPacker` actor (None for the files layout)."""
     if spec.output_options.layout != "webdataset":
         return None
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
     from .write import ShardPacker
 
     o = spec.output_options
-    return (
-        ray.remote(ShardPacker)
-        .options(
-            num_cpus=0,
-            runtime_env=runtime_env(),
-            scheduling_strategy=NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=True
-            ),
-        )
-        .remote(spec.output, spec.storage.model_dump(), run_id, o.shard_size, o.extension)
+    return _on_driver_node(
+        ShardPacker, spec.output, spec.storage.model_dump(), run_id, o.shard_size, o.extension
     )
 
 
@@ -355,15 +345,16 @@ def _plan(
     only: pa.Table | None,
     models: dict[str, str],
     actors: int,
-) -> tuple[Any, int]:
-    """The planning stage (a Ray Data dataset of packed planned blocks, `stream`) and an
-    estimate of the items it will plan; (None, 0) when there is nothing to render."""
-    import ray
+) -> tuple[Any, int, Any]:
+    """The planning stage (a Ray Data dataset of packed planned blocks, `stream`), an
+    estimate of the items it will plan, and its PlanGate actor (None when the plan is
+    made here); (None, 0, None) when there is nothing to render."""
     import ray.data
 
+    from . import stream
     from .manifest import _open
     from .models import family_of
-    from .stream import FRAGMENT_ROWS, fragments, plan_fragment
+    from .stream import PlanGate, fragments, plan_fragment
 
     storage = spec.storage.model_dump()
     estimate = only.num_rows if only is not None else max(0, info.total_items - done.num_rows)
@@ -375,20 +366,38 @@ def _plan(
         block_rows=block_rows_for(max(1, estimate), spec.batch_size, actors),
     )
     if only is not None and not only.num_rows:
-        return None, 0
-    parts = fragments(_open(spec.manifest, storage))
-    if len(parts) == 1 and info.num_rows <= FRAGMENT_ROWS:
+        return None, 0, None
+    parts = fragments(_open(spec.manifest, storage), stream.FRAGMENT_ROWS)
+    if len(parts) == 1 and info.num_rows <= stream.FRAGMENT_ROWS:
         # One fragment (at most FRAGMENT_ROWS rows, so bounded): planned here, up front,
         # so every actor has a block from the first moment. Streamed, a plan slower than
         # the actors (tiny models) would feed one idle actor at a time.
         rows = list(plan_fragment(pa.Table.from_pylist(parts), done=done, only=only, **kwargs))
         planned = sum(b.num_rows for row in rows for b, _ in unpack(row) if b is not None)
-        return (ray.data.from_arrow(rows), planned) if planned else (None, 0)
+        return (ray.data.from_arrow(rows), planned, None) if planned else (None, 0, None)
     kwargs.update(
         done=ray.put(done) if done.num_rows else None,
         only=ray.put(only) if only is not None else None,
     )
-    ds = ray.data.from_items(parts, override_num_blocks=len(parts)).map_batches(
+    if estimate == 0:
+        # Everything looks done: confirm it with the planning tasks alone (cheap, no
+        # actor loads a model) before starting a pool for nothing.
+        counts = _streamed_plan(parts, kwargs).map_batches(
+            _count_items, batch_format="pyarrow", num_cpus=CPU_STAGE_CPUS
+        )
+        estimate = sum(int(row["items"]) for row in counts.iter_rows())
+        if estimate == 0:
+            return None, 0, None
+    gate = _on_driver_node(PlanGate, AHEAD_BLOCKS * actors * kwargs["block_rows"])
+    return _streamed_plan(parts, {**kwargs, "gate": gate}), estimate, gate
+
+
+def _streamed_plan(parts: list[dict[str, Any]], kwargs: dict[str, Any]) -> Any:
+    import ray.data
+
+    from .stream import plan_fragment
+
+    return ray.data.from_items(parts, override_num_blocks=len(parts)).map_batches(
         plan_fragment,
         fn_kwargs=kwargs,
         batch_size=1,
@@ -397,14 +406,25 @@ def _plan(
         compute=ray.data.TaskPoolStrategy(size=PLAN_TASKS),
         runtime_env=runtime_env(),
     )
-    if estimate == 0:
-        # Everything looks done: confirm it with the planning tasks alone (cheap, no
-        # actor loads a model) before starting a pool for nothing.
-        counts = ds.map_batches(_count_items, batch_format="pyarrow", num_cpus=CPU_STAGE_CPUS)
-        estimate = sum(int(row["items"]) for row in counts.iter_rows())
-        if estimate == 0:
-            return None, 0
-    return ds, estimate
+
+
+def _on_driver_node(cls: type, *args: Any) -> Any:
+    """An instance of `cls` as a Ray actor on the driver's node, taking no CPU (a job's
+    light helpers: a worker node may go away, the driver's stays while the job runs)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return (
+        ray.remote(cls)
+        .options(
+            num_cpus=0,
+            runtime_env=runtime_env(),
+            scheduling_strategy=NodeAffinitySchedulingStrategy(
+                ray.get_runtime_context().get_node_id(), soft=True
+            ),
+        )
+        .remote(*args)
+    )
 
 
 def _count_items(batch: pa.Table) -> pa.Table:
@@ -458,6 +478,17 @@ def _warm_stage_workers(count: int) -> None:
         warm.options(runtime_env=runtime_env()).remote()
 
 
+@dataclass
+class _Stages:
+    """What the render and write stages are built from."""
+
+    models: dict[str, str]  # checkpoint per mode
+    aux: dict[str, str | None]  # refiner, depth ControlNet, depth estimator
+    hashes: dict[str, str]  # checkpoint -> model_sha256
+    placement: Placement
+    gate: Any  # the streamed plan's PlanGate actor, or None
+
+
 def _pipeline(*args: Any) -> Any:
     with warnings.catch_warnings():
         # Actor restarts (max_restarts, max_task_retries) only go through ray_remote_args,
@@ -470,10 +501,7 @@ def _pipeline(*args: Any) -> Any:
 def _build_pipeline(
     spec: JobSpec,
     plan: Any,
-    models: dict[str, str],
-    aux: dict[str, str | None],
-    hashes: dict[str, str],
-    placement: Placement,
+    stages: _Stages,
     packer: Any,
     info: ManifestInfo,
 ) -> Any:
@@ -502,25 +530,27 @@ def _build_pipeline(
     ds = ds.map_batches(
         BlockRenderer,
         fn_constructor_kwargs=dict(
-            models=models,
-            **aux,
-            model_hashes=hashes,
+            models=stages.models,
+            **stages.aux,
+            model_hashes=stages.hashes,
             batch_size=spec.batch_size,
-            device=placement.device,
+            device=stages.placement.device,
             dtype=spec.compute.dtype,
-            torch_threads=placement.torch_threads,
+            torch_threads=stages.placement.torch_threads,
             prompt_overflow=spec.prompt_overflow,
             render_options=spec.compute.render_options(),
             warmup_sizes=_warmup_sizes(spec, info),
             storage=spec.storage.model_dump(),
             layouts=spec.models.layouts(),
-            model_sources=modelcache.plans(sorted({*hashes, *spec.models.layouts().values()})),
+            model_sources=modelcache.plans(
+                sorted({*stages.hashes, *spec.models.layouts().values()})
+            ),
         ),
-        compute=ray.data.ActorPoolStrategy(size=placement.actors),
+        compute=ray.data.ActorPoolStrategy(size=stages.placement.actors),
         batch_size=None,
         batch_format="pyarrow",
-        num_cpus=placement.cpus_per_actor,
-        num_gpus=placement.gpus_per_actor or None,
+        num_cpus=stages.placement.cpus_per_actor,
+        num_gpus=stages.placement.gpus_per_actor or None,
         resources=spec.compute.resources or None,
         # Ray Data restarts dead actors forever by default; a crash loop must end.
         max_restarts=spec.execution.max_actor_restarts,
@@ -535,6 +565,7 @@ def _build_pipeline(
             storage=spec.storage.model_dump(),
             image_options=spec.output_options.model_dump(),
             packer=packer,
+            gate=stages.gate,
         ),
         batch_format="pyarrow",
         batch_size=None,
