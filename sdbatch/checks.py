@@ -7,6 +7,7 @@ a reason it could have known.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,11 +16,12 @@ from .manifest import ManifestInfo, validate_manifest
 from .spec import JobSpec
 
 
-def check_job(spec: JobSpec) -> ManifestInfo:
-    """Everything that can be known without rendering: manifest, models, output."""
+def check_job(spec: JobSpec, on_rows: Callable[[int], None] | None = None) -> ManifestInfo:
+    """Everything that can be known without rendering: manifest, models, output.
+    on_rows: called with the manifest rows checked so far, every 10⁶ or so."""
     from .models import use_layouts, use_storage
 
-    info = validate_manifest(spec.manifest, spec)
+    info = validate_manifest(spec.manifest, spec, on_progress=on_rows)
     use_storage(spec.storage.model_dump())  # s3:// checkpoints are read with these options
     assert spec.models is not None
     use_layouts(spec.models.layouts())  # single-file checkpoints: their models.config

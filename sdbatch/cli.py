@@ -64,11 +64,16 @@ def validate(
 
     spec = _load(spec_path)
     try:
-        info = check_job(spec)
+        info = check_job(spec, on_rows=_rows_checked)
     except (ManifestError, RunError) as e:
         _fail(getattr(e, "problems", None) or str(e).splitlines())
     modes = ", ".join(sorted(info.modes))
     out.print(f"{spec_path}: ok — {info.num_rows} rows, {info.total_items} images ({modes})")
+
+
+def _rows_checked(rows: int) -> None:
+    if rows >= 1_000_000:  # a large manifest: never a silent wait
+        err.print(f"checking the manifest: {rows:,} rows")
 
 
 @app.command()

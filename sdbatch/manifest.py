@@ -1,17 +1,24 @@
 """Parquet manifests: schema and value checks before any rendering, then streamed rows.
 
 The manifest is never loaded whole: validation and planning read it record batch by
-record batch, so a 10⁶-row manifest costs the driver a set of ids, not a DataFrame.
+record batch (validation one row group at a time). Validation checks a batch's values
+with Arrow compute kernels and runs the per-row checks, which word the messages, only
+on the rows the kernels cannot clear. Duplicate ids are found from a 64-bit hash per
+row, sorted once and confirmed on the ids of the rows whose hash repeats, so a 10⁷-row
+manifest costs the driver 80 MB of hashes, not a set of ids.
 """
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .plan import IMAGE_COLUMNS, OVERRIDES, SIZE_CONDITIONING
@@ -20,6 +27,8 @@ from .spec import MAX_SEED, MODES, SCHEDULERS, JobSpec
 REQUIRED = ("id", "prompt")
 MAX_PROBLEMS = 20
 READ_ROWS = 8192
+CHECK_ROWS = 65_536  # rows per batch while validating: kernels amortise their calls
+PROGRESS_ROWS = 1_000_000
 
 
 class ManifestError(Exception):
@@ -72,54 +81,125 @@ COLUMN_TYPES = {
 }
 
 
-def _range(lo: float, hi: float, what: str = "") -> Any:
-    def check(v: Any) -> str | None:
+def _outside(arr: pa.Array, lo: float, hi: float) -> pa.Array:
+    """True where a value may lie outside lo..hi or is not finite (null stays null)."""
+    t = arr.type
+    if pa.types.is_integer(t):
+        info = np.iinfo(t.to_pandas_dtype())
+        lo, hi = math.ceil(lo), math.floor(hi)
+        if lo > info.max or hi < info.min:
+            return pc.is_valid(arr)
+        # A bound beyond the type's range cannot be crossed (nor held by a scalar of it).
+        low = pc.less(arr, pa.scalar(lo, t)) if lo > info.min else None
+        high = pc.greater(arr, pa.scalar(hi, t)) if hi < info.max else None
+        return _any_of([m for m in (low, high) if m is not None], len(arr))
+    x = pc.cast(arr, pa.float64())
+    # Bounds rounded inwards, so no value the exact bound refuses is cleared; NaN
+    # compares false both ways and is flagged with the out-of-range values.
+    lo_f, hi_f = float(lo), float(hi)
+    lo_f = math.nextafter(lo_f, math.inf) if lo_f < lo else lo_f
+    hi_f = math.nextafter(hi_f, -math.inf) if hi_f > hi else hi_f
+    return pc.invert(pc.and_(pc.greater_equal(x, lo_f), pc.less_equal(x, hi_f)))
+
+
+def _any_of(masks: list[pa.Array], n: int) -> pa.Array:
+    """Element-wise OR of boolean masks; null counts as False."""
+    out = pa.array(np.zeros(n, dtype=bool))
+    for mask in masks:
+        out = pc.or_kleene(out, mask)
+    return pc.fill_null(out, False)
+
+
+# Each value check words the message for one value (`check(v)`, run on the rows that
+# need it) and flags, for a whole column, every value it might refuse (`suspects`).
+
+
+@dataclass(frozen=True)
+class _Range:
+    lo: float
+    hi: float
+    what: str = ""
+
+    def __call__(self, v: Any) -> str | None:
         if isinstance(v, float) and not math.isfinite(v):
-            return f"must be a finite number{what}, got {v}"
-        if not (lo <= v <= hi):
-            return f"must be {lo:g}..{hi:g}{what}, got {v}"
+            return f"must be a finite number{self.what}, got {v}"
+        if not (self.lo <= v <= self.hi):
+            return f"must be {self.lo:g}..{self.hi:g}{self.what}, got {v}"
         return None
 
-    return check
+    def suspects(self, arr: pa.Array) -> pa.Array:
+        return _outside(arr, self.lo, self.hi)
 
 
-def _size(v: int) -> str | None:
-    if not (8 <= v <= 4096) or v % 8:
-        return f"must be a multiple of 8 in 8..4096, got {v}"
-    return None
+@dataclass(frozen=True)
+class _Size:
+    lo: int = 8
+    hi: int = 4096
 
-
-def _pair(lo: int, what: str) -> Any:
-    def check(v: list[int]) -> str | None:
-        if len(v) != 2 or any(x is None or not (lo <= x <= 16384) for x in v):
-            return f"must be 2 integers in {lo}..16384 {what}, got {v}"
+    def __call__(self, v: int) -> str | None:
+        if not (self.lo <= v <= self.hi) or v % 8:
+            return f"must be a multiple of 8 in {self.lo}..{self.hi}, got {v}"
         return None
 
-    return check
+    def suspects(self, arr: pa.Array) -> pa.Array:
+        odd = pc.not_equal(pc.bit_wise_and(arr, pa.scalar(7, arr.type)), pa.scalar(0, arr.type))
+        return pc.or_kleene(_outside(arr, self.lo, self.hi), odd)
 
 
-def _choice(options: tuple[str, ...]) -> Any:
-    def check(v: str) -> str | None:
-        return None if v in options else f"must be one of {', '.join(options)}, got {v!r}"
+@dataclass(frozen=True)
+class _Pair:
+    lo: int
+    what: str
+    hi: int = 16384
 
-    return check
+    def __call__(self, v: list[int]) -> str | None:
+        if len(v) != 2 or any(x is None or not (self.lo <= x <= self.hi) for x in v):
+            return f"must be 2 integers in {self.lo}..{self.hi} {self.what}, got {v}"
+        return None
+
+    def suspects(self, arr: pa.Array) -> pa.Array:
+        lengths = pc.list_value_length(arr)
+        counts = pc.fill_null(lengths, 0).to_numpy(zero_copy_only=False)
+        values = pc.list_flatten(arr)  # null lists left out, as in `counts`
+        if len(values) != counts.sum():
+            return pc.is_valid(arr)  # a layout this does not follow: the row checks decide
+        bad = pc.fill_null(
+            pc.or_kleene(pc.is_null(values), _outside(values, self.lo, self.hi)), False
+        )
+        mask = np.zeros(len(arr), dtype=bool)
+        mask[np.repeat(np.arange(len(arr)), counts)[bad.to_numpy(zero_copy_only=False)]] = True
+        return pc.or_kleene(pa.array(mask), pc.not_equal(lengths, 2))
+
+
+@dataclass(frozen=True)
+class _Choice:
+    options: tuple[str, ...]
+
+    def __call__(self, v: str) -> str | None:
+        if v in self.options:
+            return None
+        return f"must be one of {', '.join(self.options)}, got {v!r}"
+
+    def suspects(self, arr: pa.Array) -> pa.Array:
+        known = pc.is_in(arr, value_set=pa.array(self.options, arr.type))
+        return pc.and_(pc.is_valid(arr), pc.invert(known))
 
 
 VALUE_CHECKS = {
-    "seed": _range(0, MAX_SEED),
-    "steps": _range(1, 500),
-    "num_images": _range(1, 10_000),
-    "guidance_scale": _range(0, 100),
-    "strength": _range(0, 1),
-    "refiner_switch": _range(0, 1, " (0 excluded)"),
-    "controlnet_conditioning_scale": _range(0, 2),
-    "original_size": _pair(1, "[height, width]"),
-    "target_size": _pair(1, "[height, width]"),
-    "crops_coords_top_left": _pair(0, "[top, left]"),
-    "width": _size,
-    "height": _size,
-    "mode": _choice(MODES),
-    "scheduler": _choice(SCHEDULERS),
+    "seed": _Range(0, MAX_SEED),
+    "steps": _Range(1, 500),
+    "num_images": _Range(1, 10_000),
+    "guidance_scale": _Range(0, 100),
+    "strength": _Range(0, 1),
+    "refiner_switch": _Range(0, 1, " (0 excluded)"),
+    "controlnet_conditioning_scale": _Range(0, 2),
+    "original_size": _Pair(1, "[height, width]"),
+    "target_size": _Pair(1, "[height, width]"),
+    "crops_coords_top_left": _Pair(0, "[top, left]"),
+    "width": _Size(),
+    "height": _Size(),
+    "mode": _Choice(MODES),
+    "scheduler": _Choice(SCHEDULERS),
 }
 
 
@@ -158,12 +238,176 @@ def _id_problem(value: Any) -> str | None:
     return None
 
 
-def validate_manifest(uri: str, spec: JobSpec) -> ManifestInfo:
-    """Check columns, types and every value; raise ManifestError listing the problems."""
-    pf = _open(uri, spec.storage.model_dump())
-    schema = pf.schema_arrow
-    problems: list[str] = []
+# Matches every id `_id_problem` refuses but null: Python's whitespace is within \p{Z},
+# the ASCII controls and U+0085 (tests/unit/test_manifest_scale.py checks it).
+_BLANK_ID = r"\A[\p{Z}\x00-\x20\x85./\\]*\z"
+_INPUT_MODES = tuple(m for m in MODES if m != "txt2img")
 
+
+def _batches(pf: pq.ParquetFile, columns: list[str], rows: int) -> Iterator[pa.RecordBatch]:
+    # One row group per reader: over the whole file, pre-buffering (on in `_open`, which
+    # S3 needs) keeps every row group read so far until the reader ends.
+    for group in range(pf.num_row_groups):
+        yield from pf.iter_batches(batch_size=rows, row_groups=[group], columns=columns)
+
+
+def _column(batch: pa.RecordBatch, name: str) -> pa.Array:
+    """A column of the batch; all nulls when the manifest has none (as `row.get`)."""
+    if name in batch.schema.names:
+        return batch.column(name)
+    return pa.nulls(batch.num_rows, pa.float64())
+
+
+def _row_modes(batch: pa.RecordBatch, default: str) -> pa.Array:
+    """Each row's mode as the row checks read it: `row["mode"] or defaults.mode`."""
+    if "mode" not in batch.schema.names:
+        return pc.fill_null(pa.nulls(batch.num_rows, pa.string()), default)
+    mode = batch.column("mode")
+    unset = pc.fill_null(pc.equal(mode, ""), True)
+    return pc.if_else(unset, pa.scalar(default, mode.type), mode)
+
+
+def _no_denoising(batch: pa.RecordBatch, spec: JobSpec) -> pa.Array:
+    """Rows whose strength × steps rounds to 0 (the row check's arithmetic, in float64:
+    the same products for every steps value the range check lets through)."""
+    d = spec.defaults
+    steps = pc.cast(_column(batch, "steps"), pa.float64(), safe=False)
+    steps = pc.if_else(pc.fill_null(pc.equal(steps, 0.0), True), float(d.steps), steps)
+    strength = pc.cast(_column(batch, "strength"), pa.float64(), safe=False)
+    strength = pc.fill_null(strength, float(d.strength))
+    in_range = pc.and_(pc.greater(strength, 0.0), pc.less_equal(strength, 1.0))
+    return pc.and_(in_range, pc.less(pc.multiply(steps, strength), 1.0))
+
+
+def _suspects(
+    batch: pa.RecordBatch, modes: pa.Array, checks: dict[str, Any], spec: JobSpec
+) -> np.ndarray:
+    """Indices of the rows the row checks must see: every row with a problem (duplicate
+    ids aside), and a few without where a kernel cannot clear a row exactly."""
+    ids = batch.column("id")
+    masks = [
+        pc.is_null(ids),
+        pc.match_substring_regex(ids, _BLANK_ID),
+        pc.is_null(batch.column("prompt")),
+        *(check.suspects(batch.column(name)) for name, check in checks.items()),
+    ]
+    switch = _column(batch, "refiner_switch")
+    has_refiner = bool(spec.models and spec.models.refiner)
+    masks.append(pc.equal(switch, 0.0) if has_refiner else pc.is_valid(switch))
+    needs_input = pc.is_in(modes, value_set=pa.array(_INPUT_MODES, modes.type))
+    masks.append(pc.and_(needs_input, pc.is_null(_column(batch, "init_image"))))
+    inpaint = pc.equal(modes, "inpaint")
+    masks.append(pc.and_(inpaint, pc.is_null(_column(batch, "mask_image"))))
+    masks.append(pc.and_(needs_input, _no_denoising(batch, spec)))
+    return np.flatnonzero(_any_of(masks, batch.num_rows).to_numpy(zero_copy_only=False))
+
+
+def _row_problems(
+    uri: str, row_no: int, row: dict[str, Any], checks: dict[str, Any], spec: JobSpec
+) -> list[str]:
+    """One row's problems in the order they are listed (the duplicate id line, found
+    later, goes before them)."""
+    found = []
+    item_id = row["id"]
+    where = f"{uri}: row {row_no} (id {item_id!r})"
+    bad_id = _id_problem(item_id)
+    if bad_id:
+        found.append(f"{uri}: row {row_no}: {bad_id}")
+    if row["prompt"] is None:
+        found.append(f"{where}: prompt is null")
+    for name, check in checks.items():
+        value = row[name]
+        if value is not None:
+            msg = check(value)
+            if msg:
+                found.append(f"{where}: {name} {msg}")
+    if row.get("refiner_switch") == 0:
+        found.append(f"{where}: refiner_switch must be > 0 (1 = base model only), got 0")
+    if row.get("refiner_switch") is not None and not (spec.models and spec.models.refiner):
+        found.append(f"{where}: refiner_switch is set but the spec has no models.refiner")
+    mode = row.get("mode") or spec.defaults.mode
+    if mode != "txt2img" and mode in MODES:
+        if row.get("init_image") is None:
+            found.append(f"{where}: mode {mode} needs an init_image, got none")
+        if mode == "inpaint" and row.get("mask_image") is None:
+            found.append(f"{where}: mode inpaint needs a mask_image, got none")
+        steps = row.get("steps") or spec.defaults.steps
+        strength = row.get("strength")
+        strength = spec.defaults.strength if strength is None else strength
+        if 0 < strength <= 1 and int(steps * strength) < 1:
+            found.append(
+                f"{where}: strength {strength:g} × steps {steps} rounds to 0 denoising "
+                "steps (diffusers refuses it); raise steps or strength, or use strength 0 "
+                "to keep the input unchanged"
+            )
+    return found
+
+
+def _items(batch: pa.RecordBatch, default: int) -> int:
+    """Items of the batch's rows: num_images where positive, else the default."""
+    n = _column(batch, "num_images")
+    positive = pc.fill_null(pc.greater(n, 0), False)
+    counted = pc.sum(pc.filter(n, positive)).as_py() or 0
+    return int(counted) + default * (batch.num_rows - pc.sum(positive).as_py())
+
+
+class _Problems:
+    """The first MAX_PROBLEMS problems in row order, and how many there are in all."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._worst_first: list[tuple[int, int, str]] = []  # heap of negated positions
+
+    def add(self, row_no: int, order: int, msg: str) -> None:
+        self.count += 1
+        entry = (-row_no, -order, msg)
+        if len(self._worst_first) < MAX_PROBLEMS:
+            heapq.heappush(self._worst_first, entry)
+        elif entry > self._worst_first[0]:
+            heapq.heapreplace(self._worst_first, entry)
+
+    def lines(self, uri: str) -> list[str]:
+        kept = [msg for _, _, msg in sorted(self._worst_first, reverse=True)]
+        if self.count > len(kept):
+            kept.append(f"{uri}: ... and {self.count - len(kept)} more problems")
+        return kept
+
+
+def _hash_ids(con: Any, ids: pa.Array) -> np.ndarray:
+    """A 64-bit hash per id (DuckDB's: Arrow has no hash kernel)."""
+    rel = con.from_arrow(pa.table({"id": ids})).project("hash(id) AS h")
+    return np.asarray(rel.fetchnumpy()["h"], dtype=np.uint64)
+
+
+def _repeated(hashes: np.ndarray) -> np.ndarray:
+    """The hash values that occur more than once, sorted (sorts `hashes` in place)."""
+    hashes.sort()
+    return np.unique(hashes[1:][hashes[1:] == hashes[:-1]])
+
+
+def _duplicates(pf: pq.ParquetFile, repeated: np.ndarray, con: Any) -> Iterator[tuple[int, str]]:
+    """(row, id) of each row whose id a valid earlier row has. Only the ids of rows whose
+    hash repeats become Python strings; comparing those exactly means a hash collision
+    never makes a duplicate."""
+    seen: set[str] = set()
+    row_no = 0
+    for batch in _batches(pf, ["id"], CHECK_ROWS):
+        ids = batch.column(0)
+        hashes = _hash_ids(con, ids)
+        at = np.minimum(np.searchsorted(repeated, hashes), len(repeated) - 1)
+        rows = np.flatnonzero(repeated[at] == hashes)
+        for i, item_id in zip(rows.tolist(), ids.take(rows).to_pylist(), strict=True):
+            if _id_problem(item_id) is None:
+                if item_id in seen:
+                    yield row_no + i, item_id
+                seen.add(item_id)
+        row_no += batch.num_rows
+
+
+def _check_schema(uri: str, pf: pq.ParquetFile) -> list[str]:
+    """The manifest's columns that sdbatch reads; raises on missing or mistyped columns
+    and on an empty manifest."""
+    schema = pf.schema_arrow
     missing = [c for c in REQUIRED if c not in schema.names]
     if missing:
         raise ManifestError(
@@ -172,6 +416,7 @@ def validate_manifest(uri: str, spec: JobSpec) -> ManifestInfo:
                 for c in missing
             ]
         )
+    problems = []
     for name in schema.names:
         if name in COLUMN_TYPES:
             ok, expected = COLUMN_TYPES[name]
@@ -182,73 +427,59 @@ def validate_manifest(uri: str, spec: JobSpec) -> ManifestInfo:
         raise ManifestError(problems)
     if pf.metadata.num_rows == 0:
         raise ManifestError([f"{uri}: manifest has no rows"])
+    return [c for c in schema.names if c in COLUMN_TYPES]
 
-    columns = [c for c in schema.names if c in COLUMN_TYPES]
+
+def validate_manifest(
+    uri: str, spec: JobSpec, on_progress: Callable[[int], None] | None = None
+) -> ManifestInfo:
+    """Check columns, types and every value; raise ManifestError listing the problems.
+
+    `on_progress(rows)` gets the number of rows checked so far, about every
+    PROGRESS_ROWS rows and once when all are.
+    """
+    import duckdb
+
+    # 1. Columns and types, from the schema alone.
+    pf = _open(uri, spec.storage.model_dump())
+    columns = _check_schema(uri, pf)
     checks = {c: VALUE_CHECKS[c] for c in columns if c in VALUE_CHECKS}
-    seen: set[str] = set()
+
+    # 2. Values, a batch at a time: kernels clear most rows; the row checks word the rest.
+    found = _Problems()
+    hashes = np.empty(pf.metadata.num_rows, dtype=np.uint64)
+    con = duckdb.connect()
     modes: set[str] = set()
-    total_items = 0
-    default_n = spec.defaults.num_images
-    row_no = 0
-    extra = 0
+    total_items = row_no = reported = 0
     estimates_depth = False
-    refiner = spec.models.refiner if spec.models else None
+    for batch in _batches(pf, columns, CHECK_ROWS):
+        hashes[row_no : row_no + batch.num_rows] = _hash_ids(con, batch.column("id"))
+        row_modes = _row_modes(batch, spec.defaults.mode)
+        suspects = _suspects(batch, row_modes, checks, spec)
+        for i, row in zip(suspects.tolist(), batch.take(suspects).to_pylist(), strict=True):
+            for order, msg in enumerate(_row_problems(uri, row_no + i, row, checks, spec)):
+                found.add(row_no + i, order, msg)
+        modes.update(pc.unique(row_modes).to_pylist())
+        depth = pc.and_(pc.equal(row_modes, "depth2img"), pc.is_null(_column(batch, "depth_map")))
+        estimates_depth = estimates_depth or pc.any(depth).as_py() is True
+        total_items += _items(batch, spec.defaults.num_images)
+        row_no += batch.num_rows
+        if on_progress and row_no - reported >= PROGRESS_ROWS:
+            reported = row_no
+            on_progress(row_no)
 
-    def problem(msg: str) -> None:
-        nonlocal extra
-        if len(problems) < MAX_PROBLEMS:
-            problems.append(msg)
-        else:
-            extra += 1
+    # 3. Duplicate ids: the rows whose id hash repeats, confirmed on their ids.
+    repeated = _repeated(hashes[:row_no])
+    del hashes
+    if len(repeated):
+        for dup_row, item_id in _duplicates(pf, repeated, con):
+            found.add(dup_row, -1, f"{uri}: row {dup_row} (id {item_id!r}): duplicate id")
+    con.close()
+    if on_progress:
+        on_progress(row_no)
 
-    for batch in pf.iter_batches(batch_size=READ_ROWS, columns=columns):
-        data = batch.to_pydict()
-        for i in range(batch.num_rows):
-            row = {c: data[c][i] for c in columns}
-            item_id = row["id"]
-            where = f"{uri}: row {row_no} (id {item_id!r})"
-            row_no += 1
-            bad_id = _id_problem(item_id)
-            if bad_id:
-                problem(f"{uri}: row {row_no - 1}: {bad_id}")
-            elif item_id in seen:
-                problem(f"{where}: duplicate id")
-            else:
-                seen.add(item_id)
-            if row["prompt"] is None:
-                problem(f"{where}: prompt is null")
-            for name, check in checks.items():
-                value = row[name]
-                if value is not None:
-                    msg = check(value)
-                    if msg:
-                        problem(f"{where}: {name} {msg}")
-            if row.get("refiner_switch") == 0:
-                problem(f"{where}: refiner_switch must be > 0 (1 = base model only), got 0")
-            if row.get("refiner_switch") is not None and not refiner:
-                problem(f"{where}: refiner_switch is set but the spec has no models.refiner")
-            mode = row.get("mode") or spec.defaults.mode
-            modes.add(mode)
-            if mode == "depth2img" and row.get("depth_map") is None:
-                estimates_depth = True
-            if mode != "txt2img" and mode in MODES:
-                if row.get("init_image") is None:
-                    problem(f"{where}: mode {mode} needs an init_image, got none")
-                if mode == "inpaint" and row.get("mask_image") is None:
-                    problem(f"{where}: mode inpaint needs a mask_image, got none")
-                steps = row.get("steps") or spec.defaults.steps
-                strength = row.get("strength")
-                strength = spec.defaults.strength if strength is None else strength
-                if 0 < strength <= 1 and int(steps * strength) < 1:
-                    problem(
-                        f"{where}: strength {strength:g} × steps {steps} rounds to 0 denoising "
-                        "steps (diffusers refuses it); raise steps or strength, or use strength 0 "
-                        "to keep the input unchanged"
-                    )
-            n = row.get("num_images")
-            total_items += n if isinstance(n, int) and n > 0 else default_n
-    if extra:
-        problems.append(f"{uri}: ... and {extra} more problems")
+    # 4. The sweep's size, then the verdict.
+    problems = found.lines(uri)
     if spec.sweep and not problems:
         cells = len(spec.sweep.grid())
         total_items *= cells
@@ -267,7 +498,7 @@ def iter_rows(
 ) -> Iterator[dict[str, Any]]:
     """Manifest rows as dicts, streamed (only `columns` are read)."""
     pf = _open(uri, storage)
-    for batch in pf.iter_batches(batch_size=READ_ROWS, columns=columns):
+    for batch in _batches(pf, columns, READ_ROWS):
         yield from batch.to_pylist()
 
 

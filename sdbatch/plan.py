@@ -277,18 +277,22 @@ def plan_items(
 
 
 def homogeneous_blocks(
-    items: Iterable[dict[str, Any]], block_rows: int
+    items: Iterable[dict[str, Any]], block_rows: int, first: tuple[int, int] = (0, 0)
 ) -> Iterator[list[dict[str, Any]]]:
     """Group items into blocks of `block_rows` that share one batch key.
 
     Blocks are emitted as soon as they fill, so memory is bounded by
-    (distinct batch keys × block_rows); the remainders come last.
+    (distinct batch keys × block_rows); the remainders come last. `first` = (count,
+    rows): the first `count` blocks hold `rows` items (a job's first blocks are one
+    pipeline call each, so every actor stores an image within one call of starting).
     """
     pending: dict[str, list[dict[str, Any]]] = {}
+    small, small_rows = first
     for item in items:
         bucket = pending.setdefault(item["batch_key"], [])
         bucket.append(item)
-        if len(bucket) >= block_rows:
+        if len(bucket) >= (small_rows if small > 0 else block_rows):
+            small -= 1
             yield pending.pop(item["batch_key"])
     yield from (bucket for bucket in pending.values() if bucket)
 

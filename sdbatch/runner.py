@@ -109,7 +109,7 @@ def run_job(
     # 1. Check inputs and the output before loading anything; take the output's lease.
     store = open_store(spec.output, spec.storage.model_dump())
     store.check_writable()
-    job.info = check_job(spec)
+    job.info = check_job(spec, on_rows=_rows_note(job.note))
     job.spec = pin_hub_models(spec)  # every actor loads the same commit; job.yaml says which
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     try:
@@ -122,6 +122,16 @@ def run_job(
         raise RunError(str(err)) from None
     finally:
         lease.release()
+
+
+def _rows_note(note: Callable[[str], None]) -> Callable[[int], None]:
+    """A note per 10⁶ manifest rows checked (large manifests only: no line for small ones)."""
+
+    def on_rows(rows: int) -> None:
+        if rows >= 1_000_000:
+            note(f"checking the manifest: {rows:,} rows")
+
+    return on_rows
 
 
 @dataclass
@@ -364,6 +374,7 @@ def _plan(
         storage=storage,
         families={ref: family_of(ref) for ref in set(models.values())},
         block_rows=block_rows_for(max(1, estimate), spec.batch_size, actors),
+        first_blocks=actors,
     )
     if only is not None and not only.num_rows:
         return None, 0, None

@@ -173,11 +173,13 @@ def plan_fragment(
     done: Any = None,
     only: Any = None,
     gate: Any = None,
+    first_blocks: int = 0,
 ) -> Iterator[pa.Table]:
     """The planned blocks of the manifest fragments in `batch` (rows of `fragments`), as
     packed rows; then one count row per fragment. `done` / `only`: object refs (or
     tables) of DONE_SCHEMA: skip the former; with `only`, plan nothing else. `gate`: the
-    job's PlanGate actor, asked before each block."""
+    job's PlanGate actor, asked before each block. The first fragment's first
+    `first_blocks` blocks hold one pipeline call (`batch_size` items) each."""
     import ray
 
     from .manifest import _open
@@ -186,7 +188,9 @@ def plan_fragment(
     only_table = ray.get(only) if isinstance(only, ray.ObjectRef) else only
     pf = _open(spec.manifest, storage)
     base = manifest_base(spec.manifest)
-    for groups in batch["row_groups"].to_pylist():
+    for fragment, groups in zip(
+        batch["fragment"].to_pylist(), batch["row_groups"].to_pylist(), strict=True
+    ):
         row_ids = pf.read_row_groups(groups, columns=["id"])["id"].combine_chunks()
         skip = fragment_done(done_table, row_ids)
         keep = None if only_table is None else fragment_done(only_table, row_ids) - skip
@@ -198,7 +202,8 @@ def plan_fragment(
             for row in record.to_pylist()
         )
         items = _wanted(rows, spec, base, families, skip, keep, skipped)
-        for block in homogeneous_blocks(items, block_rows):
+        first = (first_blocks, spec.batch_size) if fragment == 0 else (0, 0)
+        for block in homogeneous_blocks(items, block_rows, first):
             if gate is not None:
                 ray.get(gate.admit.remote(len(block)))
             yield pack(pa.Table.from_pylist(block, schema=ITEM_SCHEMA))

@@ -166,3 +166,12 @@ def test_output_format_sets_the_key_extension() -> None:
     assert next(plan_items([{"id": "a", "prompt": "p"}], s))["key"].endswith(".webp")
     s = spec(output={"uri": "/o", "format": "jpeg", "quality": 80})
     assert next(plan_items([{"id": "a", "prompt": "p"}], s))["key"].endswith(".jpg")
+
+
+def test_first_blocks_are_one_pipeline_call_each_then_full_size() -> None:
+    items = [{"batch_key": "a" if i % 3 else "b", "n": i} for i in range(60)]
+    blocks = list(homogeneous_blocks(items, 8, first=(2, 4)))
+    assert [len(b) for b in blocks[:2]] == [4, 4]
+    assert all(len(b) == 8 for b in blocks[2:-2])
+    assert sorted(it["n"] for b in blocks for it in b) == list(range(60))
+    assert all(len({it["batch_key"] for it in b}) == 1 for b in blocks)
