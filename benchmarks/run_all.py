@@ -36,6 +36,9 @@ BENCHES: dict[str, tuple[str, list[str]]] = {
     "actors": ("bench_actors.py", ["--quick"]),
     "modes": ("bench_modes.py", ["--quick"]),
     "resume": ("bench_resume.py", ["--quick"]),
+    "validate": ("bench_validate.py", ["--quick"]),
+    "stream": ("bench_stream.py", ["--quick"]),
+    "compact": ("bench_compact.py", ["--quick"]),
     "s3_write": (
         "bench_s3_write.py",
         ["--objects", "50", "--items", "16", "--size", "64", "--steps", "2"],

@@ -28,6 +28,8 @@ import json
 import os
 import tempfile
 import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pyarrow as pa
@@ -37,6 +39,8 @@ from .store import Store
 
 RECORD = "_COMPACTED.json"
 ROWS_PER_FILE = 1_000_000
+ROW_GROUP_ROWS = 100_000  # rows per row group of a compacted file
+READERS = 8
 _PARQUET = "application/vnd.apache.parquet"
 
 
@@ -92,17 +96,29 @@ def compact(store: Store, prefix: str, rows_per_file: int = ROWS_PER_FILE) -> li
     if not live or set(live) <= set(record["files"]):
         return live
     schema = pa.unify_schemas(
-        [pq.read_schema(store.open_input(k)) for k in live], promote_options="default"
+        list(_in_order(lambda k: pq.read_schema(store.open_input(k)), live)),
+        promote_options="default",
     )
     token = uuid.uuid4().hex[:12]
     written: list[str] = []
     with tempfile.TemporaryDirectory(prefix="sdbatch-compact-") as tmp:
         writer: pq.ParquetWriter | None = None
         rows_in_file = 0
+        pending: list[pa.Table] = []  # one row group's worth, not a part's 250 rows
         path = os.path.join(tmp, "file.parquet")
+
+        def write_group() -> None:
+            nonlocal writer
+            if not pending:
+                return
+            if writer is None:
+                writer = pq.ParquetWriter(path, schema)
+            writer.write_table(pa.concat_tables(pending))
+            pending.clear()
 
         def finish() -> None:
             nonlocal writer
+            write_group()
             if writer is None:
                 return
             writer.close()
@@ -111,25 +127,34 @@ def compact(store: Store, prefix: str, rows_per_file: int = ROWS_PER_FILE) -> li
             store.write_file(key, path, content_type=_PARQUET)
             written.append(key)
 
-        for key in live:
-            table = _conform(pq.read_table(store.open_input(key)), schema)
+        read = lambda k: _conform(pq.read_table(store.open_input(k)), schema)  # noqa: E731
+        for table in _in_order(read, live):
             start = 0
             while start < table.num_rows:
-                if writer is None:
-                    writer = pq.ParquetWriter(path, schema)
-                    rows_in_file = 0
                 take = min(rows_per_file - rows_in_file, table.num_rows - start)
-                writer.write_table(table.slice(start, take))
+                pending.append(table.slice(start, take))
                 rows_in_file += take
                 start += take
                 if rows_in_file >= rows_per_file:
                     finish()
+                    rows_in_file = 0
+                elif sum(t.num_rows for t in pending) >= ROW_GROUP_ROWS:
+                    write_group()
         finish()
     _write_record(store, prefix, written, live)  # 1. the commit point
     for key in live:  # 2.
         store.delete(key)
     _write_record(store, prefix, written, [])  # 3.
     return written
+
+
+def _in_order(fn: Callable[[str], Any], keys: list[str]) -> Iterator[Any]:
+    """fn(key) for each key, in order, READERS at a time (a part is one small request:
+    one after the other, 4,000 parts took 40 s locally, more on S3), at most 2 × READERS
+    results held at once."""
+    with ThreadPoolExecutor(READERS) as pool:
+        for start in range(0, len(keys), 2 * READERS):
+            yield from pool.map(fn, keys[start : start + 2 * READERS])
 
 
 def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
