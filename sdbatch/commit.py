@@ -68,8 +68,11 @@ class Committer:
         commit_rows: int,
         commit_seconds: float,
         check_lease: Callable[[], None] = lambda: None,
+        failed_keys: list[pa.Table] | None = None,
     ):
         self.store, self.run_id, self.progress = store, run_id, progress
+        # (id, image_index, row_id) of each failure row taken, appended here.
+        self.failed_keys = failed_keys if failed_keys is not None else []
         self.commit_rows, self.commit_seconds = commit_rows, commit_seconds
         self.check_lease = check_lease
         self.parts: list[str] = []
@@ -112,6 +115,8 @@ class Committer:
         ok, bad = block.filter(ok_mask), block.filter(pc.invert(ok_mask))
         self._pending[METADATA_PREFIX].append(ok)
         self._pending[FAILURES_PREFIX].append(bad)
+        if bad.num_rows:
+            self.failed_keys.append(bad.select(["id", "image_index", "row_id"]))
         self._rows += block.num_rows
         self.progress.done += ok.num_rows
         self.progress.failed += bad.num_rows

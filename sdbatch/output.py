@@ -54,6 +54,14 @@ def done_table(store: Store) -> pa.Table:
     return scan(store, METADATA_PREFIX, ("images/", "shards/"))
 
 
+def union_done(*tables: pa.Table) -> pa.Table:
+    """`stream.DONE_SCHEMA` rows of all `tables`, once each (a plan's skip set)."""
+    from .stream import DONE_SCHEMA, unique
+
+    parts = [t.select(["id", "image_index", "row_id"]).cast(DONE_SCHEMA) for t in tables]
+    return unique(pa.concat_tables(parts)) if parts else DONE_SCHEMA.empty_table()
+
+
 def failed_table(store: Store) -> pa.Table:
     """`stream.DONE_SCHEMA` rows of items with a failure row (they may have succeeded since)."""
     from .stream import DONE_SCHEMA, unique
@@ -200,14 +208,22 @@ def begin_run(store: Store, spec: JobSpec) -> None:
 
 
 def write_run_record(
-    store: Store, *, run_id: str, total: int, planned: int, took_over: str | None
+    store: Store,
+    *,
+    run_id: str,
+    total: int,
+    planned: int,
+    took_over: str | None,
+    events: dict[str, int] | None = None,
 ) -> None:
+    """`_RUN.json`: the current run, and what it lived through (capacity lost, re-plans)."""
     record = {
         "run_id": run_id,
         "total": total,
         "planned": planned,
         "started_at": datetime.now(timezone.utc).isoformat(),
         "lease_taken_over_from": took_over,
+        "events": events or {},
     }
     store.write_bytes(RUN_KEY, json.dumps(record).encode(), content_type="application/json")
 

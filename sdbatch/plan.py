@@ -277,7 +277,10 @@ def plan_items(
 
 
 def homogeneous_blocks(
-    items: Iterable[dict[str, Any]], block_rows: int, first: tuple[int, int] = (0, 0)
+    items: Iterable[dict[str, Any]],
+    block_rows: int,
+    first: tuple[int, int] = (0, 0),
+    alone: Callable[[dict[str, Any]], bool] = lambda item: False,
 ) -> Iterator[list[dict[str, Any]]]:
     """Group items into blocks of `block_rows` that share one batch key.
 
@@ -285,10 +288,14 @@ def homogeneous_blocks(
     (distinct batch keys × block_rows); the remainders come last. `first` = (count,
     rows): the first `count` blocks hold `rows` items (a job's first blocks are one
     pipeline call each, so every actor stores an image within one call of starting).
+    An item `alone` says so is a block of its own (one suspected of killing its actor).
     """
     pending: dict[str, list[dict[str, Any]]] = {}
     small, small_rows = first
     for item in items:
+        if alone(item):
+            yield [item]
+            continue
         bucket = pending.setdefault(item["batch_key"], [])
         bucket.append(item)
         if len(bucket) >= (small_rows if small > 0 else block_rows):

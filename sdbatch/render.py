@@ -645,9 +645,35 @@ def _short(err: BaseException, limit: int = 500) -> str:
 
 
 class BlockRenderer(Renderer):
-    """The job's render actor: each Ray Data row is one packed planned block (`stream`)."""
+    """The job's render actor: each Ray Data row is one packed planned block (`stream`).
+
+    in_flight: the run's `stream.InFlight` actor, told which items this actor has in hand
+    (so an item that kills the process every time can be found and failed).
+    """
+
+    def __init__(self, *, in_flight: Any = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.in_flight = in_flight
+        self.actor_id = ""
+        if in_flight is not None:
+            import ray
+
+            self.actor_id = ray.get_runtime_context().get_actor_id() or ""
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from .stream import per_block
 
-        return per_block(super().__call__, batch)
+        return per_block(self._block, batch)
+
+    def _block(self, block: pa.Table) -> pa.Table:
+        if self.in_flight is None:
+            return super().__call__(block)
+        import ray
+
+        columns = [
+            c for c in block.column_names if not pa.types.is_binary(block.schema.field(c).type)
+        ]
+        ray.get(self.in_flight.begin.remote(self.actor_id, block.select(columns).to_pylist()))
+        out = super().__call__(block)
+        self.in_flight.end.remote(self.actor_id)  # ordered before this actor's next begin
+        return out

@@ -34,10 +34,12 @@ from .session import (
     PLAN_TASKS,
     STAGE_TASKS,
     Placement,
+    actors_that_fit,
     configure_ray_data,
     end_execution,
     explain_ray_error,
     init_ray,
+    lost_capacity,
     place,
     release_ray,
     runtime_env,
@@ -46,11 +48,13 @@ from .session import (
 )
 from .spec import JobSpec
 from .store import Store, StoreError, open_store
-from .stream import anti_join, unpack
+from .stream import InFlight, anti_join, unpack
 
 # How far the streamed plan may run ahead of the write stage, in blocks per actor: enough
 # for every actor's queue (Ray Data sends an actor up to 4 blocks at once) and the writes.
 AHEAD_BLOCKS = 8
+# The resource Ray gives the head node only.
+HEAD_RESOURCE = "node:__internal_head__"
 
 __all__ = ["Placement", "Progress", "RunError", "RunResult", "read_metadata", "run_job"]
 
@@ -146,6 +150,8 @@ class _Job:
     verbose: bool
     info: ManifestInfo = field(init=False)
     called: float = field(default_factory=time.monotonic)
+    # Items this run committed as failures: a later pass must not render them again.
+    failed_here: list[pa.Table] = field(default_factory=list)
 
     def run(
         self,
@@ -183,22 +189,49 @@ class _Job:
             # homogeneous blocks as rendering goes (`stream`); here only its size is known.
             plan, to_render, gate = _plan(spec, info, done, only, models, placement.actors)
             progress = Progress(total=info.total_items, skipped=info.total_items - to_render)
-            output.write_run_record(
-                store,
+            record = dict(
                 run_id=lease.run_id,
                 total=info.total_items,
                 planned=to_render,
                 took_over=describe(lease.took_over) if lease.took_over else None,
             )
+            output.write_run_record(store, **record)
             if self.on_start:
                 self.on_start(progress, placement)
             self.check_stop()
 
-            # 5. Render, write, and commit metadata parts as results stream back.
-            parts: list[str] = []
-            if plan is not None:
-                stages = _Stages(models, aux, hashes, placement, gate)
-                parts = self._render(store, lease, plan, stages, progress)
+            # 5. Render, write, and commit metadata parts as results stream back. A lost
+            # node (or every render actor) ends this pass: what is left is planned again
+            # (committed items are skipped, exactly once) and the run goes on.
+            committer = Committer(
+                store,
+                lease.run_id,
+                progress,
+                commit_rows=spec.execution.commit_rows,
+                commit_seconds=spec.execution.commit_seconds,
+                check_lease=lease.check,
+                failed_keys=self.failed_here,
+            )
+            events = {"capacity_lost": 0, "replans": 0, "items_failed_by_crashes": 0}
+            in_flight = _on_driver_node(InFlight) if plan is not None else None
+            stages = _Stages(models, aux, hashes, placement, gate, in_flight)
+            while plan is not None:
+                try:
+                    self._render(lease, plan, stages, committer)
+                    break
+                except (ray.exceptions.RayError, TimeoutError) as err:
+                    what = self._lost(err, events, progress)
+                    alone = self._crashes(in_flight, committer, events)
+                    self._wait_for_capacity(placement)
+                    skip = output.union_done(output.done_table(store), *self.failed_here)
+                    left = anti_join(only, skip) if only is not None else None
+                    plan, to_render, gate = _plan(
+                        spec, info, skip, left, models, placement.actors, alone
+                    )
+                    stages = _Stages(models, aux, hashes, placement, gate, in_flight, 1)
+                    self.note(f"resumed after {what}: {to_render:,} item(s) left")
+                    output.write_run_record(store, **record, events=events)
+            parts = committer.parts
         except Stalled as err:
             if owns_ray:
                 release_ray(self.verbose)  # the only way to stop a hung actor's work from here
@@ -242,6 +275,71 @@ class _Job:
         output.finish_run(store, result.summary(), info.total_items)
         return result
 
+    def _lost(self, err: BaseException, events: dict[str, int], progress: Progress) -> str:
+        """What a pass lost (a line for the console), or `err` again when it is not lost
+        capacity or the retries are spent."""
+        what = lost_capacity(err)
+        if isinstance(err, TimeoutError) and "starting actors" in str(err).lower():
+            # The pool of a pass after a loss found no room within capacity_wait_seconds.
+            raise RunError(
+                f"no render actor could start within execution.capacity_wait_seconds="
+                f"{self.spec.execution.capacity_wait_seconds:g} s; "
+                f"{progress.committed} image(s) committed by this run are kept; the same "
+                "command resumes once the cluster has room for a render actor"
+            ) from None
+        if what is None:
+            raise err
+        if events["replans"] >= self.spec.execution.max_job_retries:
+            raise RunError(
+                f"{what}, and execution.max_job_retries={self.spec.execution.max_job_retries} "
+                f"passes were spent; {progress.committed} image(s) committed by this run are "
+                "kept; the same command resumes"
+            ) from None
+        events["capacity_lost"] += 1
+        events["replans"] += 1
+        self.note(f"{what}: the items it had in flight will render again")
+        return what
+
+    def _crashes(
+        self, in_flight: Any, committer: Committer, events: dict[str, int]
+    ) -> list[tuple[str, int]]:
+        """After a lost pass: items that killed their actor even when rendered alone get
+        a failure row (an item is never the reason a job dies twice); items that were in
+        hand at two deaths are rendered alone in the next pass to find out."""
+        import ray
+
+        from .stream import call_actor
+
+        try:
+            crashes = call_actor(in_flight.crashed)
+        except ray.exceptions.RayError:  # lost with its node: nothing to learn this time
+            return []
+        dead = {key: entry for key, entry in crashes.items() if entry[1] >= 1}
+        if dead:
+            committer.add_rows(_crash_failures(self.spec, dead))
+            committer.flush()
+            call_actor(in_flight.forget, list(dead))
+            events["items_failed_by_crashes"] += len(dead)
+            self.note(
+                f"{len(dead)} item(s) killed their render actor every time, even alone: "
+                "failure rows (ActorCrash), the rest goes on"
+            )
+        return [key for key, entry in crashes.items() if entry[0] >= 2 and key not in dead]
+
+    def _wait_for_capacity(self, placement: Placement) -> None:
+        """Tell the console how many render actors fit now; the next pass waits up to
+        execution.capacity_wait_seconds for its first one (Ray Data's actor start-up)."""
+        import ray.data
+
+        fits = actors_that_fit(self.spec, placement, ray.cluster_resources())
+        if fits < placement.actors:
+            self.note(
+                f"waiting for capacity: {fits}/{placement.actors} render actors fit now "
+                f"(up to {self.spec.execution.capacity_wait_seconds:g} s)"
+            )
+        ctx = ray.data.DataContext.get_current()
+        ctx.wait_for_min_actors_s = int(self.spec.execution.capacity_wait_seconds) or 1
+
     def _hash_models(
         self, store: Store, models: dict[str, str], aux: dict[str, str | None]
     ) -> dict[str, str]:
@@ -271,27 +369,14 @@ class _Job:
             )
         return done, only
 
-    def _render(
-        self,
-        store: Store,
-        lease: Lease,
-        plan: Any,
-        stages: _Stages,
-        progress: Progress,
-    ) -> list[str]:
-        """Stream the plan through render and write; commit rows as they come back.
-        However this ends (done, stall, error, Ctrl-C), what was written is committed."""
-        spec, execution = self.spec, self.spec.execution
+    def _render(self, lease: Lease, plan: Any, stages: _Stages, committer: Committer) -> None:
+        """One pass: stream the plan through render and write; commit rows as they come
+        back. However it ends (done, stall, error, Ctrl-C), what was written is committed."""
+        spec, execution, progress = self.spec, self.spec.execution, committer.progress
         packer = _shard_packer(spec, lease.run_id)
         ds = _pipeline(spec, plan, stages, packer, self.info)
-        committer = Committer(
-            store,
-            lease.run_id,
-            progress,
-            commit_rows=execution.commit_rows,
-            commit_seconds=execution.commit_seconds,
-            check_lease=lease.check,
-        )
+        committer.skipped = 0
+        before = progress.done + progress.failed  # this run's earlier passes
 
         def on_idle() -> None:
             if committer.due():
@@ -310,14 +395,41 @@ class _Job:
                 committer.add(batch)
                 if self.on_progress:
                     self.on_progress(progress)
-            # Every fragment reported: the exact count of what was already done.
-            progress.skipped = committer.skipped
+            # Every fragment reported: the exact count of what was done before this run
+            # (a later pass also skips what this run's earlier passes did).
+            progress.skipped = committer.skipped - before
         finally:
             batches.close()  # a stopped stream ends its execution now
             if packer is not None:
                 committer.add_rows(_close_packer(packer))
             committer.flush()
-        return committer.parts
+
+
+def _crash_failures(spec: JobSpec, dead: dict[tuple[str, int], list[Any]]) -> pa.Table:
+    """Failure rows for items whose render killed the actor process every time."""
+    from .write import METADATA_SCHEMA
+
+    now = datetime.now(timezone.utc)
+    rows = []
+    for crashes, alone, item in dead.values():
+        row = {name: item.get(name) for name in METADATA_SCHEMA.names}
+        row.update(
+            status="failed",
+            error_type="ActorCrash",
+            error_message=(
+                f"the render actor's process died {crashes} times with this item in hand "
+                f"({alone} of them rendering it alone): the pipeline call kills the process "
+                "(a crash or an out-of-memory kill in native code)"
+            ),
+            attempts=crashes,
+            job_name=spec.name,
+            created_at=now,
+            image_uri=None,
+            sha256=None,
+            pixels=None,
+        )
+        rows.append({name: row.get(name) for name in METADATA_SCHEMA.names})
+    return pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
 
 
 def _shard_packer(spec: JobSpec, run_id: str) -> Any:
@@ -355,6 +467,7 @@ def _plan(
     only: pa.Table | None,
     models: dict[str, str],
     actors: int,
+    alone: list[tuple[str, int]] | None = None,
 ) -> tuple[Any, int, Any]:
     """The planning stage (a Ray Data dataset of packed planned blocks, `stream`), an
     estimate of the items it will plan, and its PlanGate actor (None when the plan is
@@ -375,6 +488,7 @@ def _plan(
         families={ref: family_of(ref) for ref in set(models.values())},
         block_rows=block_rows_for(max(1, estimate), spec.batch_size, actors),
         first_blocks=actors,
+        alone=alone,
     )
     if only is not None and not only.num_rows:
         return None, 0, None
@@ -420,22 +534,21 @@ def _streamed_plan(parts: list[dict[str, Any]], kwargs: dict[str, Any]) -> Any:
 
 
 def _on_driver_node(cls: type, *args: Any) -> Any:
-    """An instance of `cls` as a Ray actor on the driver's node, taking no CPU (a job's
-    light helpers: a worker node may go away, the driver's stays while the job runs)."""
+    """An instance of `cls` as a Ray actor on the head node (where the driver runs under
+    `ray job submit` and KubeRay), taking no CPU: a job's light helpers must outlive any
+    worker node, and losing the head ends the cluster anyway. Without a head marker
+    (an older Ray), the driver's own node."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return (
-        ray.remote(cls)
-        .options(
-            num_cpus=0,
-            runtime_env=runtime_env(),
-            scheduling_strategy=NodeAffinitySchedulingStrategy(
-                ray.get_runtime_context().get_node_id(), soft=True
-            ),
+    options: dict[str, Any] = {"num_cpus": 0, "runtime_env": runtime_env()}
+    if HEAD_RESOURCE in ray.cluster_resources():
+        options["resources"] = {HEAD_RESOURCE: 0.001}
+    else:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True
         )
-        .remote(*args)
-    )
+    return ray.remote(cls).options(**options).remote(*args)
 
 
 def _count_items(batch: pa.Table) -> pa.Table:
@@ -498,6 +611,10 @@ class _Stages:
     hashes: dict[str, str]  # checkpoint -> model_sha256
     placement: Placement
     gate: Any  # the streamed plan's PlanGate actor, or None
+    in_flight: Any  # the run's InFlight actor: which items each render actor has in hand
+    # Render actors a pass starts with: all of them at first (so a small job's blocks
+    # spread); after a loss, one, and the pool grows as capacity comes back.
+    min_actors: int | None = None
 
 
 def _pipeline(*args: Any) -> Any:
@@ -544,6 +661,7 @@ def _build_pipeline(
             models=stages.models,
             **stages.aux,
             model_hashes=stages.hashes,
+            in_flight=stages.in_flight,
             batch_size=spec.batch_size,
             device=stages.placement.device,
             dtype=spec.compute.dtype,
@@ -557,7 +675,10 @@ def _build_pipeline(
                 sorted({*stages.hashes, *spec.models.layouts().values()})
             ),
         ),
-        compute=ray.data.ActorPoolStrategy(size=stages.placement.actors),
+        compute=ray.data.ActorPoolStrategy(
+            min_size=stages.min_actors or stages.placement.actors,
+            max_size=stages.placement.actors,
+        ),
         batch_size=None,
         batch_format="pyarrow",
         num_cpus=stages.placement.cpus_per_actor,

@@ -322,3 +322,47 @@ def stall_report(seconds: float) -> str:
         lines.append(f"  (could not list actors: {err})")
     lines.append("Committed images are kept; the same command resumes.")
     return "\n".join(lines)
+
+
+def lost_capacity(err: BaseException) -> str | None:
+    """What was lost, when `err` is the infrastructure failing rather than the job (a node
+    gone, an actor process killed, an object lost with its node); None otherwise.
+
+    Read from the error's type (or, in a task's error, its cause's) and, for the node,
+    the first `ip=` or address Ray names in its text.
+    """
+    import ray.exceptions as rex
+
+    lost = (
+        rex.ActorDiedError,
+        rex.ActorUnavailableError,
+        rex.NodeDiedError,
+        rex.ObjectLostError,
+        rex.OwnerDiedError,
+        rex.WorkerCrashedError,
+        rex.LocalRayletDiedError,
+        rex.ObjectFetchTimedOutError,
+    )
+    cause = getattr(err, "cause", None)
+    if not isinstance(err, lost) and not isinstance(cause, lost):
+        return None
+    kind = type(cause if isinstance(cause, lost) else err).__name__
+    text = str(err)
+    node = re.search(r"\bip=(\d+\.\d+\.\d+\.\d+)", text) or re.search(
+        r"ipv4:(\d+\.\d+\.\d+\.\d+)", text
+    )
+    where = f"node {node[1]}" if node else "a render actor"
+    return f"{where} lost ({kind})"
+
+
+def actors_that_fit(spec: JobSpec, placement: Placement, cluster: dict[str, float]) -> int:
+    """How many of the job's render actors the cluster's resources hold now."""
+    need = {"CPU": placement.cpus_per_actor, "GPU": placement.gpus_per_actor}
+    need.update(spec.compute.resources or {})
+    have = dict(cluster)
+    have["CPU"] = have.get("CPU", 0.0) - STAGE_TASKS * CPU_STAGE_CPUS
+    fits = placement.actors
+    for name, amount in need.items():
+        if amount and amount > 0:
+            fits = min(fits, int(max(0.0, have.get(name, 0.0)) / amount + 1e-9))
+    return fits

@@ -325,6 +325,20 @@ class ExecutionSpec(_Strict):
         description="A run holds a lease on its output, renewed every third of this; another "
         "run refuses a lease whose heartbeat is younger, and takes over an older one.",
     )
+    max_job_retries: int = Field(
+        3,
+        ge=0,
+        le=100,
+        description="When a node, or every render actor, is lost (spot preemption, a killed "
+        "raylet), re-plan what is left and go on within the same run, up to this many times.",
+    )
+    capacity_wait_seconds: float = Field(
+        600.0,
+        ge=0,
+        le=86_400,
+        description="After such a loss, wait this long for room for a render actor (a "
+        "replacement node, the autoscaler) before the run fails; committed work is kept.",
+    )
 
 
 class OutputOptions(_Strict):

@@ -45,6 +45,8 @@ class JobStatus:
     top_failures: list[tuple[str, int]] = field(default_factory=list)
     lease: str | None = None  # who is writing this output now, if a run holds a live lease
     lease_taken_over_from: str | None = None  # the stale holder the latest run replaced
+    # What the latest run lived through: capacity_lost (nodes or render actors), replans.
+    events: dict[str, int] = field(default_factory=dict)
 
     @property
     def remaining(self) -> int | None:
@@ -77,6 +79,7 @@ def job_status(output: str, storage: dict[str, Any] | None = None, top: int = 5)
         top_failures=reasons.most_common(top),
         lease=describe(holder) if holder else None,
         lease_taken_over_from=run.get("lease_taken_over_from"),
+        events=dict(run.get("events") or {}),
     )
 
 

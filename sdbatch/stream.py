@@ -154,6 +154,47 @@ class PlanGate:
             self.moved.notify_all()
 
 
+class InFlight:
+    """Which items each render actor has in hand, and how often items were in hand when
+    their actor's process died (a Ray actor; one per run).
+
+    A render actor calls `begin` before each block and `end` after it. A `begin` from an
+    actor whose previous block never ended means that block died with the process (Ray
+    restarts an actor under the same id); `crashed`, called by the driver when a pass was
+    lost, counts the blocks still open then as well. An item that keeps killing its
+    actor is found this way, rendered alone, and then failed (`runner`).
+    """
+
+    def __init__(self) -> None:
+        self.open: dict[str, list[dict[str, Any]]] = {}
+        # (id, image_index) -> [crashes, crashes while alone in its block, the item]
+        self.crashes: dict[tuple[str, int], list[Any]] = {}
+
+    def begin(self, actor: str, items: list[dict[str, Any]]) -> None:
+        if actor in self.open:
+            self._count(self.open[actor])
+        self.open[actor] = items
+
+    def end(self, actor: str) -> None:
+        self.open.pop(actor, None)
+
+    def crashed(self) -> dict[tuple[str, int], list[Any]]:
+        for items in self.open.values():
+            self._count(items)
+        self.open.clear()
+        return self.crashes
+
+    def forget(self, keys: list[tuple[str, int]]) -> None:
+        for key in keys:
+            self.crashes.pop(key, None)
+
+    def _count(self, items: list[dict[str, Any]]) -> None:
+        for item in items:
+            entry = self.crashes.setdefault((item["id"], item["image_index"]), [0, 0, item])
+            entry[0] += 1
+            entry[1] += len(items) == 1
+
+
 def fragment_done(done: pa.Table | None, row_ids: pa.Array) -> set[tuple[str, int]]:
     """The (id, image_index) pairs of `done` whose manifest row is one of `row_ids`."""
     if done is None or not done.num_rows:
@@ -174,12 +215,14 @@ def plan_fragment(
     only: Any = None,
     gate: Any = None,
     first_blocks: int = 0,
+    alone: list[tuple[str, int]] | None = None,
 ) -> Iterator[pa.Table]:
     """The planned blocks of the manifest fragments in `batch` (rows of `fragments`), as
     packed rows; then one count row per fragment. `done` / `only`: object refs (or
     tables) of DONE_SCHEMA: skip the former; with `only`, plan nothing else. `gate`: the
     job's PlanGate actor, asked before each block. The first fragment's first
-    `first_blocks` blocks hold one pipeline call (`batch_size` items) each."""
+    `first_blocks` blocks hold one pipeline call (`batch_size` items) each; each item of
+    `alone` (id, image_index) is a block of its own."""
     import ray
 
     from .manifest import _open
@@ -188,6 +231,11 @@ def plan_fragment(
     only_table = ray.get(only) if isinstance(only, ray.ObjectRef) else only
     pf = _open(spec.manifest, storage)
     base = manifest_base(spec.manifest)
+    suspects = {(str(i), int(k)) for i, k in alone or ()}
+
+    def by_itself(item: dict[str, Any]) -> bool:
+        return bool(suspects) and (item["id"], item["image_index"]) in suspects
+
     for fragment, groups in zip(
         batch["fragment"].to_pylist(), batch["row_groups"].to_pylist(), strict=True
     ):
@@ -203,7 +251,7 @@ def plan_fragment(
         )
         items = _wanted(rows, spec, base, families, skip, keep, skipped)
         first = (first_blocks, spec.batch_size) if fragment == 0 else (0, 0)
-        for block in homogeneous_blocks(items, block_rows, first):
+        for block in homogeneous_blocks(items, block_rows, first, by_itself):
             if gate is not None:
                 ray.get(gate.admit.remote(len(block)))
             yield pack(pa.Table.from_pylist(block, schema=ITEM_SCHEMA))
@@ -221,7 +269,17 @@ def _wanted(
 ) -> Iterator[dict[str, Any]]:
     """The items of `rows` to render: not in `skip`, and in `keep` unless it is None;
     `skipped[0]` counts the others."""
+    # A row whose every image is done is counted without expanding it (seeds, keys):
+    # resuming after a long done prefix spent ~1.5 s per done fragment expanding items
+    # only to drop them (a sweep's items have other ids: those rows are expanded).
+    fast = bool(skip) and not spec.sweep
+    default_n = spec.defaults.num_images
     for row in rows:
+        if fast:
+            row_id, n = str(row["id"]), int(row.get("num_images") or default_n)
+            if all((row_id, k) in skip for k in range(n)):
+                skipped[0] += n
+                continue
         for item in expand_row(row, spec, base, families.get):
             key = (item["id"], item["image_index"])
             if key in skip or (keep is not None and key not in keep):

@@ -138,18 +138,80 @@ def test_actor_crash_mid_batch_recovers_without_losing_items(
     assert len(sha_by_item(spec.output)) == 24
 
 
-def test_crash_looping_actor_fails_the_job_with_a_message(
+def test_an_item_that_kills_its_actor_every_time_is_one_failure_row(
     tmp_path, tiny_models, ray_session, monkeypatch
 ) -> None:
+    """An item is never the reason a job dies twice: its block is lost, its items are
+    rendered alone, and the one that still kills the actor gets a failure row."""
     monkeypatch.setenv("SDBATCH_FAULT", "crashloop:item-003")
     spec = load_spec(
         cli_job(
             tmp_path, tiny_models["base"], 8, execution={"max_actor_restarts": 0, "commit_rows": 4}
         )
     )
-    with pytest.raises(RunError, match=r"render actor kept dying .*max_actor_restarts=0"):
+    notes: list[str] = []
+    result = run_job(spec, on_note=notes.append)
+    assert (result.done, result.failed) == (7, 1), notes
+    failures = pd.read_parquet(Path(spec.output, "failures"))
+    assert failures["id"].tolist() == ["item-003"]
+    assert failures["error_type"].tolist() == ["ActorCrash"]
+    assert len(sha_by_item(spec.output)) == 7
+    assert any("killed their render actor" in n for n in notes), notes
+    assert (
+        json.loads(Path(spec.output, "_RUN.json").read_text())["events"]["items_failed_by_crashes"]
+        == 1
+    )
+
+
+def test_crash_loops_beyond_max_job_retries_fail_with_a_message(
+    tmp_path, tiny_models, ray_session, monkeypatch
+) -> None:
+    monkeypatch.setenv("SDBATCH_FAULT", "crashloop:item-003")
+    spec = load_spec(
+        cli_job(
+            tmp_path,
+            tiny_models["base"],
+            8,
+            execution={"max_actor_restarts": 0, "max_job_retries": 0, "commit_rows": 4},
+        )
+    )
+    with pytest.raises(RunError, match=r"lost .*max_job_retries=0 .*the same command resumes"):
         run_job(spec)
     assert not Path(spec.output, "_SUCCESS").exists()
+
+
+def test_render_actor_sigkilled_twice_the_job_completes(tmp_path, tiny_models, ray_session) -> None:
+    import threading
+
+    from ray._private.state import actors as actor_table
+
+    spec = load_spec(cli_job(tmp_path, tiny_models["base"], 96, compute={"actors": 1}))
+    killed: list[int] = []
+
+    def renderer_pid() -> int | None:
+        for a in actor_table().values():
+            if "Renderer" in a.get("ActorClassName", "") and a["State"] == "ALIVE":
+                return a.get("Pid")
+        return None
+
+    def kill_twice() -> None:
+        images = Path(spec.output, "images")
+        deadline = time.monotonic() + 120
+        while len(killed) < 2 and time.monotonic() < deadline:
+            done = len(list(images.glob("*/*.png"))) if images.exists() else 0
+            pid = renderer_pid()
+            if pid and pid not in killed and done >= 8 * (len(killed) + 1):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_twice, daemon=True)
+    killer.start()
+    result = run_job(spec)
+    killer.join(timeout=10)
+    assert len(killed) == 2, killed
+    assert (result.done, result.failed) == (96, 0)
+    assert len(sha_by_item(spec.output)) == 96
 
 
 def test_watchdog_names_stuck_actors_instead_of_hanging(tmp_path, tiny_models) -> None:

@@ -1,0 +1,95 @@
+"""Spot preemption: the render node is lost mid-job (issue 15). With a replacement the
+run carries on; without one it stops after capacity_wait_seconds with a clear message
+and the same command resumes. Every item exactly once, the same bits as a run that lost
+nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sdbatch.runner import read_metadata, run_job
+from sdbatch.spec import load_spec
+from tests.helpers import prompts, write_manifest, write_spec
+from tests.integration.test_cluster import isolated_env
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+HERE = Path(__file__).parent
+ITEMS = 160
+
+
+def job(tmp_path: Path, model: Path, name: str, **execution) -> Path:
+    manifest = write_manifest(tmp_path / "m.parquet", prompts(ITEMS))
+    return write_spec(
+        tmp_path / f"{name}.yaml",
+        manifest=str(manifest),
+        output=str(tmp_path / f"out-{name}"),
+        model=str(model),
+        defaults={"steps": 2},
+        compute={"actors": 2, "cpus_per_actor": 1, "resources": {"render_node": 1}},
+        execution={"commit_rows": 8, "commit_seconds": 1, **execution},
+    )
+
+
+def on_cluster(spec: Path, *args: str) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(HERE / "node_loss_job.py"), str(spec), *args],
+        capture_output=True,
+        text=True,
+        timeout=400,
+        env=isolated_env(),
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
+    return json.loads(line.removeprefix("RESULT "))
+
+
+def sha_by_item(output: str) -> dict[tuple[str, int], str]:
+    meta = read_metadata(output).to_pandas()
+    assert not meta.duplicated(["id", "image_index"]).any(), "an item committed twice"
+    return {(r.id, r.image_index): r.sha256 for r in meta.itertuples()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_models, ray_session) -> dict:
+    """The same job on the session's one-node Ray, nothing lost."""
+    tmp = tmp_path_factory.mktemp("reference")
+    spec = load_spec(job(tmp, tiny_models["base"], "reference"))
+    spec = spec.model_copy(update={"compute": spec.compute.model_copy(update={"resources": {}})})
+    run_job(spec)
+    return sha_by_item(spec.output)
+
+
+def test_render_node_lost_and_replaced_the_run_carries_on(tmp_path, tiny_models, reference) -> None:
+    spec = job(tmp_path, tiny_models["base"], "replaced")
+    report = on_cluster(spec, "40", "--replace")
+    assert report["lost"] and "error" not in report, report
+    assert report["done"] + report["skipped"] == ITEMS and report["failed"] == 0, report
+    assert any("lost" in n for n in report["notes"]), report["notes"]
+    assert any(n.startswith("resumed after") for n in report["notes"]), report["notes"]
+    assert report["events"]["capacity_lost"] >= 1, report
+    assert sha_by_item(load_spec(spec).output) == reference
+    assert Path(load_spec(spec).output, "_SUCCESS").is_file()
+
+
+def test_render_node_lost_for_good_stops_clearly_then_resumes(
+    tmp_path, tiny_models, reference
+) -> None:
+    spec = job(tmp_path, tiny_models["base"], "gone", capacity_wait_seconds=8)
+    report = on_cluster(spec, "40")
+    assert report["lost"], report
+    assert "capacity_wait_seconds=8" in report["error"], report
+    assert "the same command resumes" in report["error"], report
+    output = load_spec(spec).output
+    kept = sha_by_item(output)
+    assert 40 <= len(kept) < ITEMS
+    assert not Path(output, "_SUCCESS").exists()
+
+    # The same command on a cluster that has its render node again.
+    again = on_cluster(spec, "0", "--no-loss")
+    assert "error" not in again and again["skipped"] == len(kept), again
+    assert sha_by_item(output) == reference
