@@ -60,6 +60,8 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
         # in the object store (ray#57733); real errors still reach the session logs.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
         logging.getLogger("ray").setLevel(logging.ERROR)
+        with contextlib.suppress(ImportError):
+            _raylet_messages_to_log()
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
@@ -90,6 +92,31 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
             )
         raise RunError(f"could not start or connect to {where}: {first}{hint}") from None
     return True
+
+
+def _raylet_messages_to_log() -> None:
+    """Ray's driver prints every error message the cluster publishes — a task retried
+    after its actor died, a raylet that went away — as `(raylet) ...` lines on stdout,
+    whatever log_to_driver says. On a lost node that is a screen of retry lines around
+    the one line sdbatch prints; they go to the `sdbatch.ray` logger instead (DEBUG),
+    and --verbose keeps Ray's own printing. Uses Ray's private printer (the listener
+    thread looks it up at each message); without it, nothing changes."""
+    from ray._private import worker
+
+    printer = getattr(worker, "print_to_stdstream", None)
+    if printer is None or getattr(printer, "_sdbatch_quiet", False):
+        return
+    log = logging.getLogger("sdbatch.ray")
+
+    def quiet(data: dict[str, Any], ignore_prefix: bool) -> None:
+        if data.get("pid") == "raylet":
+            for line in data.get("lines", []):
+                log.debug("raylet: %s", line)
+            return
+        printer(data, ignore_prefix)
+
+    quiet._sdbatch_quiet = True  # type: ignore[attr-defined]
+    worker.print_to_stdstream = quiet
 
 
 def _check_reachable(target: str, where: str, timeout: float = 5.0) -> None:

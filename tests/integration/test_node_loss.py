@@ -44,6 +44,8 @@ def on_cluster(spec: Path, *args: str) -> dict:
         env=isolated_env(),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # One line per event from sdbatch (the notes), never Ray's raylet retry lines.
+    assert "(raylet)" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
 

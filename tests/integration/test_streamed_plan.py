@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from sdbatch import runner, stream
+from sdbatch import pipeline, stream
 from sdbatch.runner import read_metadata, run_job
 from sdbatch.spec import load_spec
 from tests.helpers import prompts, write_spec
@@ -50,7 +50,7 @@ def test_streamed_plan_renders_like_the_driver_plan_and_resumes_exactly_once(
 
     # Streamed: fragments of 16 rows (3 plan tasks), the plan one block ahead per actor.
     monkeypatch.setattr(stream, "FRAGMENT_ROWS", 16)
-    monkeypatch.setattr(runner, "AHEAD_BLOCKS", 1)
+    monkeypatch.setattr(pipeline, "AHEAD_BLOCKS", 1)
     spec = spec_for("streamed")
     stop = threading.Event()
 
