@@ -353,10 +353,12 @@ def stall_report(seconds: float) -> str:
 
 def lost_capacity(err: BaseException) -> str | None:
     """What was lost, when `err` is the infrastructure failing rather than the job (a node
-    gone, an actor process killed, an object lost with its node); None otherwise.
+    gone, an actor process killed, an object lost with its node); None otherwise — in
+    particular for an actor whose constructor failed (a model that does not load), which
+    no retry mends.
 
     Read from the error's type (or, in a task's error, its cause's) and, for the node,
-    the first `ip=` or address Ray names in its text.
+    the address Ray names in its text.
     """
     import ray.exceptions as rex
 
@@ -371,15 +373,20 @@ def lost_capacity(err: BaseException) -> str | None:
         rex.ObjectFetchTimedOutError,
     )
     cause = getattr(err, "cause", None)
-    if not isinstance(err, lost) and not isinstance(cause, lost):
-        return None
-    kind = type(cause if isinstance(cause, lost) else err).__name__
+    found = err if isinstance(err, lost) else cause if isinstance(cause, lost) else None
     text = str(err)
-    node = re.search(r"\bip=(\d+\.\d+\.\d+\.\d+)", text) or re.search(
+    if found is None or getattr(found, "actor_init_failed", False) or "creation task" in text:
+        return None
+    kind = type(found).__name__
+    ip = re.search(r"\bip[=:]\s*(\d+\.\d+\.\d+\.\d+)", text) or re.search(
         r"ipv4:(\d+\.\d+\.\d+\.\d+)", text
     )
-    where = f"node {node[1]}" if node else "a render actor"
-    return f"{where} lost ({kind})"
+    node_gone = isinstance(found, (rex.ActorUnavailableError, rex.NodeDiedError)) or bool(
+        re.search(r"node (has )?died|node .* (dead|terminated)|raylet", text, re.IGNORECASE)
+    )
+    if node_gone:
+        return f"node {ip[1] if ip else '?'} lost ({kind})"
+    return f"a render actor{f' on {ip[1]}' if ip else ''} died ({kind})"
 
 
 def actors_that_fit(spec: JobSpec, placement: Placement, cluster: dict[str, float]) -> int:

@@ -47,3 +47,20 @@ def test_gpu_auto_counts_gpus_and_fractions() -> None:
 def test_gpu_auto_without_gpus_says_what_to_do() -> None:
     with pytest.raises(RunError, match="set compute.actors"):
         place(spec(device="cuda"), {"CPU": 8.0})
+
+
+def test_lost_capacity_tells_a_lost_node_from_a_dead_actor_and_a_failed_start() -> None:
+    import ray.exceptions as rex
+
+    from sdbatch.session import lost_capacity
+
+    gone = rex.ActorUnavailableError(
+        "RpcError: ipv4:10.0.1.7:40875: Failed to connect to remote host", None
+    )
+    assert lost_capacity(gone) == "node 10.0.1.7 lost (ActorUnavailableError)"
+    died = rex.ActorDiedError()
+    assert lost_capacity(died) == "a render actor died (ActorDiedError)"
+    failed_start = rex.ActorDiedError()
+    failed_start._actor_init_failed = True  # its constructor raised: no retry mends that
+    assert lost_capacity(failed_start) is None
+    assert lost_capacity(ValueError("a bug")) is None
