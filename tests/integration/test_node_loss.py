@@ -88,7 +88,9 @@ def test_render_node_lost_for_good_stops_clearly_then_resumes(
     assert "the same command resumes" in report["error"], report
     output = load_spec(spec).output
     kept = sha_by_item(output)
-    assert 40 <= len(kept) < ITEMS
+    # The node went at 40 stored images; those whose rows had not reached the driver's
+    # commit yet render again, so fewer may be committed (seen: 28 in a fresh-clone CI).
+    assert 0 < len(kept) < ITEMS
     assert not Path(output, "_SUCCESS").exists()
 
     # The same command on a cluster that has its render node again.
