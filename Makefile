@@ -26,10 +26,11 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed ## Create .venv and install sdbatch with test/dev extras
 
-$(MODELS)/sdxl-refiner.safetensors: | $(VENV)/.installed
+# The last thing `models tiny` writes (LoRAs, then embeddings); it skips what exists.
+$(MODELS)/embeddings/.complete: | $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/sdbatch models tiny $(MODELS)
 
-models: $(MODELS)/sdxl-refiner.safetensors ## Build the tiny offline models (if absent)
+models: $(MODELS)/embeddings/.complete ## Build the tiny offline models, LoRAs, embeddings (if absent)
 
 jobs/data/demo.parquet: jobs/make_demo_manifest.py | $(VENV)/.installed
 	$(PY) jobs/make_demo_manifest.py $@

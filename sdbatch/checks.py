@@ -26,6 +26,8 @@ def check_job(spec: JobSpec, on_rows: Callable[[int], None] | None = None) -> Ma
     assert spec.models is not None
     use_layouts(spec.models.layouts())  # single-file checkpoints: their models.config
     problems = check_models(spec, info)
+    if not problems:
+        problems = check_adapters(spec)
     if problems:
         raise RunError("\n".join(dict.fromkeys(problems)))
     return info
@@ -175,3 +177,61 @@ def aux_models(spec: JobSpec, info: ManifestInfo) -> dict[str, str | None]:
         "depth_controlnet": m.depth_controlnet if depth else None,
         "depth_estimator": m.depth_estimator if depth and info.estimates_depth else None,
     }
+
+
+def _text_widths(ref: str) -> tuple[int | None, tuple[int, ...]]:
+    """(the UNet's cross-attention width, each text encoder's width) from the configs."""
+    import json
+
+    from .models import inspect_checkpoint
+
+    path = inspect_checkpoint(ref).path
+
+    def read(name: str) -> dict[str, Any]:
+        try:
+            return dict(json.loads((path / name / "config.json").read_text()))
+        except (OSError, ValueError):
+            return {}
+
+    unet = read("unet").get("cross_attention_dim")
+    encoders = [read(n).get("hidden_size") for n in ("text_encoder", "text_encoder_2")]
+    return (int(unet) if isinstance(unet, int) else None), tuple(w for w in encoders if w)
+
+
+def check_adapters(spec: JobSpec) -> list[str]:
+    """LoRA and embedding files that are missing, pickled, not adapters, or for another
+    model family than the base model's (each named with its field and URI)."""
+    from .adapters import AdapterError, check_embedding, check_lora, resolve
+
+    if not spec.loras and not spec.embeddings:
+        return []
+    assert spec.models is not None
+    text_width, widths = _text_widths(spec.models.base)
+    storage = spec.storage.model_dump()
+    problems = []
+    for name, uri in sorted(spec.loras.items()):
+        try:
+            check_lora(name, uri, resolve(uri, storage), text_width, spec.models.base)
+        except AdapterError as err:
+            problems.append(str(err) if str(err).startswith("loras.") else f"loras.{name}: {err}")
+    for name, uri in sorted(spec.embeddings.items()):
+        try:
+            check_embedding(name, uri, resolve(uri, storage), widths)
+        except AdapterError as err:
+            text = str(err)
+            problems.append(
+                text if text.startswith("embeddings.") else f"embeddings.{name}: {text}"
+            )
+    return problems
+
+
+def adapter_files(spec: JobSpec) -> dict[str, Any]:
+    """`lora:NAME` / `embedding:NAME` → `adapters.AdapterFile` (hashed once per content)."""
+    from .adapters import describe, resolve
+
+    storage = spec.storage.model_dump()
+    files = {}
+    for kind, table in (("lora", spec.loras), ("embedding", spec.embeddings)):
+        for name, uri in sorted(table.items()):
+            files[f"{kind}:{name}"] = describe(kind, name, uri, resolve(uri, storage))
+    return files

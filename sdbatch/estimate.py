@@ -104,13 +104,15 @@ def _from_history(store: Any) -> tuple[float | None, str]:
 
 def _calibrate(spec: JobSpec, items: list[dict[str, Any]]) -> float:
     """Seconds per cost unit, rendering `items` in full batches after one warm-up call."""
+    from .checks import adapter_files
     from .models import weights_sha256
     from .prepare import prepare_item
     from .render import Renderer, checkpoints_of, models_of
 
     mode = items[0]["mode"]
+    adapters = dict(loras=spec.loras, embeddings=spec.embeddings, adapter_files=adapter_files(spec))
     renderer = Renderer(
-        **models_of(items[0]),
+        **{**models_of(items[0]), **adapters},
         model_hashes={ref: weights_sha256(ref) for ref in checkpoints_of(items[0]).values()},
         batch_size=spec.batch_size,
         device=spec.compute.device,

@@ -21,7 +21,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .adapters import AdapterError
+from .adapters import choose as choose_loras
 from .plan import IMAGE_COLUMNS, OVERRIDES, SIZE_CONDITIONING
+from .prompts import SYNTAXES
 from .spec import MAX_SEED, MODES, SCHEDULERS, JobSpec
 
 REQUIRED = ("id", "prompt")
@@ -67,6 +70,8 @@ COLUMN_TYPES = {
     "negative_prompt": (_is_string, "string"),
     "mode": (_is_string, "string"),
     "scheduler": (_is_string, "string"),
+    "loras": (_is_string, "string"),
+    "prompt_syntax": (_is_string, "string"),
     "seed": (_is_int, "integer"),
     "steps": (_is_int, "integer"),
     "width": (_is_int, "integer"),
@@ -200,7 +205,42 @@ VALUE_CHECKS = {
     "height": _Size(),
     "mode": _Choice(MODES),
     "scheduler": _Choice(SCHEDULERS),
+    "prompt_syntax": _Choice(SYNTAXES),
 }
+
+
+@dataclass(frozen=True)
+class _Loras:
+    """A `loras` value naming the spec's LoRAs with valid weights."""
+
+    known: tuple[str, ...]
+
+    def __call__(self, v: str) -> str | None:
+        try:
+            choose_loras("", v, dict.fromkeys(self.known, ""))
+        except AdapterError as err:
+            return f"{v!r}: {err}"
+        return None
+
+    def suspects(self, arr: pa.Array) -> pa.Array:
+        return pc.and_(pc.is_valid(arr), pc.not_equal(arr, ""))
+
+
+@dataclass(frozen=True)
+class _LoraTags:
+    """`<lora:NAME:WEIGHT>` tags in a prompt naming the spec's LoRAs with valid weights."""
+
+    known: tuple[str, ...]
+
+    def __call__(self, v: str) -> str | None:
+        try:
+            choose_loras(v, None, dict.fromkeys(self.known, ""))
+        except AdapterError as err:
+            return f"tag: {err}"
+        return None
+
+    def suspects(self, arr: pa.Array) -> pa.Array:
+        return pc.fill_null(pc.match_substring(arr, "<lora:"), False)
 
 
 @dataclass
@@ -443,7 +483,11 @@ def validate_manifest(
     # 1. Columns and types, from the schema alone.
     pf = _open(uri, spec.storage.model_dump())
     columns = _check_schema(uri, pf)
-    checks = {c: VALUE_CHECKS[c] for c in columns if c in VALUE_CHECKS}
+    checks: dict[str, Any] = {c: VALUE_CHECKS[c] for c in columns if c in VALUE_CHECKS}
+    known = tuple(spec.loras)
+    checks["prompt"] = _LoraTags(known)
+    if "loras" in columns:
+        checks["loras"] = _Loras(known)
 
     # 2. Values, a batch at a time: kernels clear most rows; the row checks word the rest.
     found = _Problems()

@@ -6,7 +6,7 @@ fragment), the prepare → render → write stages, and the job's light helper a
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -188,6 +188,8 @@ class Stages:
     # Render actors a pass starts with: all of them at first (so a small job's blocks
     # spread); after a loss, one, and the pool grows as capacity comes back.
     min_actors: int | None = None
+    # `lora:NAME` / `embedding:NAME` → adapters.AdapterFile (hashed in the driver)
+    adapters: dict[str, Any] = field(default_factory=dict)
 
 
 def build(*args: Any) -> Any:
@@ -244,6 +246,9 @@ def _build(
             warmup_sizes=_warmup_sizes(spec, info),
             storage=spec.storage.model_dump(),
             layouts=spec.models.layouts(),
+            loras=spec.loras,
+            embeddings=spec.embeddings,
+            adapter_files=stages.adapters,
             model_sources=modelcache.plans(
                 sorted({*stages.hashes, *spec.models.layouts().values()})
             ),

@@ -17,6 +17,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from .adapters import choose as choose_loras
+from .adapters import embeddings_in
 from .spec import MAX_SEED, JobSpec
 
 # Columns a manifest row may set to override `defaults`.
@@ -35,6 +37,8 @@ OVERRIDES = (
     "original_size",
     "target_size",
     "crops_coords_top_left",
+    "loras",
+    "prompt_syntax",
 )
 # SDXL micro-conditioning: [height, width] pairs and the crop's [top, left].
 SIZE_CONDITIONING = ("original_size", "target_size", "crops_coords_top_left")
@@ -55,6 +59,9 @@ ITEM_SCHEMA = pa.schema(
         ("seed", pa.int64()),
         ("prompt", pa.string()),
         ("negative_prompt", pa.string()),
+        ("prompt_syntax", pa.string()),
+        ("loras", pa.string()),
+        ("embeddings", pa.string()),
         ("mode", pa.string()),
         ("model", pa.string()),
         ("model_family", pa.string()),
@@ -95,6 +102,8 @@ BATCH_FIELDS = (
     "controlnet_conditioning_scale",
     "depth_estimator",
     *SIZE_CONDITIONING,
+    "loras",
+    "prompt_syntax",
 )
 
 
@@ -226,6 +235,9 @@ def expand_row(
         model = spec.model_for(params["mode"])
         family = families(model)
         family_params = _family_params(params, spec, family, row.get("depth_map") is not None)
+        # `<lora:…>` tags leave the prompt; checked by the manifest validation already.
+        prompt, loras = choose_loras(row["prompt"], params["loras"], spec.loras)
+        embeddings = embeddings_in([prompt, params["negative_prompt"]], list(spec.embeddings))
         for k in range(int(params["num_images"])):
             if same_seed:
                 seed = item_seed(spec.seed, row_id, k, row_seed)
@@ -237,12 +249,14 @@ def expand_row(
                 "sweep": json.dumps(cell, sort_keys=True) if cell else None,
                 "image_index": k,
                 "seed": seed,
-                "prompt": row["prompt"],
+                "prompt": prompt,
                 "model": model,
                 "model_family": family,
                 "key": image_key(item_id, k, spec.output_options.extension),
                 **{name: params[name] for name in OVERRIDES if name != "num_images"},
                 **family_params,
+                "loras": loras,
+                "embeddings": embeddings,
             }
             for name in IMAGE_COLUMNS:
                 value = row.get(name)

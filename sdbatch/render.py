@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 
 from . import __version__
+from .adapters import record as record_adapters
+from .adapters import recorded as recorded_adapters
 from .plan import SIZE_CONDITIONING
 
 # Decoded inputs from the prepare stage; consumed here, never copied into metadata.
@@ -97,6 +99,7 @@ def models_of(item: dict[str, Any]) -> dict[str, Any]:
         "refiner": item.get("refiner"),
         "depth_controlnet": item.get("controlnet"),
         "depth_estimator": item.get("depth_estimator"),
+        **recorded_adapters(item),
     }
 
 
@@ -131,6 +134,9 @@ class Renderer:
         storage: dict[str, Any] | None = None,
         layouts: dict[str, str] | None = None,
         model_sources: dict[str, dict[str, Any]] | None = None,
+        loras: dict[str, str] | None = None,
+        embeddings: dict[str, str] | None = None,
+        adapter_files: dict[str, Any] | None = None,
     ):
         from .modelcache import adopt as adopt_listings
         from .models import (
@@ -197,6 +203,17 @@ class Renderer:
         self.depth_estimator = (
             load_depth_estimator(depth_estimator, self.device) if depth_estimator else None
         )
+        # 4. LoRAs and embeddings, each loaded once; switched per pipeline call.
+        from .adapters import AdapterFile, Adapters
+
+        self.adapters = Adapters(list(self.pipes.values()), loras or {}, embeddings or {}, storage)
+        self.adapter_files = self.adapters.files(
+            {
+                key: f if isinstance(f, AdapterFile) else AdapterFile(**f)
+                for key, f in (adapter_files or {}).items()
+            }
+        )
+        self.prompt_encoders: dict[int, Any] = {}
         self._apply_options(offload)
         # fp16 VAEs of SD 1.x/2.x can overflow to NaN; those batches are decoded again in
         # fp32. SDXL pipelines upcast their VAE themselves (`force_upcast`).
@@ -251,9 +268,27 @@ class Renderer:
             groups[item["batch_key"]].append(item)
         out: list[dict[str, Any]] = []
         for group in groups.values():
-            for start in range(0, len(group), self.batch_size):
-                out.extend(self.render_batch(group[start : start + self.batch_size]))
+            for same in self._by_prompt_length(group):
+                for start in range(0, len(same), self.batch_size):
+                    out.extend(self.render_batch(same[start : start + self.batch_size]))
         return pa.Table.from_pylist(out)
+
+    def _by_prompt_length(self, group: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        """A1111-syntax items split by encoded prompt length (75-token chunks): a call
+        pads every prompt to its longest, so an item shares calls only with items of its
+        own length and its image never depends on a neighbour's prompt."""
+        first = group[0]
+        if first.get("prompt_syntax") != "a1111" or first.get("status") == "failed":
+            return [group]
+        pipe = self.pipes[first["mode"]]
+        by_length: dict[int, list[dict[str, Any]]] = defaultdict(list)
+        try:
+            self.adapters.activate(pipe, first.get("loras"))
+            for item in group:
+                by_length[self._prompt_length(pipe, item)].append(item)
+        except Exception:  # noqa: BLE001 - render_batch isolates and reports the item
+            return [group]
+        return list(by_length.values())
 
     def render_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Render up to batch_size planned items of one batch key in one pipeline call.
@@ -293,6 +328,8 @@ class Renderer:
         return results
 
     def _check_prompt(self, item: dict[str, Any]) -> bool:
+        if item.get("prompt_syntax") == "a1111":
+            return False  # encoded in 75-token chunks: nothing is cut
         pipe = self.pipes[item["mode"]]
         # SDXL's two CLIP tokenizers split text alike; the first one that exists decides.
         tokenizer = pipe.tokenizer or getattr(pipe, "tokenizer_2", None)
@@ -363,13 +400,12 @@ class Renderer:
         for item in items:
             _fault_hook(item, inside_call=True)
         pipe.scheduler = self._scheduler(pipe, first["scheduler"])
-        negative: list[str] | None = [it["negative_prompt"] or "" for it in padded]
-        if sdxl and not any(negative or []):
-            # None, as a plain call without one: SDXL then uses zeros, not the encoded "".
-            negative = None
+        try:
+            self.adapters.activate(pipe, first.get("loras"))
+        except ValueError as err:
+            raise ItemFailure("AdapterError", str(err)) from None
         kwargs: dict[str, Any] = dict(
-            prompt=[it["prompt"] for it in padded],
-            negative_prompt=negative,
+            **self._prompt_args(pipe, padded, sdxl),
             num_inference_steps=first["steps"],
             guidance_scale=first["guidance_scale"],
             generator=[torch.Generator("cpu").manual_seed(it["seed"]) for it in padded],
@@ -382,7 +418,7 @@ class Renderer:
         upcast = False
         with torch.inference_mode():
             if first.get("refiner"):
-                output = self._call_refined(pipe, kwargs, first)
+                output = self._call_refined(pipe, kwargs, padded)
             elif self.vae_fallback and not sdxl:
                 output, upcast = self._call_with_vae_fallback(pipe, kwargs)
             else:
@@ -429,20 +465,76 @@ class Renderer:
                     row["notes"] = "; ".join(filter(None, [row.get("notes"), note]))
         return results
 
-    def _call_refined(self, pipe: Any, kwargs: dict[str, Any], first: dict[str, Any]) -> Any:
+    def _call_refined(self, pipe: Any, kwargs: dict[str, Any], padded: list[dict[str, Any]]) -> Any:
         """SDXL base then refiner, as diffusers documents the ensemble of experts: the base
         stops at `refiner_switch` of the schedule and hands its latents over; the refiner
         denoises the rest. Both stages draw from the same per-image generators."""
+        first = padded[0]
         switch = first["refiner_switch"]
         latents = pipe(**{**kwargs, "output_type": "latent", "denoising_end": switch}).images
         refiner = self.refiners[first["mode"]]
         refiner.scheduler = self._scheduler(refiner, first["scheduler"])
         second = {k: kwargs[k] for k in _REFINER_ARGS if k in kwargs}
+        if first.get("prompt_syntax") == "a1111":
+            second.update(self._prompt_args(refiner, padded, sdxl=True))
         second.update(image=latents, denoising_start=switch)
         if first["mode"] == "inpaint":
             second.update(mask_image=kwargs["mask_image"], width=kwargs["width"])
             second.update(height=kwargs["height"], strength=kwargs["strength"])
         return refiner(**second)
+
+    def _prompt_args(self, pipe: Any, padded: list[dict[str, Any]], sdxl: bool) -> dict[str, Any]:
+        """The call's prompt arguments: the texts (`plain`, diffusers encodes them), or
+        A1111-syntax prompts encoded by compel (`prompts`), padded to one length."""
+        negative: list[str] | None = [it["negative_prompt"] or "" for it in padded]
+        # SDXL without any negative prompt: None, as a plain call without one; it then
+        # uses zeros, not the encoded "" (force_zeros_for_empty_prompt).
+        zeros = sdxl and not any(negative or []) and pipe.config.get("force_zeros_for_empty_prompt")
+        if padded[0].get("prompt_syntax") != "a1111":
+            if sdxl and not any(negative or []):
+                negative = None
+            return dict(prompt=[it["prompt"] for it in padded], negative_prompt=negative)
+        import torch
+
+        encoder = self._prompt_encoder(pipe)
+        pairs = [self._encoded(pipe, it) for it in padded]
+        length = max(max(p.embeds.shape[1], n.embeds.shape[1]) for p, n in pairs)
+        args = {"prompt_embeds": torch.cat([encoder.pad(p.embeds, length) for p, _ in pairs])}
+        if not zeros:
+            args["negative_prompt_embeds"] = torch.cat(
+                [encoder.pad(n.embeds, length) for _, n in pairs]
+            )
+        if encoder.pooled:
+            args["pooled_prompt_embeds"] = torch.cat([p.pooled for p, _ in pairs])
+            if not zeros:
+                args["negative_pooled_prompt_embeds"] = torch.cat([n.pooled for _, n in pairs])
+        return args
+
+    def _prompt_encoder(self, pipe: Any) -> Any:
+        from .prompts import PromptEncoder
+
+        if id(pipe) not in self.prompt_encoders:
+            self.prompt_encoders[id(pipe)] = PromptEncoder(pipe, self.torch_dtype)
+        return self.prompt_encoders[id(pipe)]
+
+    def _encoded(self, pipe: Any, item: dict[str, Any]) -> tuple[Any, Any]:
+        """An A1111-syntax item's (prompt, negative prompt) embeddings for `pipe`, encoded
+        once per item (with the item's LoRAs active: they may change the text encoder)."""
+        import torch
+
+        cache = item.setdefault("_encoded", {})
+        if id(pipe) not in cache:
+            encoder = self._prompt_encoder(pipe)
+            with torch.inference_mode():
+                cache[id(pipe)] = (
+                    encoder.encode(item["prompt"]),
+                    encoder.encode(item["negative_prompt"] or ""),
+                )
+        return cache[id(pipe)]
+
+    def _prompt_length(self, pipe: Any, item: dict[str, Any]) -> int:
+        positive, negative = self._encoded(pipe, item)
+        return max(positive.embeds.shape[1], negative.embeds.shape[1])
 
     def _mode_inputs(self, padded: list[dict[str, Any]]) -> dict[str, Any]:
         """The pipeline arguments that differ between the four modes."""
@@ -534,7 +626,7 @@ class Renderer:
         return make_scheduler(name, default.config) or type(default).from_config(default.config)
 
     def _common(self, item: dict[str, Any]) -> dict[str, Any]:
-        row = {k: v for k, v in item.items() if k not in IMAGE_INPUTS}
+        row = {k: v for k, v in item.items() if k not in IMAGE_INPUTS and k[0] != "_"}
         row.update(
             **{
                 f"{column}_sha256": self.model_hashes.get(item[column])
@@ -550,6 +642,7 @@ class Renderer:
             worker=self.worker,
             render_options=self.options_json,
             prompt_truncated=bool(item.get("prompt_truncated", False)),
+            adapters=record_adapters(item, self.adapter_files),
         )
         return row
 

@@ -96,9 +96,12 @@ def rerun(
     storage: dict[str, Any] | None = None,
 ) -> RerunReport:
     """Render the chosen items again from metadata; write them to `to`, compare if `verify`."""
+    from .adapters import recorded as recorded_adapters
+    from .adapters import resolve as resolve_adapter
     from .models import use_layouts, use_storage, weights_sha256
     from .prepare import InputError, prepare_item
     from .render import MODEL_COLUMNS, Renderer, checkpoints_of, models_of
+    from .weights import file_sha256
 
     # 1. Choose rows and check that the weights are still the ones recorded.
     source = open_store(output, storage)
@@ -116,6 +119,12 @@ def rerun(
             current_hash[ref] = weights_sha256(ref)
         except Exception:  # noqa: BLE001 - a missing model is reported per item
             current_hash[ref] = None
+    adapter_hash: dict[str, str | None] = {}  # adapter URI → its file's sha256 now
+    for f in {f for r in rows for f in recorded_adapters(r)["adapter_files"].values()}:
+        try:
+            adapter_hash[f.uri] = file_sha256(resolve_adapter(f.uri, storage))
+        except Exception:  # noqa: BLE001 - a missing file is reported per item
+            adapter_hash[f.uri] = None
 
     # 2. Group by what an actor is built with: models, batch size, threads, device, dtype.
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
@@ -125,6 +134,11 @@ def rerun(
             f"now {current_hash[ref][:12] if current_hash[ref] else 'missing'}"  # type: ignore[index]
             for column, ref in checkpoints_of(row).items()
             if row.get(f"{column}_sha256") and current_hash[ref] != row[f"{column}_sha256"]
+        ]
+        changed += [
+            f"{f.uri}: recorded {f.sha256[:12]}, now {(adapter_hash[f.uri] or 'missing')[:12]}"
+            for f in recorded_adapters(row)["adapter_files"].values()
+            if adapter_hash[f.uri] != f.sha256
         ]
         if changed:
             report.outcomes.append(
@@ -138,12 +152,13 @@ def rerun(
             row["torch_threads"],
             row["device"],
             row["dtype"],
+            tuple(sorted(recorded_adapters(row)["adapter_files"])),
         )
         groups[key].append(row)
 
     written: list[dict[str, Any]] = []
     for key, group in groups.items():
-        mode, batch_size, threads, device, dtype = key[0], *key[-4:]
+        mode, batch_size, threads, device, dtype = key[0], *key[-5:-1]
         renderer = Renderer(
             **models_of(group[0]),
             model_hashes={

@@ -162,7 +162,7 @@ class _Job:
         output.check_same_render(spec, store)
         models = models_for(spec, info.modes)
         aux = aux_models(spec, info)
-        hashes = self._hash_models(store, models, aux)
+        hashes, adapters = self._hash_models(store, models, aux)
         self.check_stop()
         done, only = self._scan(store, retry_failed)
         output.begin_run(store, spec)
@@ -207,7 +207,9 @@ class _Job:
             )
             events = {"capacity_lost": 0, "replans": 0, "items_failed_by_crashes": 0}
             in_flight = pipeline.on_head_node(InFlight) if plan is not None else None
-            stages = pipeline.Stages(models, aux, hashes, placement, gate, in_flight)
+            stages = pipeline.Stages(
+                models, aux, hashes, placement, gate, in_flight, adapters=adapters
+            )
             while plan is not None:
                 try:
                     self._render(lease, plan, stages, committer)
@@ -221,7 +223,9 @@ class _Job:
                     plan, to_render, gate = pipeline.plan_stage(
                         spec, info, skip, left, models, placement.actors, alone
                     )
-                    stages = pipeline.Stages(models, aux, hashes, placement, gate, in_flight, 1)
+                    stages = pipeline.Stages(
+                        models, aux, hashes, placement, gate, in_flight, 1, adapters
+                    )
                     self.note(f"resumed after {what}: {to_render:,} item(s) left")
                     output.write_run_record(store, **record, events=events)
             parts = committer.parts
@@ -335,15 +339,21 @@ class _Job:
 
     def _hash_models(
         self, store: Store, models: dict[str, str], aux: dict[str, str | None]
-    ) -> dict[str, str]:
-        """Hash what the actors load, once, in the driver; a resume with other weights
-        is refused. Actors load only what the job's modes need."""
+    ) -> tuple[dict[str, str], dict[str, Any]]:
+        """Hash what the actors load, once, in the driver: checkpoints and adapter files; a
+        resume with other weights is refused. Actors load only what the job's modes need.
+        Returns (checkpoint → model_sha256, `lora:NAME`/`embedding:NAME` → AdapterFile)."""
+        from .checks import adapter_files
         from .models import model_hash
+        from .weights import ModelHash
 
         checkpoints = set(models.values()) | {ref for ref in aux.values() if ref}
         model_hashes = {ref: model_hash(ref) for ref in sorted(checkpoints)}
+        adapters = adapter_files(self.spec)
+        for f in adapters.values():
+            model_hashes[f.uri] = ModelHash(f.sha256, {f.kind: f.sha256})
         output.check_same_weights(store, model_hashes)
-        return {ref: h.sha256 for ref, h in model_hashes.items()}
+        return {ref: h.sha256 for ref, h in model_hashes.items()}, adapters
 
     def _scan(self, store: Store, retry_failed: bool) -> tuple[pa.Table, pa.Table | None]:
         """What is already done (resume) and, with retry_failed, the only items to plan."""

@@ -82,6 +82,18 @@ class RenderParams(_Strict):
         description="Denoising strength for img2img/inpaint/depth2img (0 = input, 1 = noise).",
     )
 
+    loras: str | None = Field(
+        None,
+        description="LoRAs for every row, as 'NAME:WEIGHT,NAME' (weight default 1; names "
+        "from the spec's loras). A row's `loras` column replaces it ('' for none); "
+        "`<lora:NAME:WEIGHT>` tags in a prompt add to it.",
+    )
+    prompt_syntax: Literal["plain", "a1111"] = Field(
+        "plain",
+        description="plain: the prompt as diffusers encodes it (truncated to 77 tokens, see "
+        "prompt_overflow). a1111: AUTOMATIC1111 attention syntax ((word:1.3), (word), "
+        "[word], \\( escapes, BREAK) and prompts of any length, encoded by compel.",
+    )
     refiner_switch: float | None = Field(
         None,
         gt=0,
@@ -448,6 +460,18 @@ class JobSpec(_Strict):
         description="Prompts over 77 CLIP tokens: truncate (as diffusers does, recorded per "
         "item) or fail the item.",
     )
+    loras: dict[str, str] = Field(
+        default_factory=dict,
+        description="LoRA adapters by name: a .safetensors file (diffusers/PEFT or "
+        "kohya/A1111 layout), a folder holding one, an s3:// file or prefix (cached once "
+        "per node), or a hub id. Rows choose them by name (defaults.loras, a `loras` "
+        "column, <lora:NAME:WEIGHT> in the prompt).",
+    )
+    embeddings: dict[str, str] = Field(
+        default_factory=dict,
+        description="Textual-inversion embeddings by name (.safetensors; SDXL ones hold "
+        "clip_l and clip_g): loaded for the whole job; a prompt uses one by its name.",
+    )
     storage: StorageSpec = Field(default_factory=lambda: StorageSpec())
     execution: ExecutionSpec = Field(default_factory=lambda: ExecutionSpec())
     defaults: RenderParams = Field(default_factory=lambda: RenderParams())
@@ -474,6 +498,18 @@ class JobSpec(_Strict):
             data = {**data, "models": {"base": data["model"]}, "model": None}
         return data
 
+    @field_validator("loras", "embeddings")
+    @classmethod
+    def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
+        for name, uri in v.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]*", name) or name != name.strip():
+                raise ValueError(
+                    f"name {name!r}: use letters, digits, '.', '_', '-' or inner spaces"
+                )
+            if not isinstance(uri, str) or not uri.strip():
+                raise ValueError(f"{name}: give a file, folder, s3:// URI or hub id")
+        return v
+
     @model_validator(mode="after")
     def _has_model(self) -> JobSpec:
         if self.models is None:
@@ -484,6 +520,18 @@ class JobSpec(_Strict):
         ]
         if self.models.refiner is None and any(s is not None for s in switches):
             raise ValueError("refiner_switch is set but there is no models.refiner")
+        if self.defaults.loras:
+            from .adapters import AdapterError, parse_list
+
+            try:
+                unknown = sorted(set(parse_list(self.defaults.loras)) - set(self.loras))
+            except AdapterError as err:
+                raise ValueError(f"defaults.loras {self.defaults.loras!r}: {err}") from None
+            if unknown:
+                raise ValueError(
+                    f"defaults.loras names {', '.join(map(repr, unknown))}, not in loras "
+                    f"({', '.join(sorted(self.loras)) or 'none'})"
+                )
         return self
 
     def model_for(self, mode: str) -> str:
@@ -640,6 +688,8 @@ def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:
         }
     )
     updates["models"] = models
+    for name in ("loras", "embeddings"):
+        updates[name] = {k: fix(v, may_be_hub=True) for k, v in getattr(spec, name).items()}
     return spec.model_copy(update=updates)
 
 
@@ -651,12 +701,20 @@ def render_signature(spec: JobSpec) -> dict[str, Any]:
         "seed": spec.seed,
         "batch_size": spec.batch_size,
         "prompt_overflow": spec.prompt_overflow,
-        "defaults": spec.defaults.model_dump(),
+        "defaults": _new_fields_dropped(spec.defaults.model_dump()),
+        **{name: dict(v) for name in ("loras", "embeddings") if (v := getattr(spec, name))},
         "compute.device": c.device,
         "compute.dtype": c.dtype,
         "compute.torch_threads": c.threads(),
         "compute.render_options": c.render_options(),
     }
+
+
+def _new_fields_dropped(defaults: dict[str, Any]) -> dict[str, Any]:
+    """Defaults without fields added later while they are unset, so outputs written
+    before those fields existed still resume."""
+    unset = {"loras": None, "prompt_syntax": "plain"}
+    return {k: v for k, v in defaults.items() if not (k in unset and v == unset[k])}
 
 
 def signature_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -526,6 +526,95 @@ def _quiet() -> Iterator[None]:
             t_logging.enable_progress_bar()
 
 
+# ---------------------------------------------------------------------------------------
+# Adapters: LoRAs and textual-inversion embeddings for the tiny models, written into
+# DIR/loras and DIR/embeddings (seeded: byte-identical on rebuild).
+
+_LORA_TARGETS_UNET = ["to_k", "to_q", "to_v", "to_out.0"]
+_LORA_TARGETS_TEXT = ["q_proj", "k_proj", "v_proj", "out_proj"]
+LORA_RANK = 4
+
+
+def _lora_state(module: Any, targets: list[str], seed: int, prefix: str) -> dict[str, Any]:
+    """A PEFT LoRA on `module` with random A and B (the default B is zero: no effect),
+    as `get_peft_model_state_dict` gives it, keys under `prefix.`; the module is left as
+    it was."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.utils import get_peft_model_state_dict
+
+    config = LoraConfig(
+        r=LORA_RANK, lora_alpha=LORA_RANK, init_lora_weights=False, target_modules=targets
+    )
+    with _seeded(seed):
+        # peft's own injection: transformers' `add_adapter` wants a newer peft than PyPI has.
+        inject_adapter_in_model(config, module, adapter_name="tiny")
+    state = get_peft_model_state_dict(module, adapter_name="tiny")
+    return {f"{prefix}.{k}": v.detach().clone().contiguous() for k, v in state.items()}
+
+
+def _diffusers_lora(state: dict[str, Any]) -> dict[str, Any]:
+    """PEFT keys → the layout `save_lora_weights` writes (`unet.….lora.down.weight`…)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    return convert_state_dict_to_diffusers(state)
+
+
+def _kohya_lora(state: dict[str, Any]) -> dict[str, Any]:
+    """PEFT keys → the kohya/A1111 layout (`lora_unet_…lora_down.weight`, `.alpha`)."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    return convert_state_dict_to_kohya(state)
+
+
+def _tiny_loras() -> dict[str, dict[str, Any]]:
+    """file name → tensors. SD 1.x: four UNet LoRAs (diffusers layout) and one with a
+    text-encoder part (kohya layout); SDXL: one for the UNet and both text encoders."""
+    out = {}
+    for i, name in enumerate(("sd-style", "sd-light", "sd-dark", "sd-ink")):
+        out[name] = _diffusers_lora(
+            _lora_state(_unet(LATENT_CHANNELS), _LORA_TARGETS_UNET, 100 + i, "unet")
+        )
+    detail = _lora_state(_unet(LATENT_CHANNELS), _LORA_TARGETS_UNET, 110, "unet")
+    detail.update(_lora_state(_text_encoder(), _LORA_TARGETS_TEXT, 111, "text_encoder"))
+    out["sd-detail-kohya"] = _kohya_lora(detail)
+    sdxl = _lora_state(_sdxl_unet(LATENT_CHANNELS), _LORA_TARGETS_UNET, 120, "unet")
+    sdxl.update(_lora_state(_text_encoder(), _LORA_TARGETS_TEXT, 121, "text_encoder"))
+    text2 = _text_encoder("gelu", projection=True, seed=SEED + 1, width=TEXT2_WIDTH)
+    sdxl.update(_lora_state(text2, _LORA_TARGETS_TEXT, 122, "text_encoder_2"))
+    out["sdxl-style"] = _diffusers_lora(sdxl)
+    return out
+
+
+def _tiny_embeddings() -> dict[str, dict[str, Any]]:
+    """file name → tensors: A1111's layout (`emb_params`, two vectors) for SD 1.x, and
+    SDXL's (`clip_l`, `clip_g`: one vector per text encoder)."""
+    import torch
+
+    with _seeded(130):
+        sd = {"emb_params": torch.randn(2, TEXT_WIDTH)}
+    with _seeded(131):
+        sdxl = {"clip_l": torch.randn(1, TEXT_WIDTH), "clip_g": torch.randn(1, TEXT2_WIDTH)}
+    return {"sd-token": sd, "sdxl-token": sdxl}
+
+
+def _write_adapters(out: Path, force: bool) -> None:
+    from safetensors.torch import save_file
+
+    for folder, build in (("loras", _tiny_loras), ("embeddings", _tiny_embeddings)):
+        dest = out / folder
+        if not force and (dest / ".complete").is_file():
+            continue
+        dest.mkdir(parents=True, exist_ok=True)
+        with _quiet():
+            tensors = build()
+        for name, state in tensors.items():
+            tmp = dest / f".{name}.tmp"
+            save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+            tmp.chmod(0o644)
+            os.replace(tmp, dest / f"{name}.safetensors")
+        (dest / ".complete").write_text("")
+
+
 # Pipelines also written as one original-layout file (`DIR/<variant>.safetensors`, the
 # A1111/Civitai format), for `from_single_file`; exported from the saved folder (`ldm`).
 SINGLE_FILES = ("base", "inpaint", "sd2-v", "sdxl", "sdxl-inpaint", "sdxl-refiner")
@@ -557,6 +646,8 @@ def build_tiny(
     if not version.is_file() or version.read_text().strip() != str(TINY_VERSION):
         for name in VARIANTS:  # built by an older sdbatch: none of them may be reused
             shutil.rmtree(out / name, ignore_errors=True)
+        for folder in ("loras", "embeddings"):
+            shutil.rmtree(out / folder, ignore_errors=True)
             (out / f"{name}.safetensors").unlink(missing_ok=True)
     paths = {}
     for name in names:
@@ -569,5 +660,6 @@ def build_tiny(
             with _quiet():
                 write_original(dest, single)
         paths[name] = dest
+    _write_adapters(out, force)
     version.write_text(f"{TINY_VERSION}\n")
     return paths

@@ -34,6 +34,10 @@ METADATA_SCHEMA = pa.schema(
         ("mode", pa.string()),
         ("prompt", pa.string()),
         ("negative_prompt", pa.string()),
+        ("prompt_syntax", pa.string()),
+        ("loras", pa.string()),
+        ("embeddings", pa.string()),
+        ("adapters", pa.string()),
         ("seed", pa.int64()),
         ("steps", pa.int32()),
         ("guidance_scale", pa.float64()),
@@ -118,9 +122,10 @@ REPRODUCIBLE_FIELDS = (
     "prompt_truncated",
     "render_options",
 )
-# Reproducible fields that only SDXL uses: stored in the image only when set, so an SD
-# 1.x/2.x image's bytes are what they were before SDXL support (the family itself is in
-# the metadata; the weights hash already pins it).
+# Reproducible fields that only some items use (SDXL's, adapters): stored in the image
+# only when set, so an image without them has the bytes it had before they existed (the
+# family itself is in the metadata; the weights hash already pins it). `prompt_syntax`
+# likewise, only when not plain (`record_json`).
 FAMILY_FIELDS = (
     "refiner",
     "refiner_sha256",
@@ -133,6 +138,9 @@ FAMILY_FIELDS = (
     "original_size",
     "target_size",
     "crops_coords_top_left",
+    "loras",
+    "embeddings",
+    "adapters",
 )
 
 A1111_SAMPLERS = {
@@ -209,7 +217,17 @@ def infotext(row: dict[str, Any]) -> str:
             f"Weight: {_num(row['controlnet_conditioning_scale'])}"
         )
         fields.append(f"ControlNet 0: {json.dumps(unit)}")
-    lines = [row["prompt"]]
+    adapters = json.loads(row["adapters"]) if row.get("adapters") else {}
+    loras = adapters.get("loras", [])
+    if loras:
+        names = ", ".join(f"{a['name']}: {a['short_hash']}" for a in loras)
+        fields.append(f"Lora hashes: {json.dumps(names)}")
+    if adapters.get("embeddings"):
+        names = ", ".join(f"{a['name']}: {a['short_hash']}" for a in adapters["embeddings"])
+        fields.append(f"TI hashes: {json.dumps(names)}")
+    # A1111 keeps the tags in the prompt text; the encoded prompt here has them removed.
+    tags = "".join(f" <lora:{a['name']}:{_num(a['weight'])}>" for a in loras)
+    lines = [row["prompt"] + tags]
     if row.get("negative_prompt"):
         lines.append(f"Negative prompt: {row['negative_prompt']}")
     lines.append(", ".join(fields))
@@ -220,6 +238,8 @@ def record_json(row: dict[str, Any]) -> str:
     """The reproducible record of an item, as stored inside its image."""
     record = {k: row.get(k) for k in REPRODUCIBLE_FIELDS}
     record.update({k: row[k] for k in FAMILY_FIELDS if row.get(k) is not None})
+    if row.get("prompt_syntax") not in (None, "plain"):
+        record["prompt_syntax"] = row["prompt_syntax"]
     return json.dumps(record, sort_keys=True, ensure_ascii=False)
 
 
