@@ -39,6 +39,7 @@ BENCHES: dict[str, tuple[str, list[str]]] = {
     "validate": ("bench_validate.py", ["--quick"]),
     "stream": ("bench_stream.py", ["--quick"]),
     "compact": ("bench_compact.py", ["--quick"]),
+    "adapters": ("bench_adapters.py", ["--quick"]),
     "s3_write": (
         "bench_s3_write.py",
         ["--objects", "50", "--items", "16", "--size", "64", "--steps", "2"],
