@@ -136,7 +136,7 @@ def test_lora_tags_embeddings_and_syntax_match_plain_diffusers(make_job, tiny_mo
 def test_sdxl_lora_and_a1111_prompts(make_job, tiny_models) -> None:
     import diffusers
 
-    loras, _ = adapter_files(tiny_models)
+    loras, embeddings = adapter_files(tiny_models)
     long = ", ".join(f"detail {i}" for i in range(60))  # well over 75 tokens
     rows = [
         {"id": "lora", "prompt": "a castle <lora:sdxl-style:0.6>"},
@@ -144,6 +144,7 @@ def test_sdxl_lora_and_a1111_prompts(make_job, tiny_models) -> None:
         {"id": "long", "prompt": long, "prompt_syntax": "a1111"},
         {"id": "weighted", "prompt": "a (castle:1.4)", "prompt_syntax": "a1111"},
         {"id": "same", "prompt": "a castle", "prompt_syntax": "a1111"},
+        {"id": "ti", "prompt": "a sdxl-token castle"},
     ]
     _, spec = make_job(
         rows,
@@ -151,6 +152,7 @@ def test_sdxl_lora_and_a1111_prompts(make_job, tiny_models) -> None:
         model=str(tiny_models["sdxl"]),
         batch_size=2,
         loras={"sdxl-style": loras["sdxl-style"]},
+        embeddings={"sdxl-token": embeddings["sdxl-token"]},
     )
     run_job(spec)
     meta = read_metadata(spec.output).to_pandas().set_index("id")
@@ -164,6 +166,25 @@ def test_sdxl_lora_and_a1111_prompts(make_job, tiny_models) -> None:
     assert np.abs(image(same) - plain(pipe, same, "a castle")).max() <= 1
     assert np.abs(image(weighted) - plain(pipe, weighted, "a castle")).max() > 1
     assert not meta.loc["long", "prompt_truncated"]
+    from safetensors.torch import load_file
+
+    vectors = load_file(embeddings["sdxl-token"])
+    with_token = diffusers.StableDiffusionXLPipeline.from_pretrained(
+        str(tiny_models["sdxl"]), local_files_only=True
+    )
+    for key, encoder, tokenizer in (
+        ("clip_l", "text_encoder", "tokenizer"),
+        ("clip_g", "text_encoder_2", "tokenizer_2"),
+    ):
+        with_token.load_textual_inversion(
+            vectors[key],
+            token="sdxl-token",
+            text_encoder=getattr(with_token, encoder),
+            tokenizer=getattr(with_token, tokenizer),
+        )
+    row = meta.loc["ti"]
+    assert np.abs(image(row) - plain(with_token, row, row.prompt)).max() <= 1
+    assert np.abs(image(row) - plain(pipe, row, row.prompt)).max() > 1
     pipe.load_lora_weights(loras["sdxl-style"], adapter_name="style")
     pipe.set_adapters(["style"], [0.6])
     row = meta.loc["lora"]
@@ -288,3 +309,37 @@ def test_bad_adapter_input_is_refused_before_rendering(
     assert "Traceback" not in proc.stdout + proc.stderr
     if rows:  # a row problem names the row and its id
         assert "row 0 (id 'x')" in proc.stdout + proc.stderr
+
+
+def test_a_lora_only_an_actor_can_refuse_fails_its_items_only(tiny_models, tmp_path) -> None:
+    """A file whose header passes the checks but whose tensors do not load: the items
+    naming it are failure rows, every other item renders."""
+    import pyarrow as pa
+    from safetensors.numpy import load_file, save_file
+
+    from sdbatch.plan import batch_key
+    from sdbatch.render import Renderer
+    from tests.helpers import work_item
+
+    good = sd_loras(tiny_models)["sd-style"]
+    tensors = load_file(good)
+    up = sorted(k for k in tensors if "lora.up" in k or "lora_B" in k)[0]
+    tensors[up] = np.concatenate([tensors[up], tensors[up]], axis=1)  # rank 4 -> 8
+    broken = tmp_path / "broken.safetensors"
+    save_file(tensors, broken)
+    renderer = Renderer(
+        models={"txt2img": str(tiny_models["base"])},
+        model_hashes={},
+        batch_size=2,
+        loras={"broken": str(broken), "style": good},
+    )
+    items = []
+    for i, lora in enumerate(["broken:1", "style:0.5", None]):
+        item = work_item(tiny_models["base"], id=f"i{i}", seed=i, prompt_syntax="plain")
+        item["loras"] = lora
+        item["batch_key"] = batch_key(item)
+        items.append(item)
+    out = {r["id"]: r for r in renderer(pa.Table.from_pylist(items)).to_pylist()}
+    assert out["i0"]["status"] == "failed" and out["i0"]["error_type"] == "AdapterError"
+    assert "broken" in out["i0"]["error_message"]
+    assert out["i1"]["status"] == out["i2"]["status"] == "ok"
