@@ -136,8 +136,8 @@ def resolve(uri: str, storage: dict[str, Any] | None = None) -> Path:
         elif Path(uri).exists() or uri.startswith((".", "/")) or not hub.split(uri):
             path = Path(uri)
         else:
-            path = hub.resolve(uri)
-    except (ModelCacheError, hub.HubError) as err:
+            path = _hub_snapshot(uri)
+    except ModelCacheError as err:
         raise AdapterError(str(err)) from None
     if path.is_dir():
         files = sorted(path.glob(f"*{SAFETENSORS}"))
@@ -158,6 +158,35 @@ def resolve(uri: str, storage: dict[str, Any] | None = None) -> Path:
             "can run arbitrary code when opened; convert them to .safetensors)"
         )
     return path
+
+
+def _hub_snapshot(uri: str) -> Path:
+    """A hub id's snapshot folder: from the local HF cache, else (online) its
+    .safetensors and JSON files downloaded once into it. The file's sha256, not the
+    revision, pins what was loaded: a branch that moves is a changed adapter on resume."""
+    from huggingface_hub import snapshot_download
+
+    from . import hub
+
+    parts = hub.split(uri)
+    assert parts is not None
+    repo, revision = parts
+    try:
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or incompletely): download below
+        if hub.offline():
+            raise AdapterError(
+                f"{uri}: not a local file or folder and not in the local Hugging Face cache "
+                "(HF_HUB_OFFLINE is set, so not downloaded)"
+            ) from None
+    try:
+        patterns = ["*.safetensors", "*.json"]
+        return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
+    except Exception as err:  # noqa: BLE001 - network, auth, unknown repo or revision
+        raise AdapterError(
+            f"{uri}: not in the local Hugging Face cache and the download failed: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from None
 
 
 def header(path: Path) -> dict[str, Any]:

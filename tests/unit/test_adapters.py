@@ -190,3 +190,23 @@ def test_tiny_adapters_are_byte_identical_on_rebuild(tmp_path: Path) -> None:
     assert len(files) == 8
     for rel in files:
         assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
+
+
+def test_a_hub_id_is_read_from_the_local_cache(tiny_models, tmp_path: Path, monkeypatch) -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--org--style-lora"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    lora = Path(tiny_models["base"]).parent / "loras" / "sd-style.safetensors"
+    (snapshot / "pytorch_lora_weights.safetensors").write_bytes(lora.read_bytes())
+    import huggingface_hub.constants
+
+    # read at import: set where snapshot_download looks it up (as HF_HUB_CACHE would)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert resolve("org/style-lora") == snapshot / "pytorch_lora_weights.safetensors"
+    assert resolve(f"org/style-lora@{commit}").read_bytes() == lora.read_bytes()
+    with pytest.raises(AdapterError, match="not in the local Hugging Face cache"):
+        resolve("org/absent-lora")
