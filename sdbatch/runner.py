@@ -187,6 +187,7 @@ class _Job:
                 total=info.total_items,
                 planned=to_render,
                 took_over=describe(lease.took_over) if lease.took_over else None,
+                started_at=datetime.now(timezone.utc).isoformat(),
             )
             output.write_run_record(store, **record)
             if self.on_start:
@@ -205,15 +206,21 @@ class _Job:
                 check_lease=lease.check,
                 failed_keys=self.failed_here,
             )
-            events = {"capacity_lost": 0, "replans": 0, "items_failed_by_crashes": 0}
+            events = dict.fromkeys(output.RUN_EVENTS, 0)
             in_flight = pipeline.on_head_node(InFlight) if plan is not None else None
             stages = pipeline.Stages(models, aux, hashes, placement, gate, in_flight)
             while plan is not None:
+                before = progress.done + progress.failed
                 try:
                     self._render(lease, plan, stages, committer)
+                    self._tally(in_flight, events, progress.done + progress.failed - before)
                     break
                 except (ray.exceptions.RayError, TimeoutError) as err:
-                    what = self._lost(err, events, progress)
+                    again = self._tally(in_flight, events, progress.done + progress.failed - before)
+                    try:
+                        what = self._lost(err, events, progress, again)
+                    finally:  # the record counts what this run lived through, even when it stops
+                        output.write_run_record(store, **record, events=events)
                     alone = self._crashes(in_flight, committer, events)
                     self._wait_for_capacity(placement)
                     skip = output.union_done(output.done_table(store), *self.failed_here)
@@ -224,6 +231,8 @@ class _Job:
                     stages = pipeline.Stages(models, aux, hashes, placement, gate, in_flight, 1)
                     self.note(f"resumed after {what}: {to_render:,} item(s) left")
                     output.write_run_record(store, **record, events=events)
+            if any(events.values()):  # actors Ray restarted within the last pass
+                output.write_run_record(store, **record, events=events)
             parts = committer.parts
         except Stalled as err:
             if owns_ray:
@@ -268,9 +277,11 @@ class _Job:
         output.finish_run(store, result.summary(), info.total_items)
         return result
 
-    def _lost(self, err: BaseException, events: dict[str, int], progress: Progress) -> str:
+    def _lost(
+        self, err: BaseException, events: dict[str, int], progress: Progress, again: int
+    ) -> str:
         """What a pass lost (a line for the console), or `err` again when it is not lost
-        capacity or the retries are spent."""
+        capacity or the retries are spent. `again`: items it had in flight."""
         what = lost_capacity(err)
         if isinstance(err, TimeoutError) and "starting actors" in str(err).lower():
             # The pool of a pass after a loss found no room within capacity_wait_seconds.
@@ -288,10 +299,29 @@ class _Job:
                 f"passes were spent; {progress.committed} image(s) committed by this run are "
                 "kept; the same command resumes"
             ) from None
-        events["capacity_lost"] += 1
         events["replans"] += 1
-        self.note(f"{what}: the items it had in flight will render again")
+        events["nodes_lost"] += what.startswith("node ")  # else a render actor died
+        self.note(f"{what}: {again:,} item(s) in flight will render again")
         return what
+
+    def _tally(self, in_flight: Any, events: dict[str, int], committed: int) -> int:
+        """After a pass: the items it handed to render actors without committing them
+        (in hand on a lost node or actor, or rendered but not yet committed when the pass
+        ended; a block Ray retried on a restarted actor): they render again."""
+        import ray
+
+        from .stream import call_actor
+
+        if in_flight is None:
+            return 0
+        try:
+            begun, restarts = call_actor(in_flight.tally)
+        except ray.exceptions.RayError:  # lost with its node: nothing to count this time
+            return 0
+        again = max(0, begun - committed)
+        events["items_rerendered"] += again
+        events["actors_restarted"] += restarts
+        return again
 
     def _crashes(
         self, in_flight: Any, committer: Committer, events: dict[str, int]
@@ -313,6 +343,8 @@ class _Job:
             committer.flush()
             call_actor(in_flight.forget, list(dead))
             events["items_failed_by_crashes"] += len(dead)
+            # Counted as in flight by `_tally`, but they get a failure row, not a render.
+            events["items_rerendered"] = max(0, events["items_rerendered"] - len(dead))
             self.note(
                 f"{len(dead)} item(s) killed their render actor every time, even alone: "
                 "failure rows (ActorCrash), the rest goes on"
