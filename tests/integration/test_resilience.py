@@ -216,6 +216,32 @@ def test_render_actor_sigkilled_twice_the_job_completes(tmp_path, tiny_models, r
     assert len(sha_by_item(spec.output)) == 96
 
 
+def test_a_model_that_does_not_load_stops_the_run_at_once(tmp_path, tiny_models) -> None:
+    """A truncated UNet file: the render actor's constructor fails. That is not lost
+    capacity (no retry mends it): one message with the cause, no re-plans, exit 1."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["base"], model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    spec_path = cli_job(tmp_path, model, 8)
+    started = time.monotonic()
+    proc = start(spec_path)
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    took = time.monotonic() - started
+    assert proc.returncode == 1, err[-3000:]
+    assert "error: a render actor failed to start: OSError: Unable to load weights" in err, err
+    assert str(weights) in err and "Traceback" not in err, err
+    assert "resumed after" not in out + err and "in flight" not in out + err, out + err
+    assert job_status(load_spec(spec_path).output).events["replans"] == 0
+    # One actor start, not max_job_retries of them (22 s measured on 2 busy cores).
+    assert took < 90, took
+
+
 def test_watchdog_names_stuck_actors_instead_of_hanging(tmp_path, tiny_models) -> None:
     spec_path = cli_job(
         tmp_path, tiny_models["base"], 12, execution={"watchdog_seconds": 20, "commit_rows": 4}
