@@ -12,7 +12,10 @@ import math
 import os
 import re
 import socket
+import sys
+import tempfile
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,14 +73,15 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
     if target:
         _check_reachable(target, where)
     try:
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=verbose,
-            logging_level=logging.INFO if verbose else logging.ERROR,
-            runtime_env=runtime_env(),
-            **({} if target else {"_system_config": LOCAL_RAY_CONFIG}),
-        )
+        with contextlib.nullcontext() if verbose else _without_log_level_line():
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=verbose,
+                logging_level=logging.INFO if verbose else logging.ERROR,
+                runtime_env=runtime_env(),
+                **({} if target else {"_system_config": LOCAL_RAY_CONFIG}),
+            )
     except (ConnectionError, OSError, RuntimeError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         hint = ""
@@ -92,6 +96,38 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
             )
         raise RunError(f"could not start or connect to {where}: {first}{hint}") from None
     return True
+
+
+@contextlib.contextmanager
+def _without_log_level_line() -> Iterator[None]:
+    """Ray's C++ logging prints `logging.cc:303: Set ray log level from environment
+    variable RAY_BACKEND_LOG_LEVEL to 3` to the driver's stderr (fd 2, not sys.stderr)
+    when ray.init starts the driver's core worker: it logs that at INFO before applying
+    the level, whatever the level (Ray 2.60). Setting no level brings back the error line
+    above instead. So stderr goes to a file while ray.init runs, then comes back without
+    that line; anything else written meanwhile is shown, only later."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to keep clean
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            rest = b"".join(
+                line
+                for line in held.read().splitlines(keepends=True)
+                if b"Set ray log level from environment variable" not in line
+            )
+            with open(2, "wb", closefd=False) as stderr:
+                stderr.write(rest)
 
 
 def _raylet_messages_to_log() -> None:
