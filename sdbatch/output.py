@@ -210,8 +210,8 @@ def begin_run(store: Store, spec: JobSpec) -> None:
 # What `_RUN.json`'s "events" count for a run (`runner`; read by `status`):
 RUN_EVENTS = (
     "replans",  # passes planned again after a lost node or render actor (max_job_retries)
-    "nodes_lost",  # of those, losses of a node (the others: a render actor died)
-    "actors_restarted",  # render actors Ray restarted with a block in hand
+    "nodes_lost",  # nodes that died during the run (Ray's node table), mended by Ray or not
+    "actors_restarted",  # render actor restarts by Ray (its actor table)
     "items_rerendered",  # items in hand when their node or actor was lost, rendered again
     "items_failed_by_crashes",  # items that killed their actor every time: ActorCrash rows
 )

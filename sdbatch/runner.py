@@ -31,6 +31,7 @@ from .manifest import ManifestInfo
 from .output import read_metadata
 from .session import (
     STAGE_TASKS,
+    LossWatch,
     Placement,
     actors_that_fit,
     configure_ray_data,
@@ -143,6 +144,7 @@ class _Job:
     called: float = field(default_factory=time.monotonic)
     # Items this run committed as failures: a later pass must not render them again.
     failed_here: list[pa.Table] = field(default_factory=list)
+    node_passes: int = 0  # passes that ended with a lost node
 
     def run(
         self,
@@ -207,16 +209,18 @@ class _Job:
                 failed_keys=self.failed_here,
             )
             events = dict.fromkeys(output.RUN_EVENTS, 0)
+            watch = LossWatch()
             in_flight = pipeline.on_head_node(InFlight) if plan is not None else None
             stages = pipeline.Stages(models, aux, hashes, placement, gate, in_flight)
             while plan is not None:
                 before = progress.done + progress.failed
                 try:
                     self._render(lease, plan, stages, committer)
-                    self._tally(in_flight, events, progress.done + progress.failed - before)
+                    self._tally(watch, in_flight, events, progress.done + progress.failed - before)
                     break
                 except (ray.exceptions.RayError, TimeoutError) as err:
-                    again = self._tally(in_flight, events, progress.done + progress.failed - before)
+                    done_here = progress.done + progress.failed - before
+                    again = self._tally(watch, in_flight, events, done_here)
                     try:
                         what = self._lost(err, events, progress, again)
                     finally:  # the record counts what this run lived through, even when it stops
@@ -300,27 +304,36 @@ class _Job:
                 "kept; the same command resumes"
             ) from None
         events["replans"] += 1
-        events["nodes_lost"] += what.startswith("node ")  # else a render actor died
+        if what.startswith("node "):  # else a render actor died
+            self.node_passes += 1
+            events["nodes_lost"] = max(events["nodes_lost"], self.node_passes)
         self.note(f"{what}: {again:,} item(s) in flight will render again")
         return what
 
-    def _tally(self, in_flight: Any, events: dict[str, int], committed: int) -> int:
+    def _tally(
+        self, watch: LossWatch, in_flight: Any, events: dict[str, int], committed: int
+    ) -> int:
         """After a pass: the items it handed to render actors without committing them
         (in hand on a lost node or actor, or rendered but not yet committed when the pass
-        ended; a block Ray retried on a restarted actor): they render again."""
+        ended; a block Ray retried on a restarted actor): they render again. Nodes lost
+        and actors restarted, from Ray's tables (a pass lost to a node that Ray does not
+        list as dead yet still counts)."""
         import ray
 
         from .stream import call_actor
 
+        events["nodes_lost"] = max(self.node_passes, watch.nodes_lost())
+        restarts = watch.actor_restarts()
+        if restarts is not None:
+            events["actors_restarted"] = restarts
         if in_flight is None:
             return 0
         try:
-            begun, restarts = call_actor(in_flight.tally)
+            begun = call_actor(in_flight.tally)
         except ray.exceptions.RayError:  # lost with its node: nothing to count this time
             return 0
         again = max(0, begun - committed)
         events["items_rerendered"] += again
-        events["actors_restarted"] += restarts
         return again
 
     def _crashes(

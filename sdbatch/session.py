@@ -387,6 +387,41 @@ def stall_report(seconds: float) -> str:
     return "\n".join(lines)
 
 
+class LossWatch:
+    """What Ray's own tables say a run lost, including what Ray mended without the
+    driver seeing an error (an actor restarted in place or on a replacement node while
+    it had nothing in hand): nodes seen alive during the run that are dead now, and
+    restarts of this job's render actors."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.nodes_lost()
+
+    def nodes_lost(self) -> int:
+        import ray
+
+        nodes = ray.nodes()
+        dead = {n["NodeID"] for n in nodes if not n.get("Alive")} & self.seen
+        self.seen |= {n["NodeID"] for n in nodes if n.get("Alive")}
+        return len(dead)
+
+    def actor_restarts(self) -> int | None:
+        """None when Ray's actor table cannot be read (a private API)."""
+        import ray
+
+        try:
+            from ray._private.state import actors as actor_table
+
+            job = ray.get_runtime_context().get_job_id()
+            return sum(
+                int(a.get("NumRestarts") or 0)
+                for a in actor_table().values()
+                if a.get("JobID") == job and "BlockRenderer" in a.get("ActorClassName", "")
+            )
+        except Exception:  # noqa: BLE001 - a count, never the reason a run fails
+            return None
+
+
 def lost_capacity(err: BaseException) -> str | None:
     """What was lost, when `err` is the infrastructure failing rather than the job (a node
     gone, an actor process killed, an object lost with its node); None otherwise — in

@@ -164,9 +164,9 @@ class InFlight:
     lost, counts the blocks still open then as well. An item that keeps killing its
     actor is found this way, rendered alone, and then failed (`runner`).
 
-    It also counts, between two `tally` calls (one per pass), the items handed to render
-    actors and the actors Ray restarted with a block in hand: what a pass handed out and
-    did not commit was rendered for nothing and renders again.
+    It also counts the items handed to render actors between two `tally` calls (one per
+    pass): what a pass handed out and did not commit was rendered for nothing and renders
+    again.
     """
 
     def __init__(self) -> None:
@@ -174,20 +174,17 @@ class InFlight:
         # (id, image_index) -> [crashes, crashes while alone in its block, the item]
         self.crashes: dict[tuple[str, int], list[Any]] = {}
         self.begun = 0
-        self.restarts = 0
 
     def begin(self, actor: str, items: list[dict[str, Any]]) -> None:
         if actor in self.open:
-            self.restarts += 1
             self._count(self.open[actor])
         self.open[actor] = items
         self.begun += len(items)
 
-    def tally(self) -> tuple[int, int]:
-        """(items begun, actors restarted) since the last call."""
-        counts = (self.begun, self.restarts)
-        self.begun = self.restarts = 0
-        return counts
+    def tally(self) -> int:
+        """Items begun since the last call."""
+        begun, self.begun = self.begun, 0
+        return begun
 
     def end(self, actor: str) -> None:
         self.open.pop(actor, None)
