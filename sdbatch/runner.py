@@ -215,7 +215,7 @@ class _Job:
             while plan is not None:
                 before = progress.done + progress.failed
                 try:
-                    self._render(lease, plan, stages, committer)
+                    self._render(lease, plan, stages, committer, watch)
                     self._tally(watch, in_flight, events, progress.done + progress.failed - before)
                     break
                 except (ray.exceptions.RayError, TimeoutError) as err:
@@ -408,19 +408,37 @@ class _Job:
         return done, only
 
     def _render(
-        self, lease: Lease, plan: Any, stages: pipeline.Stages, committer: Committer
+        self,
+        lease: Lease,
+        plan: Any,
+        stages: pipeline.Stages,
+        committer: Committer,
+        watch: LossWatch,
     ) -> None:
         """One pass: stream the plan through render and write; commit rows as they come
-        back. However it ends (done, stall, error, Ctrl-C), what was written is committed."""
+        back. However it ends (done, stall, error, Ctrl-C), what was written is committed.
+        No render actor alive for capacity_wait_seconds (a lost node Ray cannot place its
+        actors elsewhere for) ends the pass like a failed start."""
         spec, execution, progress = self.spec, self.spec.execution, committer.progress
         packer = pipeline.shard_packer(spec, lease.run_id)
         ds = pipeline.build(spec, plan, stages, packer, self.info)
         committer.skipped = 0
         before = progress.done + progress.failed  # this run's earlier passes
+        watch.new_pass()
+        waiting = [False]
 
         def on_idle() -> None:
             if committer.due():
                 committer.flush()
+            quiet = watch.none_alive_for()
+            if quiet > execution.capacity_wait_seconds:
+                raise TimeoutError(f"starting actors: no render actor alive for {quiet:.0f} s")
+            if quiet and not waiting[0]:
+                waiting[0] = True
+                self.note(
+                    f"waiting for capacity: 0/{stages.placement.actors} render actors alive "
+                    f"(up to {execution.capacity_wait_seconds:g} s)"
+                )
 
         batches = watched(
             lambda: ds.iter_batches(batch_format="pyarrow", batch_size=None),
@@ -432,6 +450,7 @@ class _Job:
         )
         try:
             for batch in batches:
+                watch.progress()
                 committer.add(batch)
                 if self.on_progress:
                     self.on_progress(progress)
