@@ -40,6 +40,7 @@ BENCHES: dict[str, tuple[str, list[str]]] = {
     "stream": ("bench_stream.py", ["--quick"]),
     "compact": ("bench_compact.py", ["--quick"]),
     "adapters": ("bench_adapters.py", ["--quick"]),
+    "reliability": ("bench_reliability.py", ["--quick"]),
     "s3_write": (
         "bench_s3_write.py",
         ["--objects", "50", "--items", "16", "--size", "64", "--steps", "2"],
@@ -206,6 +207,12 @@ def summary_rows(name: str, f: dict[str, Any]) -> list[list[Any]]:
         ]
     if name == "s3_write":
         return [[name, k, val, "", ""] for k, val in f.items() if not isinstance(val, list)]
+    if name == "reliability":
+        return [
+            [name, f"{r['fault']}: lost, duplicated", f"{r.get('lost')}, {r.get('duplicated')}",
+             "0, 0", "meets goal" if r.get("lost") == r.get("duplicated") == 0 else "MISSES goal"]
+            for r in f.get("rows", [])
+        ]  # fmt: skip
     return []
 
 

@@ -354,11 +354,8 @@ def status(
         out.print(f"  {count} × {reason}", markup=False)
     if st.lease:
         err.print(f"warning: a run is writing this output now: {st.lease}", markup=False)
-    if st.events.get("capacity_lost"):
-        out.print(
-            f"  latest run: capacity lost {st.events['capacity_lost']} time(s) (nodes or "
-            f"render actors), re-planned {st.events.get('replans', 0)} time(s)"
-        )
+    if st.events_line():
+        out.print(f"  latest run: {st.events_line()}", markup=False)
     if st.lease_taken_over_from:
         out.print(f"  latest run took over a stale lease: {st.lease_taken_over_from}", markup=False)
 

@@ -207,6 +207,16 @@ def begin_run(store: Store, spec: JobSpec) -> None:
     store.delete(SUCCESS_KEY)
 
 
+# What `_RUN.json`'s "events" count for a run (`runner`; read by `status`):
+RUN_EVENTS = (
+    "replans",  # passes planned again after a lost node or render actor (max_job_retries)
+    "nodes_lost",  # nodes that died during the run (Ray's node table), mended by Ray or not
+    "actors_restarted",  # render actor restarts by Ray (its actor table)
+    "items_rerendered",  # items in hand when their node or actor was lost, rendered again
+    "items_failed_by_crashes",  # items that killed their actor every time: ActorCrash rows
+)
+
+
 def write_run_record(
     store: Store,
     *,
@@ -214,14 +224,15 @@ def write_run_record(
     total: int,
     planned: int,
     took_over: str | None,
+    started_at: str | None = None,
     events: dict[str, int] | None = None,
 ) -> None:
-    """`_RUN.json`: the current run, and what it lived through (capacity lost, re-plans)."""
+    """`_RUN.json`: the current run, and what it lived through (`RUN_EVENTS`)."""
     record = {
         "run_id": run_id,
         "total": total,
         "planned": planned,
-        "started_at": datetime.now(timezone.utc).isoformat(),
+        "started_at": started_at or datetime.now(timezone.utc).isoformat(),
         "lease_taken_over_from": took_over,
         "events": events or {},
     }

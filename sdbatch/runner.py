@@ -31,6 +31,7 @@ from .manifest import ManifestInfo
 from .output import read_metadata
 from .session import (
     STAGE_TASKS,
+    LossWatch,
     Placement,
     actors_that_fit,
     configure_ray_data,
@@ -143,6 +144,7 @@ class _Job:
     called: float = field(default_factory=time.monotonic)
     # Items this run committed as failures: a later pass must not render them again.
     failed_here: list[pa.Table] = field(default_factory=list)
+    node_passes: int = 0  # passes that ended with a lost node
 
     def run(
         self,
@@ -187,6 +189,7 @@ class _Job:
                 total=info.total_items,
                 planned=to_render,
                 took_over=describe(lease.took_over) if lease.took_over else None,
+                started_at=datetime.now(timezone.utc).isoformat(),
             )
             output.write_run_record(store, **record)
             if self.on_start:
@@ -205,17 +208,25 @@ class _Job:
                 check_lease=lease.check,
                 failed_keys=self.failed_here,
             )
-            events = {"capacity_lost": 0, "replans": 0, "items_failed_by_crashes": 0}
+            events = dict.fromkeys(output.RUN_EVENTS, 0)
+            watch = LossWatch()
             in_flight = pipeline.on_head_node(InFlight) if plan is not None else None
             stages = pipeline.Stages(
                 models, aux, hashes, placement, gate, in_flight, adapters=adapters
             )
             while plan is not None:
+                before = progress.done + progress.failed
                 try:
-                    self._render(lease, plan, stages, committer)
+                    self._render(lease, plan, stages, committer, watch)
+                    self._tally(watch, in_flight, events, progress.done + progress.failed - before)
                     break
                 except (ray.exceptions.RayError, TimeoutError) as err:
-                    what = self._lost(err, events, progress)
+                    done_here = progress.done + progress.failed - before
+                    again = self._tally(watch, in_flight, events, done_here)
+                    try:
+                        what = self._lost(err, events, progress, again)
+                    finally:  # the record counts what this run lived through, even when it stops
+                        output.write_run_record(store, **record, events=events)
                     alone = self._crashes(in_flight, committer, events)
                     self._wait_for_capacity(placement)
                     skip = output.union_done(output.done_table(store), *self.failed_here)
@@ -228,6 +239,8 @@ class _Job:
                     )
                     self.note(f"resumed after {what}: {to_render:,} item(s) left")
                     output.write_run_record(store, **record, events=events)
+            if any(events.values()):  # actors Ray restarted within the last pass
+                output.write_run_record(store, **record, events=events)
             parts = committer.parts
         except Stalled as err:
             if owns_ray:
@@ -272,9 +285,11 @@ class _Job:
         output.finish_run(store, result.summary(), info.total_items)
         return result
 
-    def _lost(self, err: BaseException, events: dict[str, int], progress: Progress) -> str:
+    def _lost(
+        self, err: BaseException, events: dict[str, int], progress: Progress, again: int
+    ) -> str:
         """What a pass lost (a line for the console), or `err` again when it is not lost
-        capacity or the retries are spent."""
+        capacity or the retries are spent. `again`: items it had in flight."""
         what = lost_capacity(err)
         if isinstance(err, TimeoutError) and "starting actors" in str(err).lower():
             # The pool of a pass after a loss found no room within capacity_wait_seconds.
@@ -292,10 +307,38 @@ class _Job:
                 f"passes were spent; {progress.committed} image(s) committed by this run are "
                 "kept; the same command resumes"
             ) from None
-        events["capacity_lost"] += 1
         events["replans"] += 1
-        self.note(f"{what}: the items it had in flight will render again")
+        if what.startswith("node "):  # else a render actor died
+            self.node_passes += 1
+            events["nodes_lost"] = max(events["nodes_lost"], self.node_passes)
+        self.note(f"{what}: {again:,} item(s) in flight will render again")
         return what
+
+    def _tally(
+        self, watch: LossWatch, in_flight: Any, events: dict[str, int], committed: int
+    ) -> int:
+        """After a pass: the items it handed to render actors without committing them
+        (in hand on a lost node or actor, or rendered but not yet committed when the pass
+        ended; a block Ray retried on a restarted actor): they render again. Nodes lost
+        and actors restarted, from Ray's tables (a pass lost to a node that Ray does not
+        list as dead yet still counts)."""
+        import ray
+
+        from .stream import call_actor
+
+        events["nodes_lost"] = max(self.node_passes, watch.nodes_lost())
+        restarts = watch.actor_restarts()
+        if restarts is not None:
+            events["actors_restarted"] = restarts
+        if in_flight is None:
+            return 0
+        try:
+            begun = call_actor(in_flight.tally)
+        except ray.exceptions.RayError:  # lost with its node: nothing to count this time
+            return 0
+        again = max(0, begun - committed)
+        events["items_rerendered"] += again
+        return again
 
     def _crashes(
         self, in_flight: Any, committer: Committer, events: dict[str, int]
@@ -317,6 +360,8 @@ class _Job:
             committer.flush()
             call_actor(in_flight.forget, list(dead))
             events["items_failed_by_crashes"] += len(dead)
+            # Counted as in flight by `_tally`, but they get a failure row, not a render.
+            events["items_rerendered"] = max(0, events["items_rerendered"] - len(dead))
             self.note(
                 f"{len(dead)} item(s) killed their render actor every time, even alone: "
                 "failure rows (ActorCrash), the rest goes on"
@@ -373,19 +418,37 @@ class _Job:
         return done, only
 
     def _render(
-        self, lease: Lease, plan: Any, stages: pipeline.Stages, committer: Committer
+        self,
+        lease: Lease,
+        plan: Any,
+        stages: pipeline.Stages,
+        committer: Committer,
+        watch: LossWatch,
     ) -> None:
         """One pass: stream the plan through render and write; commit rows as they come
-        back. However it ends (done, stall, error, Ctrl-C), what was written is committed."""
+        back. However it ends (done, stall, error, Ctrl-C), what was written is committed.
+        No render actor alive for capacity_wait_seconds (a lost node Ray cannot place its
+        actors elsewhere for) ends the pass like a failed start."""
         spec, execution, progress = self.spec, self.spec.execution, committer.progress
         packer = pipeline.shard_packer(spec, lease.run_id)
         ds = pipeline.build(spec, plan, stages, packer, self.info)
         committer.skipped = 0
         before = progress.done + progress.failed  # this run's earlier passes
+        watch.new_pass()
+        waiting = [False]
 
         def on_idle() -> None:
             if committer.due():
                 committer.flush()
+            quiet = watch.none_alive_for()
+            if quiet > execution.capacity_wait_seconds:
+                raise TimeoutError(f"starting actors: no render actor alive for {quiet:.0f} s")
+            if quiet and not waiting[0]:
+                waiting[0] = True
+                self.note(
+                    f"waiting for capacity: 0/{stages.placement.actors} render actors alive "
+                    f"(up to {execution.capacity_wait_seconds:g} s)"
+                )
 
         batches = watched(
             lambda: ds.iter_batches(batch_format="pyarrow", batch_size=None),
@@ -397,6 +460,7 @@ class _Job:
         )
         try:
             for batch in batches:
+                watch.progress()
                 committer.add(batch)
                 if self.on_progress:
                     self.on_progress(progress)

@@ -12,7 +12,12 @@ import math
 import os
 import re
 import socket
+import sys
+import tempfile
+import time
 import warnings
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,14 +75,15 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
     if target:
         _check_reachable(target, where)
     try:
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            log_to_driver=verbose,
-            logging_level=logging.INFO if verbose else logging.ERROR,
-            runtime_env=runtime_env(),
-            **({} if target else {"_system_config": LOCAL_RAY_CONFIG}),
-        )
+        with contextlib.nullcontext() if verbose else _without_log_level_line():
+            ray.init(
+                address=address,
+                include_dashboard=False,
+                log_to_driver=verbose,
+                logging_level=logging.INFO if verbose else logging.ERROR,
+                runtime_env=runtime_env(),
+                **({} if target else {"_system_config": LOCAL_RAY_CONFIG}),
+            )
     except (ConnectionError, OSError, RuntimeError, ValueError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         hint = ""
@@ -92,6 +98,38 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
             )
         raise RunError(f"could not start or connect to {where}: {first}{hint}") from None
     return True
+
+
+@contextlib.contextmanager
+def _without_log_level_line() -> Iterator[None]:
+    """Ray's C++ logging prints `logging.cc:303: Set ray log level from environment
+    variable RAY_BACKEND_LOG_LEVEL to 3` to the driver's stderr (fd 2, not sys.stderr)
+    when ray.init starts the driver's core worker: it logs that at INFO before applying
+    the level, whatever the level (Ray 2.60). Setting no level brings back the error line
+    above instead. So stderr goes to a file while ray.init runs, then comes back without
+    that line; anything else written meanwhile is shown, only later."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to keep clean
+        yield
+        return
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            rest = b"".join(
+                line
+                for line in held.read().splitlines(keepends=True)
+                if b"Set ray log level from environment variable" not in line
+            )
+            with open(2, "wb", closefd=False) as stderr:
+                stderr.write(rest)
 
 
 def _raylet_messages_to_log() -> None:
@@ -349,6 +387,87 @@ def stall_report(seconds: float) -> str:
         lines.append(f"  (could not list actors: {err})")
     lines.append("Committed images are kept; the same command resumes.")
     return "\n".join(lines)
+
+
+# Ray actor states of an actor waiting for a place to (re)start.
+WAITING = ("RESTARTING", "PENDING_CREATION", "DEPENDENCIES_UNREADY")
+
+
+class LossWatch:
+    """What Ray's own tables say a run lost, including what Ray handles without the
+    driver seeing an error (an actor restarted in place or on a replacement node while
+    it had nothing in hand): nodes seen alive during the run that are dead now, restarts
+    of this job's render actors, and how long none of them has been alive.
+
+    The last matters when no node fits a lost node's actors: Ray keeps them waiting for
+    one and Ray Data waits with them, so the stream only goes quiet (measured: a render
+    node removed while its actors were idle, no replacement; the run waited for the
+    900 s watchdog instead of capacity_wait_seconds).
+    """
+
+    CHECK_SECONDS = 5.0  # the actor table is read at most this often while idle
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+        self.nodes_lost()
+        self.alive_at: float | None = None  # a render actor last known alive
+        self.checked = 0.0
+
+    def new_pass(self) -> None:
+        """A pass starts its own actors (Ray Data waits for them to start)."""
+        self.alive_at = None
+
+    def progress(self) -> None:
+        """Rows arrived: a render actor was alive."""
+        self.alive_at = time.monotonic()
+
+    def none_alive_for(self) -> float:
+        """Seconds this pass's render actors have all been waiting for a place (none
+        alive, one restarting or pending); 0 otherwise, before any was alive, or for up
+        to 2 × CHECK_SECONDS (what the table's sampling leaves open). Actors Ray Data
+        ended (dead: their work is done) are not waiting."""
+        now = time.monotonic()
+        if now - self.checked >= self.CHECK_SECONDS:
+            self.checked = now
+            states = self._render_actors()
+            # Unknown counts as alive: the watchdog still holds.
+            if states is None or states["ALIVE"] or not sum(states[s] for s in WAITING):
+                self.alive_at = now
+        quiet = 0.0 if self.alive_at is None else now - self.alive_at
+        return quiet if quiet > 2 * self.CHECK_SECONDS else 0.0
+
+    def nodes_lost(self) -> int:
+        import ray
+
+        nodes = ray.nodes()
+        dead = {n["NodeID"] for n in nodes if not n.get("Alive")} & self.seen
+        self.seen |= {n["NodeID"] for n in nodes if n.get("Alive")}
+        return len(dead)
+
+    def actor_restarts(self) -> int | None:
+        """None when Ray's actor table cannot be read (a private API)."""
+        states = self._render_actors()
+        return None if states is None else states["restarts"]
+
+    def _render_actors(self) -> Counter[str] | None:
+        """This job's render actors per state, and their "restarts"; None when Ray's
+        actor table cannot be read (a private API)."""
+        import ray
+
+        try:
+            from ray._private.state import actors as actor_table
+
+            job = ray.get_runtime_context().get_job_id()
+            mine = [
+                a
+                for a in actor_table().values()
+                if a.get("JobID") == job and "BlockRenderer" in a.get("ActorClassName", "")
+            ]
+        except Exception:  # noqa: BLE001 - a count, never the reason a run fails
+            return None
+        states = Counter(str(a.get("State")) for a in mine)
+        states["restarts"] = sum(int(a.get("NumRestarts") or 0) for a in mine)
+        return states
 
 
 def lost_capacity(err: BaseException) -> str | None:

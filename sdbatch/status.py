@@ -20,7 +20,15 @@ import pyarrow.parquet as pq
 
 from .compact import live_files, repair
 from .lease import describe, live_lease
-from .output import FAILURES_PREFIX, METADATA_PREFIX, RUN_KEY, SUCCESS_KEY, done_table, read_parts
+from .output import (
+    FAILURES_PREFIX,
+    METADATA_PREFIX,
+    RUN_EVENTS,
+    RUN_KEY,
+    SUCCESS_KEY,
+    done_table,
+    read_parts,
+)
 from .store import StoreError, open_store
 from .stream import anti_join
 
@@ -45,12 +53,28 @@ class JobStatus:
     top_failures: list[tuple[str, int]] = field(default_factory=list)
     lease: str | None = None  # who is writing this output now, if a run holds a live lease
     lease_taken_over_from: str | None = None  # the stale holder the latest run replaced
-    # What the latest run lived through: capacity_lost (nodes or render actors), replans.
+    # What the latest run lived through: `output.RUN_EVENTS`, 0 where not counted.
     events: dict[str, int] = field(default_factory=dict)
 
     @property
     def remaining(self) -> int | None:
         return None if self.total is None else max(0, self.total - self.done - self.failed)
+
+    def events_line(self) -> str | None:
+        """The latest run's losses in words, or None when it lost nothing."""
+        e = self.events
+        if not any(e.values()):
+            return None
+        return (
+            f"{e['nodes_lost']} node(s) lost, {e['actors_restarted']} render actor "
+            f"restart(s), {e['items_rerendered']} item(s) rendered again, re-planned "
+            f"{e['replans']} time(s)"
+            + (
+                f", {e['items_failed_by_crashes']} item(s) failed by killing their actor"
+                if e["items_failed_by_crashes"]
+                else ""
+            )
+        )
 
 
 def job_status(output: str, storage: dict[str, Any] | None = None, top: int = 5) -> JobStatus:
@@ -79,8 +103,14 @@ def job_status(output: str, storage: dict[str, Any] | None = None, top: int = 5)
         top_failures=reasons.most_common(top),
         lease=describe(holder) if holder else None,
         lease_taken_over_from=run.get("lease_taken_over_from"),
-        events=dict(run.get("events") or {}),
+        events=_events(run.get("events") or {}),
     )
+
+
+def _events(recorded: dict[str, int]) -> dict[str, int]:
+    """Every `RUN_EVENTS` counter of a run record; an older record's "capacity_lost"
+    always equalled its "replans" and is dropped."""
+    return {name: int(recorded.get(name) or 0) for name in RUN_EVENTS}
 
 
 def _latest_rate(store: Any, run: dict[str, Any]) -> float | None:

@@ -163,17 +163,28 @@ class InFlight:
     restarts an actor under the same id); `crashed`, called by the driver when a pass was
     lost, counts the blocks still open then as well. An item that keeps killing its
     actor is found this way, rendered alone, and then failed (`runner`).
+
+    It also counts the items handed to render actors between two `tally` calls (one per
+    pass): what a pass handed out and did not commit was rendered for nothing and renders
+    again.
     """
 
     def __init__(self) -> None:
         self.open: dict[str, list[dict[str, Any]]] = {}
         # (id, image_index) -> [crashes, crashes while alone in its block, the item]
         self.crashes: dict[tuple[str, int], list[Any]] = {}
+        self.begun = 0
 
     def begin(self, actor: str, items: list[dict[str, Any]]) -> None:
         if actor in self.open:
             self._count(self.open[actor])
         self.open[actor] = items
+        self.begun += len(items)
+
+    def tally(self) -> int:
+        """Items begun since the last call."""
+        begun, self.begun = self.begun, 0
+        return begun
 
     def end(self, actor: str) -> None:
         self.open.pop(actor, None)

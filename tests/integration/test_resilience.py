@@ -102,6 +102,73 @@ def test_driver_killed_twice_then_resumes_exactly_once(
     assert (status.done, status.failed, status.remaining, status.complete) == (200, 0, 0, True)
 
 
+def readme_restart_loop(spec: Path, pause: int = 1) -> str:
+    """The restart loop cluster/README.md tells users to run on the head, as printed
+    there; only its job file and its pause between runs are this test's."""
+    readme = (Path(__file__).parents[2] / "cluster" / "README.md").read_text()
+    loop = re.search(r"```bash\n(while true; do\n.*?\ndone)\n```", readme, re.DOTALL)
+    assert loop and "sleep 30" in loop[1] and " job.yaml " in loop[1], "the loop changed"
+    return loop[1].replace(" job.yaml ", f" {spec} ").replace("sleep 30", f"sleep {pause}")
+
+
+def test_the_documented_restart_loop_brings_a_killed_driver_back(tmp_path, tiny_models) -> None:
+    """A `ray start` head, the README's loop around `sdbatch run --address auto`, the
+    driver SIGKILLed mid-job: the loop's next run resumes and ends it, each item once."""
+    from tests.integration.test_cluster import isolated_env
+
+    env = isolated_env()  # its RAY_TMPDIR is where `--address auto` finds this head
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    shim = bin_dir / "sdbatch"  # the `sdbatch` the loop calls: this checkout's
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m sdbatch.cli "$@"\n')
+    shim.chmod(0o755)
+    env["PATH"] = f"{bin_dir}:{env['PATH']}"
+    spec_path = cli_job(
+        tmp_path, tiny_models["base"], 12, execution={"commit_rows": 4, "commit_seconds": 1}
+    )
+    images = Path(load_spec(spec_path).output, "images")
+    # --block in a process group of its own, killed at the end (`ray stop` would stop
+    # every Ray on the machine, other tests' too).
+    head = subprocess.Popen(
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--port=0",
+         "--num-cpus=2", "--include-dashboard=false", "--block"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True,
+    )  # fmt: skip
+    started = [head]
+    try:
+        deadline = time.monotonic() + 120
+        address_file = Path(env["RAY_TMPDIR"], "ray", "ray_current_cluster")
+        while not address_file.exists() and time.monotonic() < deadline:
+            assert head.poll() is None, "ray start --head failed"
+            time.sleep(0.2)
+        loop = subprocess.Popen(
+            ["bash", "-c", readme_restart_loop(spec_path)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        started.append(loop)
+        # Killed once some work is committed, so the next run has something to skip.
+        while time.monotonic() < deadline and job_status(str(images.parent)).done < 4:
+            assert loop.poll() is None, loop.communicate()
+            time.sleep(0.2)
+        children = Path(f"/proc/{loop.pid}/task/{loop.pid}/children").read_text().split()
+        assert len(children) == 1, children  # the loop's `sdbatch run`
+        os.kill(int(children[0]), signal.SIGKILL)
+        out, err = loop.communicate(timeout=180)
+    finally:
+        for proc in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert loop.returncode == 0, err[-3000:]
+    # Two runs: the killed one, then the one that resumed mid-job and finished it.
+    starts = re.findall(r"12 images, (\d+) already done", err)
+    assert len(starts) == 2 and 0 < int(starts[1]) < 12, err
+    assert "Traceback" not in err and "logging.cc" not in err, err
+    assert len(sha_by_item(str(images.parent))) == 12  # each item once
+    assert Path(images.parent, "_SUCCESS").exists()
+
+
 def test_two_runs_on_one_output_never_commit_an_item_twice(tmp_path, tiny_models) -> None:
     spec_path = cli_job(tmp_path, tiny_models["base"], 40)
     spec = load_spec(spec_path)
@@ -214,6 +281,36 @@ def test_render_actor_sigkilled_twice_the_job_completes(tmp_path, tiny_models, r
     assert len(killed) == 2, killed
     assert (result.done, result.failed) == (96, 0)
     assert len(sha_by_item(spec.output)) == 96
+    # Ray restarts the actor in place (or a pass is lost and planned again): counted.
+    events = json.loads(Path(spec.output, "_RUN.json").read_text())["events"]
+    assert events["actors_restarted"] + events["replans"] >= 2, events
+
+
+def test_a_model_that_does_not_load_stops_the_run_at_once(tmp_path, tiny_models) -> None:
+    """A truncated UNet file: the render actor's constructor fails. That is not lost
+    capacity (no retry mends it): one message with the cause, no re-plans, exit 1."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny_models["base"], model)
+    weights = model / "unet" / "diffusion_pytorch_model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    spec_path = cli_job(tmp_path, model, 8)
+    started = time.monotonic()
+    proc = start(spec_path)
+    try:
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    took = time.monotonic() - started
+    assert proc.returncode == 1, err[-3000:]
+    assert "error: a render actor failed to start: OSError: Unable to load weights" in err, err
+    assert str(weights) in err and "Traceback" not in err, err
+    assert "logging.cc" not in err, err  # Ray's "Set ray log level" line (session.py)
+    assert "resumed after" not in out + err and "in flight" not in out + err, out + err
+    assert job_status(load_spec(spec_path).output).events["replans"] == 0
+    # One actor start, not max_job_retries of them (22 s measured on 2 busy cores).
+    assert took < 90, took
 
 
 def test_watchdog_names_stuck_actors_instead_of_hanging(tmp_path, tiny_models) -> None:

@@ -64,3 +64,39 @@ def test_lost_capacity_tells_a_lost_node_from_a_dead_actor_and_a_failed_start() 
     failed_start._actor_init_failed = True  # its constructor raised: no retry mends that
     assert lost_capacity(failed_start) is None
     assert lost_capacity(ValueError("a bug")) is None
+
+
+def test_loss_watch_tells_actors_waiting_for_a_node_from_finished_ones(monkeypatch) -> None:
+    """A node gone with no replacement: Ray keeps its actors RESTARTING and the stream
+    goes quiet; only that (not actors Ray Data ended, nor a table it cannot read) counts
+    as having no render actor."""
+    from collections import Counter
+
+    from sdbatch import session
+
+    clock = [100.0]
+    monkeypatch.setattr(session.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(session.LossWatch, "nodes_lost", lambda self: 0)
+    table: list = [Counter(ALIVE=2)]
+    monkeypatch.setattr(session.LossWatch, "_render_actors", lambda self: table[0])
+    watch = session.LossWatch()
+    watch.new_pass()
+    table[0] = Counter(PENDING_CREATION=2)  # the pass's actors load their model
+    clock[0] += 60
+    assert watch.none_alive_for() == 0.0  # none was alive yet: Ray Data's start-up wait
+    watch.progress()
+    table[0] = Counter(RESTARTING=2)  # their node is gone
+    waited = []
+    for _ in range(6):
+        clock[0] += 5
+        waited.append(watch.none_alive_for())
+    assert waited == [0.0, 0.0, 15.0, 20.0, 25.0, 30.0]
+    table[0] = Counter(ALIVE=1, RESTARTING=1)  # a replacement node took one
+    clock[0] += 5
+    assert watch.none_alive_for() == 0.0
+    table[0] = Counter(DEAD=2)  # Ray Data ended them: the last writes still run
+    clock[0] += 60
+    assert watch.none_alive_for() == 0.0
+    table[0] = None  # the table cannot be read: the watchdog alone decides
+    clock[0] += 60
+    assert watch.none_alive_for() == 0.0

@@ -259,3 +259,31 @@ def test_the_first_block_comes_before_the_fragment_is_expanded(tmp_path) -> None
 
     small, large = first_block_peak(5_000), first_block_peak(50_000)
     assert large < 1.5 * small + 200_000, (small, large)
+
+
+def test_in_flight_counts_what_each_pass_handed_out() -> None:
+    """A pass hands out 4 blocks; actor a dies with its block and Ray restarts it (the
+    same id begins again), b's second block is in hand when the pass is lost. The driver commits
+    4 of the 7 items handed out: 3 render again (`runner._tally`)."""
+    from sdbatch.stream import InFlight
+
+    def items(*ids: str) -> list[dict]:
+        return [{"id": i, "image_index": 0} for i in ids]
+
+    in_flight = InFlight()
+    in_flight.begin("a", items("x1", "x2"))
+    in_flight.begin("b", items("y1", "y2"))
+    in_flight.end("b")
+    in_flight.begin("a", items("x1", "x2"))  # a's process died: Ray retried its block
+    in_flight.end("a")
+    in_flight.begin("b", items("z1"))  # in hand when the node goes
+    begun = in_flight.tally()
+    assert begun == 7
+    assert max(0, begun - 4) == 3  # x1, x2 once more; z1
+    crashes = in_flight.crashed()
+    assert {key: entry[:2] for key, entry in crashes.items()} == {
+        ("x1", 0): [1, 0],
+        ("x2", 0): [1, 0],
+        ("z1", 0): [1, 1],
+    }
+    assert in_flight.tally() == 0  # per pass
