@@ -28,7 +28,7 @@ from typing import Any
 # `<lora:NAME>` or `<lora:NAME:WEIGHT>`; A1111's separate text-encoder/UNet weights
 # (`<lora:NAME:TE:UNET>`) are refused by `parse_tags`.
 _TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>")
-NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]*")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._ -]*")  # a LoRA or embedding name (spec keys)
 MAX_WEIGHT = 10.0
 SAFETENSORS = ".safetensors"
 # In a LoRA folder (diffusers' `save_lora_weights`), the file `load_lora_weights` reads.
@@ -401,7 +401,7 @@ class Adapters:
         from safetensors.torch import load_file
 
         tensors = load_file(str(path))
-        done: set[int] = set()
+        done: set[tuple[int, int]] = set()  # (tokenizer, text encoder) pairs loaded
         for pipe in self.pipes:
             pairs = [
                 ("tokenizer", "text_encoder", "clip_l"),
@@ -409,11 +409,10 @@ class Adapters:
             ]
             for tok_attr, enc_attr, key in pairs:
                 tokenizer, encoder = getattr(pipe, tok_attr, None), getattr(pipe, enc_attr, None)
-                if tokenizer is None or encoder is None or id(tokenizer) in done:
-                    continue
-                done.add(id(tokenizer))
-                if name in tokenizer.get_vocab():
+                if tokenizer is None or encoder is None or (id(tokenizer), id(encoder)) in done:
                     continue  # shared with a pipeline loaded earlier
+                done.add((id(tokenizer), id(encoder)))
+                # A name the tokenizer already holds is diffusers' error, not skipped.
                 vectors = tensors[key] if key in tensors else next(iter(tensors.values()))
                 pipe.load_textual_inversion(
                     vectors, token=name, tokenizer=tokenizer, text_encoder=encoder

@@ -501,8 +501,10 @@ class JobSpec(_Strict):
     @field_validator("loras", "embeddings")
     @classmethod
     def _adapter_names(cls, v: dict[str, str]) -> dict[str, str]:
+        from .adapters import NAME as ADAPTER_NAME  # torch-free
+
         for name, uri in v.items():
-            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._ -]*", name) or name != name.strip():
+            if not ADAPTER_NAME.fullmatch(name) or name != name.strip():
                 raise ValueError(
                     f"name {name!r}: use letters, digits, '.', '_', '-' or inner spaces"
                 )
