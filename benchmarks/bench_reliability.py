@@ -161,7 +161,7 @@ def cluster_child(spec_path: str, after: int, replace: bool, lose: bool) -> None
     `after` stored images (test_node_loss's set-up); report run_job's wall time."""
     from ray.cluster_utils import Cluster
 
-    from sdbatch.errors import RunError
+    from sdbatch.errors import UserError
     from sdbatch.runner import run_job
     from sdbatch.spec import load_spec
 
@@ -178,7 +178,7 @@ def cluster_child(spec_path: str, after: int, replace: bool, lose: bool) -> None
         try:
             result = run_job(spec, address=cluster.address, on_note=report["notes"].append)
             report.update(done=result.done, failed=result.failed)
-        except RunError as err:
+        except UserError as err:
             report.update(error=str(err))
         report["wall"] = time.perf_counter() - started
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 # `<lora:NAME>` or `<lora:NAME:WEIGHT>`; A1111's separate text-encoder/UNet weights
 # (`<lora:NAME:TE:UNET>`) are refused by `parse_tags`.
 _TAG = re.compile(r"<lora:([^:>]*)(?::([^>]*))?>")
@@ -35,19 +37,15 @@ SAFETENSORS = ".safetensors"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
-class AdapterError(ValueError):
-    """A LoRA tag, `loras` value or adapter file sdbatch cannot use; one readable line."""
-
-
 def _weight(name: str, text: str | None) -> float:
     if text is None or not text.strip():
         return 1.0
     try:
         weight = float(text)
     except ValueError:
-        raise AdapterError(f"LoRA {name!r}: weight {text!r} is not a number") from None
+        raise UserError(f"LoRA {name!r}: weight {text!r} is not a number") from None
     if not math.isfinite(weight) or abs(weight) > MAX_WEIGHT:
-        raise AdapterError(
+        raise UserError(
             f"LoRA {name!r}: weight {text} must be a finite number in "
             f"-{MAX_WEIGHT:g}..{MAX_WEIGHT:g}"
         )
@@ -63,7 +61,7 @@ def parse_list(value: str | None) -> dict[str, float]:
         name, _, weight = part.strip().partition(":")
         name = name.strip()
         if ":" in weight:
-            raise AdapterError(f"{part.strip()!r}: expected NAME or NAME:WEIGHT")
+            raise UserError(f"{part.strip()!r}: expected NAME or NAME:WEIGHT")
         out[name] = _weight(name, weight)
     return out
 
@@ -75,7 +73,7 @@ def parse_tags(prompt: str) -> tuple[str, dict[str, float]]:
     def take(match: re.Match[str]) -> str:
         name, rest = match.group(1).strip(), match.group(2)
         if rest is not None and ":" in rest:
-            raise AdapterError(
+            raise UserError(
                 f"{match.group(0)}: separate text-encoder and UNet weights are not "
                 "supported; use <lora:NAME:WEIGHT>"
             )
@@ -92,13 +90,13 @@ def choose(prompt: str, column: str | None, known: dict[str, str]) -> tuple[str,
     """A row's prompt as encoded and its LoRAs as `adapter_key` (None without any).
 
     `column` is the row's `loras` value, or the spec's `defaults.loras`; a tag in the
-    prompt overrides the same name there. Unknown names raise AdapterError."""
+    prompt overrides the same name there. Unknown names raise UserError."""
     text, tags = parse_tags(prompt)
     chosen = {**parse_list(column), **tags}
     unknown = sorted(n for n in chosen if n not in known)
     if unknown:
         listed = ", ".join(sorted(known)) or "none; add a loras: {NAME: URI} mapping to the spec"
-        raise AdapterError(f"unknown LoRA {', '.join(map(repr, unknown))} (spec loras: {listed})")
+        raise UserError(f"unknown LoRA {', '.join(map(repr, unknown))} (spec loras: {listed})")
     return text, adapter_key(chosen)
 
 
@@ -126,34 +124,31 @@ def resolve(uri: str, storage: dict[str, Any] | None = None) -> Path:
     or a prefix holding `LORA_FILE` (copied once per node into the model cache); or a
     hub id (its HF cache snapshot, a folder as above)."""
     from . import hub
-    from .modelcache import ModelCacheError, is_remote, local_file
+    from .modelcache import is_remote, local_file
 
-    try:
-        if is_remote(uri):
-            # A prefix is a diffusers LoRA folder: its one file is what is loaded.
-            file = uri if uri.endswith(SAFETENSORS) else f"{uri.rstrip('/')}/{LORA_FILE}"
-            path = local_file(file, storage)
-        elif Path(uri).exists() or uri.startswith((".", "/")) or not hub.split(uri):
-            path = Path(uri)
-        else:
-            path = _hub_snapshot(uri)
-    except ModelCacheError as err:
-        raise AdapterError(str(err)) from None
+    if is_remote(uri):
+        # A prefix is a diffusers LoRA folder: its one file is what is loaded.
+        file = uri if uri.endswith(SAFETENSORS) else f"{uri.rstrip('/')}/{LORA_FILE}"
+        path = local_file(file, storage)
+    elif Path(uri).exists() or uri.startswith((".", "/")) or not hub.split(uri):
+        path = Path(uri)
+    else:
+        path = _hub_snapshot(uri)
     if path.is_dir():
         files = sorted(path.glob(f"*{SAFETENSORS}"))
         if (path / LORA_FILE).is_file():
             return path / LORA_FILE
         if len(files) != 1:
             found = ", ".join(f.name for f in files) or "none"
-            raise AdapterError(
+            raise UserError(
                 f"{uri}: a folder needs {LORA_FILE} or exactly one {SAFETENSORS} file "
                 f"(found: {found})"
             )
         return files[0]
     if not path.is_file():
-        raise AdapterError(f"{uri}: file not found")
+        raise UserError(f"{uri}: file not found")
     if path.suffix != SAFETENSORS:
-        raise AdapterError(
+        raise UserError(
             f"{uri}: only {SAFETENSORS} adapters are loaded (pickled .pt/.ckpt/.bin files "
             "can run arbitrary code when opened; convert them to .safetensors)"
         )
@@ -175,7 +170,7 @@ def _hub_snapshot(uri: str) -> Path:
         return Path(snapshot_download(repo, revision=revision, local_files_only=True))
     except Exception:  # noqa: BLE001 - not cached (or incompletely): download below
         if hub.offline():
-            raise AdapterError(
+            raise UserError(
                 f"{uri}: not a local file or folder and not in the local Hugging Face cache "
                 "(HF_HUB_OFFLINE is set, so not downloaded)"
             ) from None
@@ -183,7 +178,7 @@ def _hub_snapshot(uri: str) -> Path:
         patterns = ["*.safetensors", "*.json"]
         return Path(snapshot_download(repo, revision=revision, allow_patterns=patterns))
     except Exception as err:  # noqa: BLE001 - network, auth, unknown repo or revision
-        raise AdapterError(
+        raise UserError(
             f"{uri}: not in the local Hugging Face cache and the download failed: "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from None
@@ -194,14 +189,14 @@ def header(path: Path) -> dict[str, Any]:
     with path.open("rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
-            raise AdapterError(f"{path}: not a safetensors file (too short)")
+            raise UserError(f"{path}: not a safetensors file (too short)")
         (size,) = struct.unpack("<Q", raw)
         if size > 100 * 2**20:
-            raise AdapterError(f"{path}: not a safetensors file (header of {size} bytes)")
+            raise UserError(f"{path}: not a safetensors file (header of {size} bytes)")
         try:
             data = json.loads(f.read(size))
         except ValueError:
-            raise AdapterError(f"{path}: not a safetensors file (unreadable header)") from None
+            raise UserError(f"{path}: not a safetensors file (unreadable header)") from None
     data.pop("__metadata__", None)
     return data
 
@@ -227,14 +222,14 @@ def check_lora(name: str, uri: str, path: Path, text_width: int | None, model: s
     """A file that is not a LoRA, or a LoRA for another family than the model's."""
     tensors = header(path)
     if not tensors or not all("lora" in key or key.endswith(".alpha") for key in tensors):
-        raise AdapterError(f"loras.{name} {uri}: not a LoRA file (tensor names lack 'lora')")
+        raise UserError(f"loras.{name} {uri}: not a LoRA file (tensor names lack 'lora')")
     widths = {
         shape[1]
         for key, entry in tensors.items()
         if _TO_K.search(key) and len(shape := entry.get("shape", [])) == 2
     }
     if text_width is not None and widths and text_width not in widths:
-        raise AdapterError(
+        raise UserError(
             f"loras.{name} {uri}: a LoRA for a UNet with {_family_of_width(min(widths))} "
             f"text width {min(widths)}; the model {model} has {text_width} "
             f"({_family_of_width(text_width)}): it is for another model family"
@@ -253,12 +248,12 @@ def check_embedding(name: str, uri: str, path: Path, widths: tuple[int, ...]) ->
     elif len(tensors) == 1:
         found = (next(iter(tensors.values()))["shape"][-1],)
     else:
-        raise AdapterError(
+        raise UserError(
             f"embeddings.{name} {uri}: not a textual-inversion embedding (expected one "
             f"tensor, or clip_l and clip_g for SDXL; found {len(tensors)} tensors)"
         )
     if found != widths:
-        raise AdapterError(
+        raise UserError(
             f"embeddings.{name} {uri}: vectors of width {'/'.join(map(str, found))}; the "
             f"model's text encoder(s) take {'/'.join(map(str, widths))}: it is for "
             "another model family"
@@ -427,10 +422,10 @@ class Adapters:
         chosen = parse_list(key)
         broken = [self.failed[n] for n in chosen if n in self.failed]
         if broken:
-            raise AdapterError("; ".join(broken))
+            raise UserError("; ".join(broken))
         if not self._loaded or not hasattr(pipe, "set_adapters"):
             if chosen:
-                raise AdapterError(f"LoRAs {key}: this pipeline has no LoRA loaded")
+                raise UserError(f"LoRAs {key}: this pipeline has no LoRA loaded")
             return
         if chosen:
             pipe.enable_lora()

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .errors import RunError
+from .errors import UserError
 from .manifest import ManifestInfo, validate_manifest
 from .spec import JobSpec
 
@@ -29,7 +29,7 @@ def check_job(spec: JobSpec, on_rows: Callable[[int], None] | None = None) -> Ma
     if not problems:
         problems = check_adapters(spec)
     if problems:
-        raise RunError("\n".join(dict.fromkeys(problems)))
+        raise UserError("\n".join(dict.fromkeys(problems)))
     return info
 
 
@@ -201,7 +201,7 @@ def _text_widths(ref: str) -> tuple[int | None, tuple[int, ...]]:
 def check_adapters(spec: JobSpec) -> list[str]:
     """LoRA and embedding files that are missing, pickled, not adapters, or for another
     model family than the base model's (each named with its field and URI)."""
-    from .adapters import AdapterError, check_embedding, check_lora, resolve
+    from .adapters import check_embedding, check_lora, resolve
 
     if not spec.loras and not spec.embeddings:
         return []
@@ -212,12 +212,12 @@ def check_adapters(spec: JobSpec) -> list[str]:
     for name, uri in sorted(spec.loras.items()):
         try:
             check_lora(name, uri, resolve(uri, storage), text_width, spec.models.base)
-        except AdapterError as err:
+        except UserError as err:
             problems.append(str(err) if str(err).startswith("loras.") else f"loras.{name}: {err}")
     for name, uri in sorted(spec.embeddings.items()):
         try:
             check_embedding(name, uri, resolve(uri, storage), widths)
-        except AdapterError as err:
+        except UserError as err:
             text = str(err)
             problems.append(
                 text if text.startswith("embeddings.") else f"embeddings.{name}: {text}"

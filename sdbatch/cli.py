@@ -12,14 +12,30 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+from .errors import UserError
+
+
+class _Commands(TyperGroup):
+    """The one place a `UserError` from any command becomes `error: …` lines and exit 1."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except UserError as e:
+            _fail(e.problems)
+
 
 app = typer.Typer(
+    cls=_Commands,
     help="Distributed, reproducible batch rendering for Stable Diffusion on Ray Data.",
     no_args_is_help=True,
     add_completion=False,
@@ -38,19 +54,16 @@ class ProgressStyle(str, Enum):
     none = "none"
 
 
-def _fail(lines: list[str] | str, code: int = 1) -> None:
+def _fail(lines: Sequence[str] | str, code: int = 1) -> None:
     for line in [lines] if isinstance(lines, str) else lines:
         err.print(f"[red]error:[/red] {line}", markup=True, soft_wrap=True)
     raise typer.Exit(code)
 
 
 def _load(spec_path: Path) -> Any:
-    from .spec import SpecError, load_spec
+    from .spec import load_spec
 
-    try:
-        return load_spec(spec_path)
-    except SpecError as e:
-        _fail(e.problems)
+    return load_spec(spec_path)
 
 
 @app.command()
@@ -59,14 +72,9 @@ def validate(
 ) -> None:
     """Check a job spec, its manifest and its models without rendering anything."""
     from .checks import check_job
-    from .errors import RunError
-    from .manifest import ManifestError
 
     spec = _load(spec_path)
-    try:
-        info = check_job(spec, on_rows=_rows_checked)
-    except (ManifestError, RunError) as e:
-        _fail(getattr(e, "problems", None) or str(e).splitlines())
+    info = check_job(spec, on_rows=_rows_checked)
     modes = ", ".join(sorted(info.modes))
     out.print(f"{spec_path}: ok — {info.num_rows} rows, {info.total_items} images ({modes})")
 
@@ -86,17 +94,10 @@ def plan(
     """Show what a job will render (per mode/size/steps/scheduler/model), what is done, and an estimate."""
     from rich.table import Table
 
-    from .errors import RunError
     from .estimate import plan_report
-    from .manifest import ManifestError
-    from .models import ModelError
-    from .store import StoreError
 
     spec = _load(spec_path)
-    try:
-        report = plan_report(spec, calibrate=calibrate)
-    except (ManifestError, RunError, ModelError, StoreError) as e:
-        _fail(getattr(e, "problems", None) or str(e).splitlines())
+    report = plan_report(spec, calibrate=calibrate)
     table = Table(title=f"{spec.name}: {report.total} images")
     for column in ("mode", "size", "steps", "scheduler", "model", "done", "remaining"):
         table.add_column(
@@ -168,36 +169,29 @@ def run(
     ] = False,
 ) -> None:
     """Render a job. Resumes from whatever the output folder already holds."""
-    from .manifest import ManifestError
-    from .models import ModelError
-    from .runner import RunError, run_job
-    from .store import StoreError
+    from .runner import run_job
 
     spec = _load(spec_path)
     reporter = _Reporter(progress, every)
     stop = _stop_on_sigint()
     try:
-        result = run_job(
-            spec,
-            address=address,
-            on_start=reporter.start,
-            on_progress=reporter.update,
-            on_note=reporter.note,
-            verbose=verbose,
-            fresh=fresh,
-            overwrite=overwrite,
-            retry_failed=retry_failed,
-            stop=stop,
-            break_lease=break_lease,
-        )
-    except (ManifestError, RunError, ModelError, StoreError) as e:
-        reporter.stop()
-        _fail(getattr(e, "problems", None) or str(e).splitlines())
+        with reporter:  # the bar stops before any line below
+            result = run_job(
+                spec,
+                address=address,
+                on_start=reporter.start,
+                on_progress=reporter.update,
+                on_note=reporter.note,
+                verbose=verbose,
+                fresh=fresh,
+                overwrite=overwrite,
+                retry_failed=retry_failed,
+                stop=stop,
+                break_lease=break_lease,
+            )
     except KeyboardInterrupt:
-        reporter.stop()
         err.print("interrupted: finished images are committed; run the same command to resume")
         raise typer.Exit(130) from None
-    reporter.stop()
     from rich.table import Table
 
     table = Table(
@@ -318,6 +312,12 @@ class _Reporter:
             self.bar.stop()
             self.bar = None
 
+    def __enter__(self) -> _Reporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
 
 def _output_and_storage(target: str) -> tuple[str, dict[str, Any] | None]:
     """`JOB.yaml` → (its output, its storage options); anything else is an output URI
@@ -336,13 +336,9 @@ def status(
 ) -> None:
     """Done / failed / remaining counts, speed and top failure reasons of a job's output."""
     from .status import job_status
-    from .store import StoreError
 
     output, storage = _output_and_storage(target)
-    try:
-        st = job_status(output, storage)
-    except StoreError as e:
-        _fail(str(e))
+    st = job_status(output, storage)
     total = "?" if st.total is None else str(st.total)
     remaining = "?" if st.remaining is None else str(st.remaining)
     state = "complete" if st.complete else "incomplete (running, interrupted, or with failures)"
@@ -380,16 +376,12 @@ def rerun(
     ] = False,
 ) -> None:
     """Regenerate items from their metadata alone (no manifest), optionally verifying them."""
-    from .rerun import RerunError
     from .rerun import rerun as do_rerun
 
     if not (to or verify):
         _fail("rerun needs --to OUTPUT2 (where to write) and/or --verify (compare only)")
     output, storage = _output_and_storage(target)
-    try:
-        report = do_rerun(output, ids=ids, failed=failed, to=to, verify=verify, storage=storage)
-    except RerunError as e:
-        _fail(str(e))
+    report = do_rerun(output, ids=ids, failed=failed, to=to, verify=verify, storage=storage)
     for o in report.outcomes:
         if o.status == "differs":
             psnr = "inf" if o.psnr is None or o.psnr == float("inf") else f"{o.psnr:.1f} dB"
@@ -430,14 +422,10 @@ def gallery(
     ] = None,
 ) -> None:
     """Write a static HTML contact sheet of a job's images, failures and sweeps."""
-    from .gallery import GalleryError, build_gallery
-    from .store import StoreError
+    from .gallery import build_gallery
 
     output, storage = _output_and_storage(target)
-    try:
-        g = build_gallery(output, storage, out=out_path, limit=limit or None, where=where)
-    except (GalleryError, StoreError) as e:
-        _fail(str(e))
+    g = build_gallery(output, storage, out=out_path, limit=limit or None, where=where)
     more = f" (of {g.matching_images}; raise --limit)" if g.images < g.matching_images else ""
     out.print(f"{g.uri}", markup=False)
     out.print(
@@ -455,13 +443,12 @@ def inspect_image(
     as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON record.")] = False,
 ) -> None:
     """Print the A1111 infotext and the sdbatch record embedded in an image."""
-    from .gallery import GalleryError, read_image_info
-    from .store import StoreError
+    from .gallery import read_image_info
 
     try:
         parameters, record = read_image_info(image)
-    except (GalleryError, StoreError, FileNotFoundError) as e:
-        _fail(str(e))
+    except FileNotFoundError as e:
+        raise UserError(str(e)) from None
     text = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False)
     if as_json:
         print(text)

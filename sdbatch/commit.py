@@ -23,8 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from .errors import StoreError
 from .output import FAILURES_PREFIX, METADATA_PREFIX
-from .store import Store, StoreError, unwrap_task_error
+from .store import Store, unwrap_task_error
 from .stream import unpack
 from .write import UNSTORED
 

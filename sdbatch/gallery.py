@@ -28,6 +28,7 @@ from urllib.parse import quote
 
 import pyarrow as pa
 
+from .errors import UserError
 from .store import S3Store, Store, open_store, read_uri
 from .write import infotext
 
@@ -37,10 +38,6 @@ DEFAULT_LIMIT = 1000
 THUMBNAIL = 256
 # Left out of the details panel: the same long JSON on every row.
 _HIDDEN = ("env",)
-
-
-class GalleryError(Exception):
-    """A gallery or inspect problem; the message names the output, file or predicate."""
 
 
 @dataclass
@@ -95,19 +92,19 @@ def read_image_info(
             parameters, text = _embedded(im)
             fmt = im.format
     except (UnidentifiedImageError, OSError):
-        raise GalleryError(f"{uri}: not an image (expected a PNG written by sdbatch)") from None
+        raise UserError(f"{uri}: not an image (expected a PNG written by sdbatch)") from None
     if text is None:
         extra = " (it has A1111 'parameters' only)" if parameters else ""
-        raise GalleryError(
+        raise UserError(
             f"{uri}: no sdbatch record in this {fmt or 'image'}{extra}; sdbatch writes a "
             "'parameters' and an 'sdbatch' text chunk into every PNG (EXIF in JPEG/WebP)"
         )
     try:
         record = json.loads(text)
     except json.JSONDecodeError as err:
-        raise GalleryError(f"{uri}: the sdbatch record is not valid JSON ({err})") from None
+        raise UserError(f"{uri}: the sdbatch record is not valid JSON ({err})") from None
     if not isinstance(record, dict):
-        raise GalleryError(f"{uri}: the sdbatch record is not a JSON object")
+        raise UserError(f"{uri}: the sdbatch record is not a JSON object")
     return parameters, record
 
 
@@ -131,7 +128,7 @@ def _tar_members(data: bytes, names: AbstractSet[str], where: str) -> dict[str, 
                     if f is not None:
                         found[info.name] = f.read()
     except tarfile.TarError as err:
-        raise GalleryError(f"{where}: not a readable tar shard ({err})") from None
+        raise UserError(f"{where}: not a readable tar shard ({err})") from None
     missing = sorted(set(names) - set(found))
     if missing:
         raise FileNotFoundError(f"{where}: no member {missing[0]!r} in this shard")
@@ -184,7 +181,7 @@ def build_gallery(
     meta = _read_all(store, METADATA_PREFIX)
     fails = _read_all(store, FAILURES_PREFIX)
     if meta is None and fails is None:
-        raise GalleryError(
+        raise UserError(
             f"{store.uri}: no metadata/ or failures/ parts; is this a job output "
             "(or has its first batch not been committed yet)?"
         )
@@ -274,7 +271,7 @@ def _where(table: pa.Table | None, predicate: str | None) -> pa.Table | None:
     try:
         import duckdb
     except ImportError:
-        raise GalleryError("--where needs DuckDB: pip install duckdb") from None
+        raise UserError("--where needs DuckDB: pip install duckdb") from None
     rows = table.append_column("__row", pa.array(range(table.num_rows), pa.int64()))
     con = duckdb.connect(config={"enable_external_access": False, "lock_configuration": True})
     try:
@@ -283,12 +280,12 @@ def _where(table: pa.Table | None, predicate: str | None) -> pa.Table | None:
         picked = result.fetchall()
     except duckdb.Error as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise GalleryError(f"--where {predicate!r}: {first}") from None
+        raise UserError(f"--where {predicate!r}: {first}") from None
     finally:
         con.close()
     indices = [r[0] for r in picked]
     if any(not isinstance(i, int) or not 0 <= i < table.num_rows for i in indices):
-        raise GalleryError(f"--where {predicate!r}: not a predicate over the metadata columns")
+        raise UserError(f"--where {predicate!r}: not a predicate over the metadata columns")
     return table.take(pa.array(sorted(set(indices)), pa.int64()))
 
 
@@ -311,13 +308,13 @@ def _page_location(store: Store, out: str | None) -> tuple[str, Store, str, Any]
         key = out or "index.html"
         if key.startswith("s3://"):
             if not key.startswith(store.uri.rstrip("/") + "/"):
-                raise GalleryError(
+                raise UserError(
                     f"--out {out}: an S3 output's gallery is written inside it "
                     f"({store.uri}/...) so its image links stay relative"
                 )
             key = key[len(store.uri.rstrip("/")) + 1 :]
         elif key.startswith("/") or "://" in key:
-            raise GalleryError(
+            raise UserError(
                 f"--out {out}: for an S3 output, --out is a key inside it (e.g. index.html)"
             )
         key = posixpath.normpath(key)
@@ -358,7 +355,7 @@ def _shard_thumbnails(store: Store, rows: list[dict[str, Any]]) -> dict[int, str
         try:
             data = _tar_members(store.read_bytes(key), set(members), store.uri_of(key))
         except FileNotFoundError as err:
-            raise GalleryError(f"{err}; a metadata row points at it") from None
+            raise UserError(f"{err}; a metadata row points at it") from None
         for name, indices in members.items():
             with Image.open(io.BytesIO(data[name])) as im:
                 thumb = im.convert("RGB")

@@ -17,14 +17,11 @@ import os
 import re
 from pathlib import Path
 
+from .errors import UserError
 from .weights import choose_files, components_of, is_weights
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-
-
-class HubError(Exception):
-    pass
 
 
 def split(ref: str) -> tuple[str, str | None] | None:
@@ -47,13 +44,13 @@ def resolve(ref: str, skip_weights_of: tuple[str, ...] = ()) -> Path:
 
     parts = split(ref)
     if parts is None:
-        raise HubError(f"model {ref}: not a hub id (org/name or org/name@revision)")
+        raise UserError(f"model {ref}: not a hub id (org/name or org/name@revision)")
     repo, revision = parts
     cached = _cached_snapshot(repo, revision)
     if cached is not None:
         return cached
     if offline():
-        raise HubError(
+        raise UserError(
             f"model {ref}: not a local folder and not in the local Hugging Face cache "
             "(HF_HUB_OFFLINE is set, so not downloaded); download it first or give a path"
         )
@@ -70,7 +67,7 @@ def resolve(ref: str, skip_weights_of: tuple[str, ...] = ()) -> Path:
             )
         )
     except Exception as err:  # noqa: BLE001 - network, auth, unknown repo or revision
-        raise HubError(
+        raise UserError(
             f"model {ref}: not in the local Hugging Face cache and the download failed: "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
         ) from None

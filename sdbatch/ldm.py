@@ -20,6 +20,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 UNET, VAE = "model.diffusion_model.", "first_stage_model."
 _RESNET = {
     "norm1": "in_layers.0",
@@ -45,16 +47,12 @@ _CLIP_LAYER = {
 }
 
 
-class ExportError(Exception):
-    pass
-
-
 def _load(folder: Path) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     files = sorted(folder.glob("*.safetensors"))
     if len(files) != 1:
-        raise ExportError(f"{folder}: expected one .safetensors weights file, found {len(files)}")
+        raise UserError(f"{folder}: expected one .safetensors weights file, found {len(files)}")
     return load_file(str(files[0]))
 
 
@@ -157,7 +155,7 @@ def open_clip_to_original(sd: dict[str, Any], prefix: str) -> dict[str, Any]:
             else:
                 out[base + _rename_first(rest, _CLIP_LAYER)] = tensor
         else:
-            raise ExportError(f"text encoder: no OpenCLIP name for {key}")
+            raise UserError(f"text encoder: no OpenCLIP name for {key}")
     for key, parts in fused.items():
         out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
     return out
@@ -177,7 +175,7 @@ def _map(key: str, fixed: dict[str, str], rules: list, what: str) -> str:
         if m := re.fullmatch(pattern, key):
             a, b, rest = m.groups()
             return build(int(a) if a.isdigit() else a, int(b) if b.isdigit() else b, rest)
-    raise ExportError(f"{what}: no original-layout name for {key}")
+    raise UserError(f"{what}: no original-layout name for {key}")
 
 
 def to_original(folder: str | Path) -> dict[str, Any]:
@@ -241,7 +239,7 @@ def _check_round_trip(
         missing = sorted(set(sd) - set(got))
         wrong = [k for k in sd if k in got and not _same(sd[k], got[k])]
         if missing or wrong:
-            raise ExportError(
+            raise UserError(
                 f"{name}: export does not round-trip through diffusers "
                 f"(missing {missing[:3]}, different {wrong[:3]})"
             )

@@ -31,13 +31,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from .errors import UserError
 from .store import Store
 
 LEASE_KEY = "_LEASE.json"
-
-
-class LeaseError(Exception):
-    """The output is held by another run, or this run lost its lease."""
 
 
 def _now() -> str:
@@ -126,7 +123,7 @@ class Lease:
             record, current = read(self.store)
         assert record is not None and current is not None
         if _age(record) <= self.seconds and not _holder_is_gone(record):
-            raise LeaseError(
+            raise UserError(
                 f"{self.store.uri}: another sdbatch run is writing this output: "
                 f"{describe(record)}. Wait for it, or if that run is gone, wait "
                 f"{max(0.0, self.seconds - _age(record)):.0f} s for its lease "
@@ -135,7 +132,7 @@ class Lease:
             )
         if not self.store.replace_if(LEASE_KEY, data, expected=current):
             record, _ = read(self.store)
-            raise LeaseError(
+            raise UserError(
                 f"{self.store.uri}: another sdbatch run took over this output's stale lease "
                 f"first: {describe(record or {})}"
             )
@@ -174,11 +171,11 @@ class Lease:
                 return
 
     def check(self) -> None:
-        """Raise LeaseError if another run holds the lease now (call before committing)."""
+        """Raise UserError if another run holds the lease now (call before committing)."""
         if self._lost is None:
             self._verify()
         if self._lost:
-            raise LeaseError(self._lost)
+            raise UserError(self._lost)
 
     def release(self) -> None:
         self._stop.set()

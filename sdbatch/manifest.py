@@ -14,32 +14,24 @@ import heapq
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .adapters import AdapterError
 from .adapters import choose as choose_loras
-from .plan import IMAGE_COLUMNS, OVERRIDES, SIZE_CONDITIONING
-from .prompts import SYNTAXES
-from .spec import MAX_SEED, MODES, SCHEDULERS, JobSpec
+from .errors import StoreError, UserError
+from .plan import IMAGE_COLUMNS, OVERRIDES, schema
+from .schedulers import SCHEDULERS
+from .spec import MAX_SEED, MODES, PAIRS, JobSpec, RenderParams
 
 REQUIRED = ("id", "prompt")
 MAX_PROBLEMS = 20
 READ_ROWS = 8192
 CHECK_ROWS = 65_536  # rows per batch while validating: kernels amortise their calls
 PROGRESS_ROWS = 1_000_000
-
-
-class ManifestError(Exception):
-    """A manifest that cannot run; `problems` holds one readable line per problem."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
 
 
 def _is_string(t: pa.DataType) -> bool:
@@ -64,24 +56,16 @@ def _is_int_list(t: pa.DataType) -> bool:
     ) and pa.types.is_integer(t.value_type)
 
 
+_KINDS = {
+    pa.string(): (_is_string, "string"),
+    pa.int32(): (_is_int, "integer"),
+    pa.int64(): (_is_int, "integer"),
+    pa.float64(): (_is_number, "number"),
+    pa.list_(pa.int32()): (_is_int_list, "a list of 2 integers"),
+}
+# What each manifest column may hold: the kind of its item column's type (plan.py).
 COLUMN_TYPES = {
-    "id": (_is_string, "string"),
-    "prompt": (_is_string, "string"),
-    "negative_prompt": (_is_string, "string"),
-    "mode": (_is_string, "string"),
-    "scheduler": (_is_string, "string"),
-    "loras": (_is_string, "string"),
-    "prompt_syntax": (_is_string, "string"),
-    "seed": (_is_int, "integer"),
-    "steps": (_is_int, "integer"),
-    "width": (_is_int, "integer"),
-    "height": (_is_int, "integer"),
-    "num_images": (_is_int, "integer"),
-    "guidance_scale": (_is_number, "number"),
-    "strength": (_is_number, "number"),
-    "refiner_switch": (_is_number, "number"),
-    "controlnet_conditioning_scale": (_is_number, "number"),
-    **{c: (_is_int_list, "a list of 2 integers") for c in SIZE_CONDITIONING},
+    **{name: _KINDS[schema(name).field(0).type] for name in ("id", "prompt", "seed", *OVERRIDES)},
     **{c: (_is_image, "string URI or binary image bytes") for c in IMAGE_COLUMNS},
 }
 
@@ -190,23 +174,36 @@ class _Choice:
         return pc.and_(pc.is_valid(arr), pc.invert(known))
 
 
-VALUE_CHECKS = {
-    "seed": _Range(0, MAX_SEED),
-    "steps": _Range(1, 500),
-    "num_images": _Range(1, 10_000),
-    "guidance_scale": _Range(0, 100),
-    "strength": _Range(0, 1),
-    "refiner_switch": _Range(0, 1, " (0 excluded)"),
-    "controlnet_conditioning_scale": _Range(0, 2),
-    "original_size": _Pair(1, "[height, width]"),
-    "target_size": _Pair(1, "[height, width]"),
-    "crops_coords_top_left": _Pair(0, "[top, left]"),
-    "width": _Size(),
-    "height": _Size(),
-    "mode": _Choice(MODES),
-    "scheduler": _Choice(SCHEDULERS),
-    "prompt_syntax": _Choice(SYNTAXES),
-}
+def _value_checks() -> dict[str, Any]:
+    """Per-column checks, derived from the spec's `RenderParams` fields: the bounds of
+    each number field (`ge`/`gt`/`le`), the choices of each Literal, `PAIRS` for the
+    micro-conditioning pairs; width and height also take the multiple-of-8 rule."""
+    checks: dict[str, Any] = {"seed": _Range(0, MAX_SEED)}
+    for name, info in RenderParams.model_fields.items():
+        choices = get_args(info.annotation)
+        if name == "scheduler":
+            checks[name] = _Choice(SCHEDULERS)
+        elif name in PAIRS:
+            pair = PAIRS[name]
+            checks[name] = _Pair(pair.lo, pair.order, pair.hi)
+        elif choices and all(isinstance(c, str) for c in choices):
+            checks[name] = _Choice(choices)
+        else:
+            bounds = {
+                k: getattr(m, k) for m in info.metadata for k in ("ge", "gt", "le") if hasattr(m, k)
+            }
+            if "le" not in bounds:
+                continue
+            if name in ("width", "height"):
+                checks[name] = _Size(bounds["ge"], bounds["le"])
+            elif "gt" in bounds:
+                checks[name] = _Range(bounds["gt"], bounds["le"], f" ({bounds['gt']:g} excluded)")
+            else:
+                checks[name] = _Range(bounds["ge"], bounds["le"])
+    return checks
+
+
+VALUE_CHECKS = _value_checks()
 
 
 @dataclass(frozen=True)
@@ -218,7 +215,7 @@ class _Loras:
     def __call__(self, v: str) -> str | None:
         try:
             choose_loras("", v, dict.fromkeys(self.known, ""))
-        except AdapterError as err:
+        except UserError as err:
             return f"{v!r}: {err}"
         return None
 
@@ -235,7 +232,7 @@ class _LoraTags:
     def __call__(self, v: str) -> str | None:
         try:
             choose_loras(v, None, dict.fromkeys(self.known, ""))
-        except AdapterError as err:
+        except UserError as err:
             return f"tag: {err}"
         return None
 
@@ -255,17 +252,17 @@ class ManifestInfo:
 
 
 def _open(uri: str, storage: dict[str, Any] | None) -> pq.ParquetFile:
-    from .store import StoreError, open_store, split_uri
+    from .store import open_store, split_uri
 
     try:
         parent, name = split_uri(uri)
         return pq.ParquetFile(open_store(parent, storage).open_input(name))
     except FileNotFoundError:
-        raise ManifestError([f"{uri}: manifest not found"]) from None
+        raise UserError([f"{uri}: manifest not found"]) from None
     except StoreError as err:  # no credentials, access denied, unreachable endpoint, ...
-        raise ManifestError([str(err)]) from None
+        raise UserError([str(err)]) from None
     except (pa.ArrowInvalid, OSError) as err:
-        raise ManifestError([f"{uri}: not a readable Parquet file: {err}"]) from None
+        raise UserError([f"{uri}: not a readable Parquet file: {err}"]) from None
 
 
 def _id_problem(value: Any) -> str | None:
@@ -450,7 +447,7 @@ def _check_schema(uri: str, pf: pq.ParquetFile) -> list[str]:
     schema = pf.schema_arrow
     missing = [c for c in REQUIRED if c not in schema.names]
     if missing:
-        raise ManifestError(
+        raise UserError(
             [
                 f"{uri}: missing required column {c!r} (columns: {', '.join(schema.names)})"
                 for c in missing
@@ -464,16 +461,16 @@ def _check_schema(uri: str, pf: pq.ParquetFile) -> list[str]:
             if not ok(t):
                 problems.append(f"{uri}: column {name!r} must be {expected}, got {t}")
     if problems:
-        raise ManifestError(problems)
+        raise UserError(problems)
     if pf.metadata.num_rows == 0:
-        raise ManifestError([f"{uri}: manifest has no rows"])
+        raise UserError([f"{uri}: manifest has no rows"])
     return [c for c in schema.names if c in COLUMN_TYPES]
 
 
 def validate_manifest(
     uri: str, spec: JobSpec, on_progress: Callable[[int], None] | None = None
 ) -> ManifestInfo:
-    """Check columns, types and every value; raise ManifestError listing the problems.
+    """Check columns, types and every value; raise UserError listing the problems.
 
     `on_progress(rows)` gets the number of rows checked so far, about every
     PROGRESS_ROWS rows and once when all are.
@@ -533,7 +530,7 @@ def validate_manifest(
                 f"{total_items:,} items, over sweep.max_items={spec.sweep.max_items:,}"
             )
     if problems:
-        raise ManifestError(problems)
+        raise UserError(problems)
     return ManifestInfo(uri, row_no, total_items, columns, modes, estimates_depth)
 
 
@@ -546,4 +543,4 @@ def iter_rows(
         yield from batch.to_pylist()
 
 
-__all__ = ["ManifestError", "ManifestInfo", "OVERRIDES", "iter_rows", "validate_manifest"]
+__all__ = ["ManifestInfo", "OVERRIDES", "iter_rows", "validate_manifest"]

@@ -31,14 +31,11 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from .errors import StoreError, UserError
 from .singlefile import is_single_file
 from .weights import cache_dir, choose_files, components_of
 
 COMPLETE = ".sdbatch-complete"
-
-
-class ModelCacheError(Exception):
-    pass
 
 
 def is_remote(ref: str) -> bool:
@@ -49,7 +46,7 @@ def _listing(
     uri: str, storage: dict[str, Any] | None, name: str = ""
 ) -> tuple[Any, list[dict[str, Any]]]:
     """The objects under prefix `uri` (whose names start with `name`, if given)."""
-    from .store import S3Store, StoreError
+    from .store import S3Store
 
     try:
         store = S3Store(uri, storage)
@@ -64,11 +61,11 @@ def _listing(
                 if rel and not rel.endswith("/"):
                     objects.append({"rel": rel, "size": obj["Size"], "etag": obj.get("ETag", "")})
     except StoreError as err:
-        raise ModelCacheError(str(err)) from None
+        raise UserError(str(err)) from None
     except Exception as err:  # noqa: BLE001 - botocore's errors, made readable
         from .store import describe_error
 
-        raise ModelCacheError(
+        raise UserError(
             f"model {uri}: cannot list: {describe_error(err, store.bucket, store.options)}"
         ) from None
     return store, objects
@@ -85,14 +82,14 @@ def _select(store: Any, objects: list[dict[str, Any]], uri: str) -> list[dict[st
         try:
             index = json.loads(store.read_bytes("model_index.json"))
         except ValueError as err:
-            raise ModelCacheError(f"model {uri}: model_index.json: {err}") from None
+            raise UserError(f"model {uri}: model_index.json: {err}") from None
         chosen = ["model_index.json"]
         for component in components_of(index):
             chosen += [f"{component}/{n}" for n in choose_files(folders.get(component, []))]
     elif "config.json" in by_rel:
         chosen = choose_files(folders.get("", []))
     else:
-        raise ModelCacheError(
+        raise UserError(
             f"model {uri}: no model_index.json or config.json under this prefix "
             f"({len(objects)} objects); give the prefix of a diffusers folder"
         )
@@ -157,7 +154,7 @@ def _plan(uri: str, storage: dict[str, Any] | None) -> tuple[Any, dict[str, Any]
         store, objects = _listing(folder, storage, name)
         wanted = [o for o in objects if o["rel"] == name]
         if not wanted:
-            raise ModelCacheError(f"model {uri}: no such object")
+            raise UserError(f"model {uri}: no such object")
     else:
         store, objects = _listing(folder, storage)
         wanted = _select(store, objects, uri)
@@ -200,12 +197,12 @@ def _download(store: Any, obj: dict[str, Any], target: Path, uri: str) -> None:
     try:
         store.client.download_file(store.bucket, full, str(target))
     except Exception as err:  # noqa: BLE001
-        raise ModelCacheError(
+        raise UserError(
             f"model {uri}: cannot download {obj['rel']}: "
             f"{describe_error(err, store.bucket, store.options)}"
         ) from None
     if target.stat().st_size != obj["size"]:
-        raise ModelCacheError(
+        raise UserError(
             f"model {uri}: {obj['rel']} downloaded {target.stat().st_size} bytes, "
             f"listed {obj['size']}; not used"
         )

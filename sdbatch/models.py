@@ -19,26 +19,10 @@ from pathlib import Path
 from typing import Any
 
 from . import hub, singlefile
-from .modelcache import ModelCacheError, is_remote, local_copy, local_file
-from .weights import ModelHash, WeightsError, hash_folder, hash_single_file
-
-# name → (diffusers class, config overrides). Built from the checkpoint's own scheduler
-# config, so betas and timestep spacing follow the model, as in A1111/diffusers docs.
-SCHEDULER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
-    "dpmpp_2m_karras": (
-        "DPMSolverMultistepScheduler",
-        {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True},
-    ),
-    "dpmpp_sde": ("DPMSolverSDEScheduler", {}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
+from .errors import UserError
+from .modelcache import is_remote, local_copy, local_file
+from .schedulers import SAMPLERS
+from .weights import ModelHash, hash_folder, hash_single_file
 
 # Pipeline class per family and mode. txt2img and img2img share one set of components;
 # SDXL has no depth2img pipeline, so its fourth mode is a depth ControlNet on img2img.
@@ -76,10 +60,6 @@ SUPPORTED = (
 )
 # Modules that may be shared between pipelines when their files are byte-identical.
 SHAREABLE = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2")
-
-
-class ModelError(Exception):
-    """A checkpoint that cannot be used; the message names it and says why."""
 
 
 def quiet_libraries() -> None:
@@ -130,13 +110,10 @@ def use_layouts(models: dict[str, Any] | None) -> None:
 def resolve_file(ref: str) -> Path:
     """The local path of a single-file checkpoint (an `s3://` one copied into the cache)."""
     if is_remote(ref):
-        try:
-            return local_file(ref, _storage)
-        except ModelCacheError as err:
-            raise ModelError(str(err)) from None
+        return local_file(ref, _storage)
     path = Path(ref)
     if not path.is_file():
-        raise ModelError(f"model {ref}: file not found")
+        raise UserError(f"model {ref}: file not found")
     return path
 
 
@@ -148,31 +125,25 @@ def resolve_checkpoint(ref: str, marker: str = "model_index.json") -> Path:
     for a pipeline, `config.json` for a lone model (a ControlNet, a depth estimator).
     """
     if is_remote(ref):
-        try:
-            path = local_copy(ref, _storage)
-        except ModelCacheError as err:
-            raise ModelError(str(err)) from None
+        path = local_copy(ref, _storage)
         if not (path / marker).is_file():
-            raise ModelError(f"model {ref}: no {marker} under this prefix")
+            raise UserError(f"model {ref}: no {marker} under this prefix")
         return path
     path = Path(ref)
     # A folder that exists wins over a hub id of the same spelling, as in from_pretrained.
     if path.is_absolute() or ref.startswith(".") or path.is_dir():
         if not path.exists():
-            raise ModelError(f"model {ref}: folder not found")
+            raise UserError(f"model {ref}: folder not found")
         if not (path / marker).is_file():
             what = "a diffusers pipeline" if marker == "model_index.json" else "a model"
-            raise ModelError(
+            raise UserError(
                 f"model {ref}: no {marker} (not {what} folder; a single-file "
                 "checkpoint is given as its .safetensors file)"
             )
         return path
-    try:
-        path = hub.resolve(ref)
-    except hub.HubError as err:
-        raise ModelError(str(err)) from None
+    path = hub.resolve(ref)
     if not (path / marker).is_file():
-        raise ModelError(f"model {ref}: no {marker} in its hub snapshot ({path})")
+        raise UserError(f"model {ref}: no {marker} in its hub snapshot ({path})")
     return path
 
 
@@ -180,7 +151,7 @@ def resolve_model_folder(ref: str) -> Path:
     """The folder of a pipeline (model_index.json) or of a lone model (config.json)."""
     try:
         return resolve_checkpoint(ref)
-    except ModelError:
+    except UserError:
         return resolve_checkpoint(ref, marker="config.json")
 
 
@@ -188,7 +159,7 @@ def check_checkpoint(ref: str) -> str | None:
     """A problem with a checkpoint reference, without importing torch; None if usable."""
     try:
         inspect_checkpoint(ref)
-    except ModelError as err:
+    except UserError as err:
         return str(err)
     return None
 
@@ -219,14 +190,14 @@ def _read_json(path: Path, ref: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ModelError(f"model {ref}: cannot read {path.name}: {err}") from None
+        raise UserError(f"model {ref}: cannot read {path.name}: {err}") from None
     if not isinstance(data, dict):
-        raise ModelError(f"model {ref}: {path.name} is not a JSON object")
+        raise UserError(f"model {ref}: {path.name} is not a JSON object")
     return data
 
 
 def inspect_checkpoint(ref: str) -> Checkpoint:
-    """Family and layout of a pipeline checkpoint; ModelError if sdbatch cannot run it."""
+    """Family and layout of a pipeline checkpoint; UserError if sdbatch cannot run it."""
     if singlefile.is_single_file(ref):
         return _inspect_file(ref, _layouts.get(ref))
     return _inspect_folder(ref)
@@ -241,29 +212,28 @@ def _inspect_file(ref: str, config: str | None) -> Checkpoint:
     repository diffusers would use), which must be of the same family and channels."""
     try:
         info = singlefile.describe(resolve_file(ref))
-    except singlefile.SingleFileError as err:
-        raise ModelError(f"model {ref}: {err}") from None
+    except singlefile.UserError as err:
+        raise UserError(f"model {ref}: {err}") from None
     what = (  # "an": every family name starts with S ("es")
         f"{_FAMILY_NAMES[info.family]}{' refiner' if info.refiner else ''} single file "
         f"with a {info.unet_in_channels}-channel UNet"
     )
     layout_ref = config or info.default_config
     if layout_ref is None:
-        raise ModelError(
+        raise UserError(
             f"model {ref}: an {what} has no default layout; set models.config for it "
             "(a diffusers folder or hub id of the same architecture)"
         )
     try:
         if hub.split(layout_ref) and not Path(layout_ref).exists():
-            try:  # only its configs when downloaded: the file holds these weights
-                hub.resolve(layout_ref, skip_weights_of=info.components)
-            except hub.HubError as err:
-                raise ModelError(str(err)) from None
+            hub.resolve(
+                layout_ref, skip_weights_of=info.components
+            )  # only its configs when downloaded: the file holds these weights
         layout = _inspect_folder(layout_ref)
-    except ModelError as err:
+    except UserError as err:
         source = "models.config" if config else "the default layout for such a file"
         hint = "" if config else "; or set models.config for it to a diffusers folder or hub id"
-        raise ModelError(
+        raise UserError(
             f"model {ref}: an {what}; its layout (configs, tokenizers, scheduler) comes from "
             f"{source} {layout_ref}: {err}{hint}"
         ) from None
@@ -273,7 +243,7 @@ def _inspect_file(ref: str, config: str | None) -> Checkpoint:
         info.unet_in_channels,
         info.refiner,
     ):
-        raise ModelError(
+        raise UserError(
             f"model {ref}: an {what}, but its layout {layout_ref} is "
             f"{_FAMILY_NAMES[layout.family]}{' refiner' if refiner else ''} with a "
             f"{layout.unet_in_channels}-channel UNet ({layout.pipeline_class}); set "
@@ -301,12 +271,12 @@ def _inspect_folder(ref: str) -> Checkpoint:
     cls = str(index.get("_class_name"))
     kind = _KNOWN_CLASSES.get(cls)
     if kind is None:
-        raise ModelError(
+        raise UserError(
             f"model {ref}: pipeline class {cls} (model_index.json) is not supported; "
             f"sdbatch runs {SUPPORTED}"
         )
     if not _listed(index, "unet") or not (path / "unet" / "config.json").is_file():
-        raise ModelError(f"model {ref}: {cls} without a unet/ folder")
+        raise UserError(f"model {ref}: {cls} without a unet/ folder")
     unet = _read_json(path / "unet" / "config.json", ref)
     if kind == "sdxl":
         family = "sdxl"
@@ -329,7 +299,7 @@ def family_of(ref: str) -> str | None:
     """The family of a checkpoint, or None where it cannot be inspected (plan-only use)."""
     try:
         return inspect_checkpoint(ref).family
-    except ModelError:
+    except UserError:
         return None
 
 
@@ -338,7 +308,7 @@ def check_controlnet(ref: str) -> str | None:
     try:
         path = resolve_checkpoint(ref, marker="config.json")
         config = _read_json(path / "config.json", ref)
-    except ModelError as err:
+    except UserError as err:
         return str(err)
     cls = config.get("_class_name")
     if cls != "ControlNetModel":
@@ -363,7 +333,7 @@ def depth_estimator_folders(ref: str) -> tuple[Path, Path]:
 def check_depth_estimator(ref: str) -> str | None:
     try:
         model, processor = depth_estimator_folders(ref)
-    except ModelError as err:
+    except UserError as err:
         return f"models.depth_estimator: {err}"
     if not (model / "config.json").is_file():
         return f"models.depth_estimator {ref}: no config.json (not a depth estimator)"
@@ -390,8 +360,8 @@ def model_hash(ref: str) -> ModelHash:
             assert checkpoint.file is not None
             return hash_single_file(checkpoint.file, checkpoint.path, checkpoint.file_components)
         return hash_folder(resolve_model_folder(ref))
-    except WeightsError as err:
-        raise ModelError(f"model {ref}: {err}") from None
+    except UserError as err:
+        raise UserError(f"model {ref}: {err}") from None
 
 
 def weights_sha256(ref: str) -> str:
@@ -403,7 +373,7 @@ def pickle_problem(ref: str, field_name: str) -> str | None:
     """A message if `ref` would load pickled weights (.bin/.ckpt/.pt), else None."""
     try:
         pickled = model_hash(ref).pickled
-    except ModelError as err:
+    except UserError as err:
         return str(err)
     if not pickled:
         return None
@@ -421,9 +391,8 @@ def make_scheduler(name: str, base_config: Any) -> Any:
 
     if name == "default":
         return None
-    cls_name, overrides = SCHEDULER_CLASSES[name]
-    cls = getattr(diffusers, cls_name)
-    return cls.from_config(base_config, **overrides)
+    sampler = SAMPLERS[name]
+    return getattr(diffusers, sampler.cls).from_config(base_config, **sampler.overrides)
 
 
 def resolve_device(device: str, dtype: str) -> tuple[str, Any]:
@@ -432,7 +401,7 @@ def resolve_device(device: str, dtype: str) -> tuple[str, Any]:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("compute.device is 'cuda' but no CUDA device is visible to this actor")
+        raise UserError("compute.device is 'cuda' but no CUDA device is visible to this actor")
     if dtype == "auto":
         dtype = "float16" if device == "cuda" else "float32"
     return device, getattr(torch, dtype)

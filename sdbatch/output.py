@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from .compact import compact, live_files
 from .compact import repair as repair_compaction
-from .errors import RunError
+from .errors import UserError
 from .lease import LEASE_KEY
 from .spec import JobSpec
 from .store import PROBE_KEY, Store, open_store
@@ -73,6 +73,37 @@ def failed_table(store: Store) -> pa.Table:
     return unique(pa.concat_tables(parts)) if parts else DONE_SCHEMA.empty_table()
 
 
+def unresolved_failures(store: Store, done: pa.Table, columns: list[str] | None = None) -> pa.Table:
+    """The failures still to fix: for each item with no image in `done` (`done_table`),
+    its newest failure row (latest `created_at`, then the later part), with `columns`
+    (default all). The one rule `status`, `rerun --failed` and the gallery share; Arrow
+    throughout, since a job's failures are not a Python object each."""
+    import numpy as np
+
+    from .stream import anti_join
+
+    names = None
+    if columns is not None:
+        names = list(dict.fromkeys(["id", "image_index", *columns, "created_at"]))
+    parts = [t.cast(_schema_of(t)) for t in read_parts(store, FAILURES_PREFIX, names)]
+    if parts:
+        table = pa.concat_tables(parts, promote_options="default")
+    else:
+        table = pa.schema([METADATA_SCHEMA.field(c) for c in names or METADATA_SCHEMA.names])
+        table = table.empty_table()
+    table = table.append_column("_part", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    table = anti_join(table, done).sort_by([("created_at", "ascending"), ("_part", "ascending")])
+    table = table.append_column("_rank", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+    newest = table.group_by(["id", "image_index"], use_threads=False).aggregate([("_rank", "max")])
+    table = table.filter(pc.is_in(table["_rank"], value_set=newest["_rank_max"]))
+    return table.sort_by("_part").drop_columns(["_part", "_rank"])
+
+
+def _schema_of(table: pa.Table) -> pa.Schema:
+    """METADATA_SCHEMA's types for the columns `table` has."""
+    return pa.schema([METADATA_SCHEMA.field(c) for c in table.column_names])
+
+
 def drop_orphan_shards(store: Store) -> None:
     """Delete shards no metadata row points to: an interrupted run uploaded them but did
     not commit their rows, so their items render again and would be read twice."""
@@ -110,7 +141,7 @@ def start_fresh(store: Store, overwrite: bool) -> None:
     if not existing:
         return
     if not overwrite:
-        raise RunError(
+        raise UserError(
             f"{store.uri}: output is not empty ({len(existing)} objects); --fresh needs "
             "--overwrite to delete them, or choose another output"
         )
@@ -118,23 +149,35 @@ def start_fresh(store: Store, overwrite: bool) -> None:
         store.delete(key)
 
 
-def check_same_render(spec: JobSpec, store: Store) -> None:
-    """Refuse to resume into an output whose items were rendered with other settings."""
-    from .spec import SpecError, parse_spec, render_signature, signature_changes
-
-    if not store.exists(SPEC_KEY):
-        return
+def stored_spec(store: Store) -> JobSpec | None:
+    """The spec an output was rendered with (its job.yaml); None if it has none."""
     import yaml
 
+    from .spec import parse_spec
+
+    if not store.exists(SPEC_KEY):
+        return None
     try:
-        old = parse_spec(yaml.safe_load(store.read_bytes(SPEC_KEY)), store.uri_of(SPEC_KEY))
-    except (SpecError, yaml.YAMLError):
-        raise RunError(
+        return parse_spec(yaml.safe_load(store.read_bytes(SPEC_KEY)), store.uri_of(SPEC_KEY))
+    except yaml.YAMLError as err:
+        raise UserError(f"{store.uri_of(SPEC_KEY)}: malformed YAML: {err}") from None
+
+
+def check_same_render(spec: JobSpec, store: Store) -> None:
+    """Refuse to resume into an output whose items were rendered with other settings."""
+    from .spec import render_signature, signature_changes
+
+    try:
+        old = stored_spec(store)
+    except UserError:
+        raise UserError(
             f"{store.uri_of(SPEC_KEY)}: unreadable stored spec; use --fresh --overwrite"
         ) from None
+    if old is None:
+        return
     changes = signature_changes(render_signature(old), render_signature(spec))
     if changes:
-        raise RunError(
+        raise UserError(
             "\n".join(
                 [f"{store.uri}: this output was rendered with different settings:"]
                 + [f"  {c}" for c in changes]
@@ -171,7 +214,7 @@ def check_same_weights(store: Store, hashes: dict[str, Any]) -> None:
             f"(recorded {str(old.get('sha256'))[:12]}, now {now.sha256[:12]})"
         )
     if changes:
-        raise RunError(
+        raise UserError(
             "\n".join(
                 [f"{store.uri}: the weights differ from those this output was rendered with:"]
                 + changes

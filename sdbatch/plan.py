@@ -19,27 +19,10 @@ import pyarrow as pa
 
 from .adapters import choose as choose_loras
 from .adapters import embeddings_in
-from .spec import MAX_SEED, JobSpec
+from .spec import MAX_SEED, JobSpec, RenderParams
 
-# Columns a manifest row may set to override `defaults`.
-OVERRIDES = (
-    "mode",
-    "negative_prompt",
-    "steps",
-    "guidance_scale",
-    "scheduler",
-    "width",
-    "height",
-    "num_images",
-    "strength",
-    "refiner_switch",
-    "controlnet_conditioning_scale",
-    "original_size",
-    "target_size",
-    "crops_coords_top_left",
-    "loras",
-    "prompt_syntax",
-)
+# Columns a manifest row may set to override `defaults`: the spec's RenderParams.
+OVERRIDES = tuple(RenderParams.model_fields)
 # SDXL micro-conditioning: [height, width] pairs and the crop's [top, left].
 SIZE_CONDITIONING = ("original_size", "target_size", "crops_coords_top_left")
 # The refiner's second stage exists for these modes (diffusers has no refiner route for
@@ -48,41 +31,71 @@ REFINER_MODES = ("txt2img", "img2img", "inpaint")
 DEFAULT_REFINER_SWITCH = 0.8  # diffusers' docs and A1111's default
 IMAGE_COLUMNS = ("init_image", "mask_image", "depth_map")
 
+# Every column of a planned item, a prepared item and a metadata row, with its Arrow
+# type: the one place column types are written (plan, prepare, write and the manifest's
+# type checks read it). Names not listed here are strings.
+COLUMN_TYPES: dict[str, pa.DataType] = {
+    "image_index": pa.int32(),
+    "seed": pa.int64(),
+    "steps": pa.int32(),
+    "num_images": pa.int32(),
+    "width": pa.int32(),
+    "height": pa.int32(),
+    "guidance_scale": pa.float64(),
+    "strength": pa.float64(),
+    "refiner_switch": pa.float64(),
+    "controlnet_conditioning_scale": pa.float64(),
+    **{c: pa.list_(pa.int32()) for c in SIZE_CONDITIONING},
+    **{c: pa.binary() for c in IMAGE_COLUMNS},
+    **{c: pa.binary() for c in ("init_pixels", "mask_pixels", "depth_pixels")},
+    "batch_size": pa.int32(),
+    "batch_position": pa.int32(),
+    "torch_threads": pa.int32(),
+    "attempts": pa.int32(),
+    "prompt_truncated": pa.bool_(),
+    "render_seconds": pa.float64(),
+    "created_at": pa.timestamp("us", tz="UTC"),
+}
+
+
+def schema(*names: str) -> pa.Schema:
+    """An Arrow schema of these columns, typed from COLUMN_TYPES."""
+    return pa.schema([(name, COLUMN_TYPES.get(name, pa.string())) for name in names])
+
+
 # A manifest image cell is a URI (string) or the encoded bytes; items carry either in
 # `<column>_uri` or `<column>`, and the prepare stage turns both into decoded pixels.
-ITEM_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("row_id", pa.string()),
-        ("sweep", pa.string()),
-        ("image_index", pa.int32()),
-        ("seed", pa.int64()),
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("prompt_syntax", pa.string()),
-        ("loras", pa.string()),
-        ("embeddings", pa.string()),
-        ("mode", pa.string()),
-        ("model", pa.string()),
-        ("model_family", pa.string()),
-        ("refiner", pa.string()),
-        ("refiner_switch", pa.float64()),
-        ("controlnet", pa.string()),
-        ("controlnet_conditioning_scale", pa.float64()),
-        ("depth_estimator", pa.string()),
-        *[(c, pa.list_(pa.int32())) for c in SIZE_CONDITIONING],
-        ("steps", pa.int32()),
-        ("guidance_scale", pa.float64()),
-        ("scheduler", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("strength", pa.float64()),
-        ("key", pa.string()),
-        ("depth_source", pa.string()),
-        ("batch_key", pa.string()),
-        *[(c, pa.binary()) for c in IMAGE_COLUMNS],
-        *[(f"{c}_uri", pa.string()) for c in IMAGE_COLUMNS],
-    ]
+ITEM_SCHEMA = schema(
+    "id",
+    "row_id",
+    "sweep",
+    "image_index",
+    "seed",
+    "prompt",
+    "negative_prompt",
+    "prompt_syntax",
+    "loras",
+    "embeddings",
+    "mode",
+    "model",
+    "model_family",
+    "refiner",
+    "refiner_switch",
+    "controlnet",
+    "controlnet_conditioning_scale",
+    "depth_estimator",
+    *SIZE_CONDITIONING,
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "width",
+    "height",
+    "strength",
+    "key",
+    "depth_source",
+    "batch_key",
+    *IMAGE_COLUMNS,
+    *[f"{c}_uri" for c in IMAGE_COLUMNS],
 )
 
 # Parameters that must agree for items to share one pipeline call.

@@ -16,32 +16,21 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from .plan import IMAGE_COLUMNS, ITEM_SCHEMA
+from .errors import ItemFailure
+from .plan import IMAGE_COLUMNS, ITEM_SCHEMA, schema
 
 # Diffusers binarizes inpainting masks at 0.5; we document and record the same threshold.
 MASK_THRESHOLD = 128
 
-PREPARED_SCHEMA = pa.schema(
-    [f for f in ITEM_SCHEMA if f.name not in IMAGE_COLUMNS]
-    + [
-        ("init_pixels", pa.binary()),
-        ("mask_pixels", pa.binary()),
-        ("depth_pixels", pa.binary()),
-        ("init_image_sha256", pa.string()),
-        ("mask_image_sha256", pa.string()),
-        ("depth_map_sha256", pa.string()),
-        ("notes", pa.string()),
-        ("status", pa.string()),
-        ("error_type", pa.string()),
-        ("error_message", pa.string()),
-    ]
+PREPARED_SCHEMA = schema(
+    *(name for name in ITEM_SCHEMA.names if name not in IMAGE_COLUMNS),
+    *(f"{c}_pixels" for c in ("init", "mask", "depth")),
+    *(f"{c}_sha256" for c in IMAGE_COLUMNS),
+    "notes",
+    "status",
+    "error_type",
+    "error_message",
 )
-
-
-class InputError(Exception):
-    def __init__(self, error_type: str, message: str):
-        self.error_type = error_type
-        super().__init__(message)
 
 
 def _fetch(row: dict[str, Any], column: str, storage: dict[str, Any] | None) -> tuple[bytes, str]:
@@ -55,9 +44,9 @@ def _fetch(row: dict[str, Any], column: str, storage: dict[str, Any] | None) -> 
     try:
         return read_uri(uri, storage), where
     except FileNotFoundError:
-        raise InputError("MissingInput", f"{where}: not found") from None
+        raise ItemFailure("MissingInput", f"{where}: not found") from None
     except Exception as err:  # noqa: BLE001 - storage errors become this item's failure
-        raise InputError("InputReadError", f"{where}: {err}") from None
+        raise ItemFailure("InputReadError", f"{where}: {err}") from None
 
 
 def _decode(data: bytes, where: str) -> Any:
@@ -68,7 +57,7 @@ def _decode(data: bytes, where: str) -> Any:
         image.load()
         return image
     except (UnidentifiedImageError, OSError, ValueError) as err:
-        raise InputError("CorruptImage", f"{where}: cannot decode image: {err}") from None
+        raise ItemFailure("CorruptImage", f"{where}: cannot decode image: {err}") from None
 
 
 def prepare_item(row: dict[str, Any], storage: dict[str, Any] | None) -> None:
@@ -95,7 +84,7 @@ def prepare_item(row: dict[str, Any], storage: dict[str, Any] | None) -> None:
         row["mask_image_sha256"] = hashlib.sha256(data).hexdigest()
         mask = _decode(data, where).convert("L")
         if mask.size != original.size:
-            raise InputError(
+            raise ItemFailure(
                 "MaskSizeMismatch",
                 f"{where}: mask is {mask.width}x{mask.height}, init_image is "
                 f"{original.width}x{original.height}; they must match",
@@ -123,7 +112,7 @@ def prepare_item(row: dict[str, Any], storage: dict[str, Any] | None) -> None:
             depth = depth.resize(size, Image.Resampling.BILINEAR)
         values = np.asarray(depth, dtype=np.float32)
         if not np.isfinite(values).all() or values.max() == values.min():
-            raise InputError(
+            raise ItemFailure(
                 "FlatDepthMap",
                 f"{where}: depth map is constant or not finite; nothing to condition on",
             )
@@ -139,6 +128,6 @@ def prepare_batch(batch: pa.Table, *, storage: dict[str, Any] | None = None) -> 
             continue
         try:
             prepare_item(row, storage)
-        except InputError as err:
+        except ItemFailure as err:
             row.update(status="failed", error_type=err.error_type, error_message=str(err))
     return pa.Table.from_pylist(rows, schema=PREPARED_SCHEMA)

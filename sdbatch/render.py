@@ -25,6 +25,7 @@ import pyarrow as pa
 from . import __version__
 from .adapters import record as record_adapters
 from .adapters import recorded as recorded_adapters
+from .errors import ItemFailure
 from .plan import SIZE_CONDITIONING
 
 # Decoded inputs from the prepare stage; consumed here, never copied into metadata.
@@ -84,12 +85,6 @@ def _cpu_model() -> str:
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """Float images in [0, 1] → uint8, exactly as diffusers' `numpy_to_pil` rounds."""
     return (images * 255).round().astype("uint8")
-
-
-class ItemFailure(Exception):
-    def __init__(self, error_type: str, message: str):
-        self.error_type = error_type
-        super().__init__(message)
 
 
 def models_of(item: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .output import FAILURES_PREFIX, METADATA_PREFIX, done_items, read_parts
+from .errors import ItemFailure, UserError
+from .output import METADATA_PREFIX, done_table, read_parts, stored_spec, unresolved_failures
 from .plan import ITEM_SCHEMA, image_key
 from .store import Store, open_store
 from .write import CONTENT_TYPES, METADATA_SCHEMA, encode_image
@@ -52,22 +53,10 @@ class RerunReport:
         return bool(self.outcomes) and self.exact == len(self.outcomes)
 
 
-class RerunError(Exception):
-    pass
-
-
 def select_rows(store: Store, ids: list[str] | None, failed: bool) -> list[dict[str, Any]]:
     """Metadata rows to rerun: by id (all image indexes), or the failed items."""
     if failed:
-        done = done_items(store)
-        rows = [
-            r
-            for t in read_parts(store, FAILURES_PREFIX)
-            for r in t.to_pylist()
-            if (r["id"], r["image_index"]) not in done
-        ]
-        latest = {(r["id"], r["image_index"]): r for r in rows}  # last failure wins
-        rows = list(latest.values())
+        rows = unresolved_failures(store, done_table(store)).to_pylist()
     else:
         rows = [r for t in read_parts(store, METADATA_PREFIX) for r in t.to_pylist()]
         if ids is not None:
@@ -75,9 +64,9 @@ def select_rows(store: Store, ids: list[str] | None, failed: bool) -> list[dict[
             rows = [r for r in rows if r["id"] in wanted]
             missing = wanted - {r["id"] for r in rows}
             if missing:
-                raise RerunError(f"{store.uri}: no metadata for id(s) {', '.join(sorted(missing))}")
+                raise UserError(f"{store.uri}: no metadata for id(s) {', '.join(sorted(missing))}")
     if not rows:
-        raise RerunError(f"{store.uri}: nothing to rerun")
+        raise UserError(f"{store.uri}: nothing to rerun")
     return rows
 
 
@@ -99,7 +88,7 @@ def rerun(
     from .adapters import recorded as recorded_adapters
     from .adapters import resolve as resolve_adapter
     from .models import use_layouts, use_storage, weights_sha256
-    from .prepare import InputError, prepare_item
+    from .prepare import prepare_item
     from .render import MODEL_COLUMNS, Renderer, checkpoints_of, models_of
     from .weights import file_sha256
 
@@ -179,7 +168,7 @@ def rerun(
             if mode != "txt2img":
                 try:
                     prepare_item(item, storage)
-                except InputError as err:
+                except ItemFailure as err:
                     report.outcomes.append(
                         Outcome(row["id"], row["image_index"], "failed", str(err))
                     )
@@ -263,13 +252,9 @@ def rerun(
 
 def _stored_spec(store: Store) -> JobSpec | None:
     """The spec the job ran with (its stored job.yaml); None for outputs without one."""
-    import yaml
-
-    from .spec import parse_spec
-
     try:
-        return parse_spec(yaml.safe_load(store.read_bytes("job.yaml")), store.uri_of("job.yaml"))
-    except Exception:  # noqa: BLE001 - older outputs: PNG files, no layouts
+        return stored_spec(store)
+    except UserError:  # unreadable: rerun from the metadata rows alone
         return None
 
 

@@ -25,8 +25,8 @@ import pyarrow as pa
 from . import output, pipeline
 from .checks import aux_models, check_job, models_for, pin_hub_models
 from .commit import Committer, Progress, Stalled, watched
-from .errors import RunError
-from .lease import Lease, LeaseError, describe
+from .errors import StoreError, UserError
+from .lease import Lease, describe
 from .manifest import ManifestInfo
 from .output import read_metadata
 from .session import (
@@ -45,10 +45,10 @@ from .session import (
     warm_stage_workers,
 )
 from .spec import JobSpec
-from .store import Store, StoreError, open_store
+from .store import Store, open_store
 from .stream import InFlight, anti_join
 
-__all__ = ["Placement", "Progress", "RunError", "RunResult", "read_metadata", "run_job"]
+__all__ = ["Placement", "Progress", "RunResult", "read_metadata", "run_job"]
 
 
 @dataclass
@@ -108,14 +108,9 @@ def run_job(
     job.info = check_job(spec, on_rows=_rows_note(job.note))
     job.spec = pin_hub_models(spec)  # every actor loads the same commit; job.yaml says which
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-    try:
-        lease = Lease(store, run_id, spec.execution.lease_seconds).acquire(break_lease)
-    except LeaseError as err:
-        raise RunError(str(err)) from None
+    lease = Lease(store, run_id, spec.execution.lease_seconds).acquire(break_lease)
     try:
         return job.run(store, lease, address, fresh, overwrite, retry_failed)
-    except LeaseError as err:
-        raise RunError(str(err)) from None
     finally:
         lease.release()
 
@@ -245,14 +240,14 @@ class _Job:
         except Stalled as err:
             if owns_ray:
                 release_ray(self.verbose)  # the only way to stop a hung actor's work from here
-            raise RunError(str(err)) from None
+            raise UserError(str(err)) from None
         except ray.exceptions.RayError as err:
-            raise RunError(explain_ray_error(err, spec)) from None
+            raise UserError(explain_ray_error(err, spec)) from None
         except StoreError as err:
             # Disk full, permission or credentials gone, bucket deleted: what is stored
             # and committed stays; the same command resumes once the cause is fixed.
             kept = progress.committed if progress is not None else 0
-            raise RunError(
+            raise UserError(
                 f"stopped: {err}\n{kept} image(s) committed by this run are kept; fix the "
                 "output (space, permissions, credentials), then run the same command to resume"
             ) from None
@@ -293,7 +288,7 @@ class _Job:
         what = lost_capacity(err)
         if isinstance(err, TimeoutError) and "starting actors" in str(err).lower():
             # The pool of a pass after a loss found no room within capacity_wait_seconds.
-            raise RunError(
+            raise UserError(
                 f"no render actor could start within execution.capacity_wait_seconds="
                 f"{self.spec.execution.capacity_wait_seconds:g} s; "
                 f"{progress.committed} image(s) committed by this run are kept; the same "
@@ -302,7 +297,7 @@ class _Job:
         if what is None:
             raise err
         if events["replans"] >= self.spec.execution.max_job_retries:
-            raise RunError(
+            raise UserError(
                 f"{what}, and execution.max_job_retries={self.spec.execution.max_job_retries} "
                 f"passes were spent; {progress.committed} image(s) committed by this run are "
                 "kept; the same command resumes"

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import RunError
+from .errors import UserError
 from .spec import JobSpec
 from .store import AWS_ENV_VARS
 from .stream import ROW_PER_BLOCK
@@ -96,7 +96,7 @@ def init_ray(address: str | None = None, verbose: bool = False) -> bool:
                 "~/.ray/auth_token exists), set RAY_AUTH_MODE=token (and RAY_AUTH_TOKEN, "
                 "or copy the head's ~/.ray/auth_token)"
             )
-        raise RunError(f"could not start or connect to {where}: {first}{hint}") from None
+        raise UserError(f"could not start or connect to {where}: {first}{hint}") from None
     return True
 
 
@@ -166,9 +166,9 @@ def _check_reachable(target: str, where: str, timeout: float = 5.0) -> None:
     try:
         socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout).close()
     except ValueError:
-        raise RunError(f"Ray address {where}: expected HOST:PORT, auto or ray://…") from None
+        raise UserError(f"Ray address {where}: expected HOST:PORT, auto or ray://…") from None
     except OSError as err:
-        raise RunError(
+        raise UserError(
             f"cannot reach the Ray cluster at {where}: {err.strerror or err}; is it up "
             "(`ray status` on the head node)?"
         ) from None
@@ -250,7 +250,7 @@ def place(spec: JobSpec, cluster: dict[str, float]) -> Placement:
         if gpus_per_actor > 0:
             actors = int(gpus // gpus_per_actor)
             if actors < 1:
-                raise RunError(
+                raise UserError(
                     f"compute.actors: auto counts GPUs, and the cluster has {gpus:g} now; on an "
                     "autoscaling cluster set compute.actors to the number of GPU actors you want "
                     "(the autoscaler then adds nodes), or use device: cpu"

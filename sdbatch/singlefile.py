@@ -18,6 +18,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from .errors import UserError
+
 SUFFIXES = (".safetensors", ".ckpt")
 UNET = "model.diffusion_model."
 _CONV_IN = UNET + "input_blocks.0.0.weight"
@@ -34,10 +36,6 @@ DEFAULT_CONFIGS = {
     ("sdxl", 9): "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
     ("sdxl-refiner", 4): "stabilityai/stable-diffusion-xl-refiner-1.0",
 }
-
-
-class SingleFileError(Exception):
-    pass
 
 
 def is_single_file(ref: str) -> bool:
@@ -68,9 +66,9 @@ def tensor_shapes(path: Path) -> dict[str, list[int]]:
                 raise ValueError(f"header of {size} bytes")
             header = json.loads(f.read(size))
     except (OSError, ValueError, struct.error) as err:
-        raise SingleFileError(f"not a readable .safetensors file ({err})") from None
+        raise UserError(f"not a readable .safetensors file ({err})") from None
     if not isinstance(header, dict):
-        raise SingleFileError("not a readable .safetensors file (header is not an object)")
+        raise UserError("not a readable .safetensors file (header is not an object)")
     return {
         name: list(entry.get("shape", []))
         for name, entry in header.items()
@@ -81,7 +79,7 @@ def tensor_shapes(path: Path) -> dict[str, list[int]]:
 def describe(path: Path) -> FileInfo:
     """Family, refiner-ness, UNet channels and provided components of a checkpoint file."""
     if path.suffix.lower() != ".safetensors":
-        raise SingleFileError(
+        raise UserError(
             "single-file checkpoints are read as .safetensors; a pickled .ckpt can run "
             "arbitrary code when loaded: convert it to .safetensors first"
         )
@@ -93,11 +91,11 @@ def describe(path: Path) -> FileInfo:
 
     if _CONV_IN not in shapes or len(shapes[_CONV_IN]) != 4:
         if has("down_blocks.") or has("text_model."):
-            raise SingleFileError(
+            raise UserError(
                 "holds diffusers-layout tensors of one model, not an original-layout "
                 "checkpoint (model.diffusion_model.*); give its diffusers folder instead"
             )
-        raise SingleFileError(
+        raise UserError(
             f"no UNet in the original layout ({_CONV_IN}); not a Stable Diffusion checkpoint"
         )
     in_channels = int(shapes[_CONV_IN][1])
@@ -111,10 +109,10 @@ def describe(path: Path) -> FileInfo:
     elif has("cond_stage_model.transformer."):
         family, encoders = "sd1", ["text_encoder"]
     else:
-        raise SingleFileError(
+        raise UserError(
             "no text encoder (cond_stage_model.* or conditioner.embedders.*); sdbatch runs "
             "SD 1.x, SD 2.x and SDXL checkpoints"
         )
     if not has("first_stage_model."):
-        raise SingleFileError("no VAE (first_stage_model.*) in the file")
+        raise UserError("no VAE (first_stage_model.*) in the file")
     return FileInfo(family, refiner, in_channels, ("unet", "vae", *encoders))

@@ -9,39 +9,46 @@ from __future__ import annotations
 import difflib
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from .errors import UserError
+from .schedulers import SCHEDULERS
 
 MODES = ("txt2img", "img2img", "inpaint", "depth2img")
 Mode = Literal["txt2img", "img2img", "inpaint", "depth2img"]
 
-# Names users know from A1111/diffusers docs → built in models.scheduler_for().
-SCHEDULERS = (
-    "default",
-    "ddim",
-    "pndm",
-    "lms",
-    "euler",
-    "euler_a",
-    "heun",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "dpmpp_sde",
-    "unipc",
-)
 
 MAX_SEED = 2**63 - 1
 
 
-class SpecError(Exception):
-    """A job spec that cannot run; `problems` holds one readable line per problem."""
+@dataclass(frozen=True)
+class PairRange:
+    """The bounds of a two-number SDXL micro-conditioning field (spec and manifest)."""
 
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
+    lo: int
+    hi: int
+    what: str
+    order: str
+
+
+PAIRS = {
+    "original_size": PairRange(1, 16384, "sizes", "[height, width]"),
+    "target_size": PairRange(1, 16384, "sizes", "[height, width]"),
+    "crops_coords_top_left": PairRange(0, 16384, "offsets", "[top, left]"),
+}
 
 
 class _Strict(BaseModel):
@@ -125,18 +132,14 @@ class RenderParams(_Strict):
     def _scheduler(cls, v: str) -> str:
         return check_scheduler(v)
 
-    @field_validator("original_size", "target_size")
+    @field_validator(*PAIRS)
     @classmethod
-    def _positive_pair(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
-        if v is not None and not all(1 <= x <= 16384 for x in v):
-            raise ValueError(f"must be two sizes in 1..16384 [height, width], got {list(v)}")
-        return v
-
-    @field_validator("crops_coords_top_left")
-    @classmethod
-    def _crop(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
-        if v is not None and not all(0 <= x <= 16384 for x in v):
-            raise ValueError(f"must be two offsets in 0..16384 [top, left], got {list(v)}")
+    def _pair(cls, v: tuple[int, int] | None, info: ValidationInfo) -> tuple[int, int] | None:
+        pair = PAIRS[str(info.field_name)]
+        if v is not None and not all(pair.lo <= x <= pair.hi for x in v):
+            raise ValueError(
+                f"must be two {pair.what} in {pair.lo}..{pair.hi} {pair.order}, got {list(v)}"
+            )
         return v
 
     @field_validator("width", "height")
@@ -523,11 +526,11 @@ class JobSpec(_Strict):
         if self.models.refiner is None and any(s is not None for s in switches):
             raise ValueError("refiner_switch is set but there is no models.refiner")
         if self.defaults.loras:
-            from .adapters import AdapterError, parse_list
+            from .adapters import parse_list
 
             try:
                 unknown = sorted(set(parse_list(self.defaults.loras)) - set(self.loras))
-            except AdapterError as err:
+            except UserError as err:
                 raise ValueError(f"defaults.loras {self.defaults.loras!r}: {err}") from None
             if unknown:
                 raise ValueError(
@@ -629,13 +632,13 @@ def format_errors(source: str, err: ValidationError, model: type[BaseModel] = Jo
 
 def parse_spec(data: Any, source: str = "<spec>") -> JobSpec:
     if not isinstance(data, dict):
-        raise SpecError(
+        raise UserError(
             [f"{source}: expected a mapping of keys at the top level, got {type(data).__name__}"]
         )
     try:
         return JobSpec.model_validate(data)
     except ValidationError as err:
-        raise SpecError(format_errors(source, err)) from None
+        raise UserError(format_errors(source, err)) from None
 
 
 def load_spec(path: str | Path) -> JobSpec:
@@ -644,16 +647,16 @@ def load_spec(path: str | Path) -> JobSpec:
     try:
         text = path.read_text()
     except FileNotFoundError:
-        raise SpecError([f"{path}: spec file not found"]) from None
+        raise UserError([f"{path}: spec file not found"]) from None
     except OSError as err:
-        raise SpecError([f"{path}: cannot read spec: {err.strerror}"]) from None
+        raise UserError([f"{path}: cannot read spec: {err.strerror}"]) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(err, "problem", None) or str(err)
-        raise SpecError([f"{path}: malformed YAML{where}: {problem}"]) from None
+        raise UserError([f"{path}: malformed YAML{where}: {problem}"]) from None
     spec = parse_spec(data, str(path))
     return resolve_paths(spec, path.parent)
 

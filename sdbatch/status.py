@@ -13,12 +13,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .compact import live_files, repair
+from .errors import StoreError
 from .lease import describe, live_lease
 from .output import (
     FAILURES_PREFIX,
@@ -27,19 +26,9 @@ from .output import (
     RUN_KEY,
     SUCCESS_KEY,
     done_table,
-    read_parts,
+    unresolved_failures,
 )
-from .store import StoreError, open_store
-from .stream import anti_join
-
-FAILURE_COLUMNS = pa.schema(
-    [
-        ("id", pa.string()),
-        ("image_index", pa.int32()),
-        ("error_type", pa.string()),
-        ("error_message", pa.string()),
-    ]
-)
+from .store import open_store
 
 
 @dataclass
@@ -85,7 +74,7 @@ def job_status(output: str, storage: dict[str, Any] | None = None, top: int = 5)
             with contextlib.suppress(StoreError, OSError):  # read-only credentials: fine
                 repair(store, prefix)
     done = done_table(store)
-    failed = unresolved_failures(store, done)
+    failed = unresolved_failures(store, done, ["error_type", "error_message"])
     reasons: Counter[str] = Counter(
         f"{kind}: {(message or '')[:100]}"
         for kind, message in zip(
@@ -132,17 +121,3 @@ def _latest_rate(store: Any, run: dict[str, Any]) -> float | None:
         return None
     seconds = (latest - datetime.fromisoformat(started)).total_seconds()
     return count / seconds if seconds > 0 else None
-
-
-def unresolved_failures(store: Any, done: pa.Table) -> pa.Table:
-    """The first failure row of each item that has no image since (Arrow: a job's
-    failures are not a Python object each)."""
-    parts = [
-        t.select(FAILURE_COLUMNS.names).cast(FAILURE_COLUMNS)
-        for t in read_parts(store, FAILURES_PREFIX, FAILURE_COLUMNS.names)
-    ]
-    table = pa.concat_tables(parts) if parts else FAILURE_COLUMNS.empty_table()
-    order = pa.array(np.arange(table.num_rows, dtype=np.int64))
-    table = anti_join(table.append_column("order", order), done)
-    first = table.group_by(["id", "image_index"], use_threads=False).aggregate([("order", "min")])
-    return table.filter(pc.is_in(table["order"], value_set=first["order_min"])).sort_by("order")

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
+from .errors import StoreError
 from .spec import StorageSpec
 
 PROBE_KEY = "_sdbatch_write_probe"
@@ -61,10 +62,6 @@ _SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_T
 
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
-
-
-class StoreError(Exception):
-    """A storage problem that stops the job; the message names the URI and the cause."""
 
 
 class Store:
@@ -688,7 +685,6 @@ __all__: list[str] = [
     "LocalStore",
     "S3Store",
     "Store",
-    "StoreError",
     "describe_error",
     "open_store",
     "read_uri",

@@ -25,6 +25,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .errors import UserError
+
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 # The file names from_pretrained reads for weights, without a variant infix:
 # diffusers' diffusion_pytorch_model, transformers' model / pytorch_model; sharded as
@@ -37,10 +39,6 @@ _WEIGHT = re.compile(
 # Files of other frameworks or formats that the PyTorch loaders never read.
 _NOT_LOADED = (".msgpack", ".h5", ".onnx", ".onnx_data", ".pb", ".tflite", ".ckpt", ".pt")
 _NOT_LOADED_NAMES = ("README.md", "LICENSE", "LICENSE.md", ".gitattributes")
-
-
-class WeightsError(Exception):
-    pass
 
 
 @dataclass(frozen=True)
@@ -99,7 +97,7 @@ def loaded_files(root: Path) -> dict[str, list[Path]]:
     try:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError) as err:
-        raise WeightsError(f"{index_path}: cannot read: {err}") from None
+        raise UserError(f"{index_path}: cannot read: {err}") from None
     found: dict[str, list[Path]] = {"": [index_path]}
     for name in components_of(index):
         found[name] = component_files(root / name)

@@ -19,76 +19,78 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from .errors import StoreError
+from .plan import schema
+from .schedulers import a1111_name
+
 # An item rendered but not stored because the output failed: never committed (it renders
 # again on resume); the committer stops the job with the store's message.
 UNSTORED = "unstored"
 
 # The one metadata schema: run, resume, rerun and status all read these columns.
-METADATA_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("row_id", pa.string()),
-        ("sweep", pa.string()),
-        ("image_index", pa.int32()),
-        ("status", pa.string()),
-        ("mode", pa.string()),
-        ("prompt", pa.string()),
-        ("negative_prompt", pa.string()),
-        ("prompt_syntax", pa.string()),
-        ("loras", pa.string()),
-        ("embeddings", pa.string()),
-        ("adapters", pa.string()),
-        ("seed", pa.int64()),
-        ("steps", pa.int32()),
-        ("guidance_scale", pa.float64()),
-        ("scheduler", pa.string()),
-        ("scheduler_class", pa.string()),
-        ("width", pa.int32()),
-        ("height", pa.int32()),
-        ("strength", pa.float64()),
-        ("model", pa.string()),
-        ("model_sha256", pa.string()),
-        ("model_family", pa.string()),
-        ("refiner", pa.string()),
-        ("refiner_sha256", pa.string()),
-        ("refiner_switch", pa.float64()),
-        ("controlnet", pa.string()),
-        ("controlnet_sha256", pa.string()),
-        ("controlnet_conditioning_scale", pa.float64()),
-        ("depth_estimator", pa.string()),
-        ("depth_estimator_sha256", pa.string()),
-        ("original_size", pa.list_(pa.int32())),
-        ("target_size", pa.list_(pa.int32())),
-        ("crops_coords_top_left", pa.list_(pa.int32())),
-        ("key", pa.string()),
-        ("member", pa.string()),
-        ("image_uri", pa.string()),
-        ("sha256", pa.string()),
-        ("batch_size", pa.int32()),
-        ("batch_position", pa.int32()),
-        ("torch_threads", pa.int32()),
-        ("device", pa.string()),
-        ("dtype", pa.string()),
-        ("prompt_truncated", pa.bool_()),
-        ("render_seconds", pa.float64()),
-        ("init_image_uri", pa.string()),
-        ("init_image_sha256", pa.string()),
-        ("mask_image_uri", pa.string()),
-        ("mask_image_sha256", pa.string()),
-        ("depth_map_uri", pa.string()),
-        ("depth_map_sha256", pa.string()),
-        ("depth_source", pa.string()),
-        ("notes", pa.string()),
-        ("call_id", pa.string()),
-        ("render_options", pa.string()),
-        ("env", pa.string()),
-        ("worker", pa.string()),
-        ("job_name", pa.string()),
-        ("error_type", pa.string()),
-        ("error_message", pa.string()),
-        ("attempts", pa.int32()),
-        ("created_at", pa.timestamp("us", tz="UTC")),
-    ]
+METADATA_SCHEMA = schema(
+    "id",
+    "row_id",
+    "sweep",
+    "image_index",
+    "status",
+    "mode",
+    "prompt",
+    "negative_prompt",
+    "prompt_syntax",
+    "loras",
+    "embeddings",
+    "adapters",
+    "seed",
+    "steps",
+    "guidance_scale",
+    "scheduler",
+    "scheduler_class",
+    "width",
+    "height",
+    "strength",
+    "model",
+    "model_sha256",
+    "model_family",
+    "refiner",
+    "refiner_sha256",
+    "refiner_switch",
+    "controlnet",
+    "controlnet_sha256",
+    "controlnet_conditioning_scale",
+    "depth_estimator",
+    "depth_estimator_sha256",
+    "original_size",
+    "target_size",
+    "crops_coords_top_left",
+    "key",
+    "member",
+    "image_uri",
+    "sha256",
+    "batch_size",
+    "batch_position",
+    "torch_threads",
+    "device",
+    "dtype",
+    "prompt_truncated",
+    "render_seconds",
+    "init_image_uri",
+    "init_image_sha256",
+    "mask_image_uri",
+    "mask_image_sha256",
+    "depth_map_uri",
+    "depth_map_sha256",
+    "depth_source",
+    "notes",
+    "call_id",
+    "render_options",
+    "env",
+    "worker",
+    "job_name",
+    "error_type",
+    "error_message",
+    "attempts",
+    "created_at",
 )
 
 # Fields that determine the pixels; the PNG's `sdbatch` chunk holds exactly these so
@@ -143,35 +145,9 @@ FAMILY_FIELDS = (
     "adapters",
 )
 
-A1111_SAMPLERS = {
-    "ddim": "DDIM",
-    "pndm": "PLMS",
-    "lms": "LMS",
-    "euler": "Euler",
-    "euler_a": "Euler a",
-    "heun": "Heun",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_karras": "DPM++ 2M Karras",
-    "dpmpp_sde": "DPM++ SDE",
-    "unipc": "UniPC",
-}
-_CLASS_SAMPLERS = {
-    "DDIMScheduler": "DDIM",
-    "PNDMScheduler": "PLMS",
-    "LMSDiscreteScheduler": "LMS",
-    "EulerDiscreteScheduler": "Euler",
-    "EulerAncestralDiscreteScheduler": "Euler a",
-    "HeunDiscreteScheduler": "Heun",
-    "DPMSolverMultistepScheduler": "DPM++ 2M",
-    "UniPCMultistepScheduler": "UniPC",
-}
-
 
 def sampler_name(row: dict[str, Any]) -> str:
-    if row["scheduler"] in A1111_SAMPLERS:
-        return A1111_SAMPLERS[row["scheduler"]]
-    cls = row.get("scheduler_class") or ""
-    return _CLASS_SAMPLERS.get(cls, cls)
+    return a1111_name(row["scheduler"], row.get("scheduler_class"))
 
 
 def _num(value: float) -> str:
@@ -304,7 +280,6 @@ def write_batch(
     options = image_options or {}
     shards = options.get("layout") == "webdataset"
     content_type = CONTENT_TYPES[options.get("format", "png")]
-    from .store import StoreError
 
     store = open_store(output, storage)
     now = datetime.now(timezone.utc)

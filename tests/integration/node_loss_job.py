@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ray.cluster_utils import Cluster
 
-from sdbatch.errors import RunError
+from sdbatch.errors import UserError
 from sdbatch.runner import run_job
 from sdbatch.spec import load_spec
 
@@ -41,7 +41,7 @@ def main(spec_path: str, after: int, replace: bool, lose: bool) -> None:
         try:
             result = run_job(spec, address=cluster.address, on_note=notes.append)
             report.update(done=result.done, failed=result.failed, skipped=result.skipped)
-        except RunError as err:
+        except UserError as err:
             report.update(error=str(err))
 
     # The job in a thread: Ray adds nodes from the main thread only (signal handlers).

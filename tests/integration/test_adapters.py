@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sdbatch.errors import RunError
+from sdbatch.errors import UserError
 from sdbatch.runner import read_metadata, run_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -224,7 +224,7 @@ def test_round_robin_adapters_never_share_a_call_and_rerun_bit_exact(
     name = sorted(tensors)[0]
     tensors[name] = tensors[name] + np.float32(0.5)
     save_file(tensors, loras["sd-style"])
-    with pytest.raises(RunError, match="weights differ"):
+    with pytest.raises(UserError, match="weights differ"):
         run_job(spec)
     proc = subprocess.run(
         [*SDBATCH, "rerun", spec.output, "--verify", "--ids", "r00"],

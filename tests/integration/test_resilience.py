@@ -19,7 +19,8 @@ import pandas as pd
 import pytest
 import yaml
 
-from sdbatch.runner import RunError, read_metadata, run_job
+from sdbatch.errors import UserError
+from sdbatch.runner import read_metadata, run_job
 from sdbatch.spec import dump_spec, load_spec
 from sdbatch.status import job_status
 from tests.helpers import prompts, work_item, write_manifest, write_spec
@@ -243,7 +244,7 @@ def test_crash_loops_beyond_max_job_retries_fail_with_a_message(
         )
     )
     with pytest.raises(
-        RunError, match=r"(lost|died) .*max_job_retries=0 .*the same command resumes"
+        UserError, match=r"(lost|died) .*max_job_retries=0 .*the same command resumes"
     ):
         run_job(spec)
     assert not Path(spec.output, "_SUCCESS").exists()
@@ -358,11 +359,11 @@ def test_changed_spec_is_refused_with_the_differences(tmp_path, tiny_models) -> 
     changed = spec.model_copy(
         update={"seed": 99, "defaults": spec.defaults.model_copy(update={"steps": 5})}
     )
-    with pytest.raises(RunError) as info:
+    with pytest.raises(UserError) as info:
         run_job(changed)
     message = str(info.value)
     assert "defaults.steps: 2 → 5" in message and "seed: 7 → 99" in message
-    with pytest.raises(RunError, match="output is not empty .* --fresh needs --overwrite"):
+    with pytest.raises(UserError, match="output is not empty .* --fresh needs --overwrite"):
         run_job(spec, fresh=True)
 
 
@@ -390,7 +391,7 @@ def test_resume_ignores_unused_files_and_refuses_changed_weights(
     name = sorted(tensors)[0]
     tensors[name] = tensors[name] + np.float32(0.01)
     save_file(tensors, weights)
-    with pytest.raises(RunError) as info:
+    with pytest.raises(UserError) as info:
         run_job(spec)
     message = str(info.value)
     assert f"{model}: vae changed (recorded {recorded['sha256'][:12]}" in message

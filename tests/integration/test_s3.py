@@ -19,10 +19,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
+from sdbatch.errors import StoreError, UserError
 from sdbatch.plan import image_key
-from sdbatch.runner import RunError, read_metadata, run_job
+from sdbatch.runner import read_metadata, run_job
 from sdbatch.spec import load_spec
-from sdbatch.store import StoreError
 from sdbatch.write import METADATA_SCHEMA
 from tests.helpers import prompts, write_spec
 from tests.s3server import FAKE_KEY_ID, FAKE_SECRET, REGION, FaultPlan, FaultProxy
@@ -198,7 +198,7 @@ def test_failing_output_bucket_stops_the_job_with_a_clear_error(
     # an error naming the object, and no item is recorded as done.
     plan = FaultPlan(rate=1.0, faults=("503", "500", "drop"), bucket=out, path_contains="/images/")
     with FaultProxy(s3_server.port, plan) as proxy:
-        with pytest.raises((StoreError, RunError)) as err:
+        with pytest.raises((StoreError, UserError)) as err:
             run_job(spec_for(proxy.endpoint_url, "late"))
     message = str(err.value)
     assert f"s3://{out}/late/images/" in message and "cannot write" in message, message

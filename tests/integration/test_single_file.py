@@ -15,7 +15,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from sdbatch.cli import app
-from sdbatch.runner import RunError, read_metadata, run_job
+from sdbatch.errors import UserError
+from sdbatch.runner import read_metadata, run_job
 from sdbatch.spec import load_spec
 from tests.helpers import prompts, write_manifest, write_spec
 
@@ -255,5 +256,5 @@ def test_resume_refuses_a_changed_layout(tiny_models, tmp_path, ray_session) -> 
     from sdbatch.models import _inspect_file
 
     _inspect_file.cache_clear()
-    with pytest.raises(RunError, match="scheduler changed"):
+    with pytest.raises(UserError, match="scheduler changed"):
         run_job(load_spec(path))

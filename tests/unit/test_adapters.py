@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from sdbatch.adapters import (
-    AdapterError,
     adapter_key,
     check_embedding,
     check_lora,
@@ -17,10 +16,11 @@ from sdbatch.adapters import (
     parse_tags,
     resolve,
 )
-from sdbatch.manifest import ManifestError, validate_manifest
+from sdbatch.errors import UserError
+from sdbatch.manifest import validate_manifest
 from sdbatch.plan import expand_row
 from sdbatch.prompts import parse
-from sdbatch.spec import SpecError, parse_spec, render_signature
+from sdbatch.spec import parse_spec, render_signature
 from tests.helpers import write_manifest
 
 KNOWN = {"style": "s.safetensors", "detail": "d.safetensors", "my lora.v2": "x.safetensors"}
@@ -44,7 +44,7 @@ def test_tags_leave_the_prompt_with_their_weights() -> None:
     ],
 )
 def test_bad_tags_are_refused(prompt: str, message: str) -> None:
-    with pytest.raises(AdapterError, match=message):
+    with pytest.raises(UserError, match=message):
         parse_tags(prompt)
 
 
@@ -57,9 +57,9 @@ def test_choice_is_canonical_and_tags_override_the_column() -> None:
     assert choose("a cat", " style , detail:0.25 ", KNOWN)[1] == "detail:0.25,style:1"
     assert adapter_key({"b": 0.5, "a": 1.0}) == adapter_key({"a": 1, "b": 0.5}) == "a:1,b:0.5"
     assert parse_list(None) == {}
-    with pytest.raises(AdapterError, match="unknown LoRA 'ghost' .*detail, my lora.v2, style"):
+    with pytest.raises(UserError, match="unknown LoRA 'ghost' .*detail, my lora.v2, style"):
         choose("a <lora:ghost:1>", None, KNOWN)
-    with pytest.raises(AdapterError, match="expected NAME or NAME:WEIGHT"):
+    with pytest.raises(UserError, match="expected NAME or NAME:WEIGHT"):
         parse_list("style:1:2")
 
 
@@ -102,11 +102,11 @@ def spec(**fields):
 
 
 def test_spec_checks_adapter_names_and_default_loras() -> None:
-    with pytest.raises(SpecError, match="defaults.loras names 'ghost', not in loras"):
+    with pytest.raises(UserError, match="defaults.loras names 'ghost', not in loras"):
         spec(loras={"style": "/s.safetensors"}, defaults={"loras": "ghost:0.5"})
-    with pytest.raises(SpecError, match="name 'bad:name'"):
+    with pytest.raises(UserError, match="name 'bad:name'"):
         spec(loras={"bad:name": "/s.safetensors"})
-    with pytest.raises(SpecError, match="prompt_syntax"):
+    with pytest.raises(UserError, match="prompt_syntax"):
         spec(defaults={"prompt_syntax": "comfy"})
     ok = spec(loras={"style": "/s.safetensors"}, defaults={"loras": "style:0.5"})
     assert ok.defaults.loras == "style:0.5"
@@ -150,7 +150,7 @@ def test_manifest_names_the_row_id_and_value(tmp_path: Path) -> None:
             {"id": "syn", "prompt": "a", "prompt_syntax": "comfy"},
         ],
     )
-    with pytest.raises(ManifestError) as info:
+    with pytest.raises(UserError) as info:
         validate_manifest(str(path), job)
     text = "\n".join(info.value.problems)
     assert "row 1 (id 'tag'): prompt tag: unknown LoRA 'nope' (spec loras: style)" in text
@@ -163,13 +163,13 @@ def test_files_are_checked_for_kind_and_family(tiny_models, tmp_path: Path) -> N
     root = Path(tiny_models["base"]).parent
     sd, sdxl = root / "loras" / "sd-style.safetensors", root / "loras" / "sdxl-style.safetensors"
     check_lora("s", str(sd), resolve(str(sd)), 32, "base")  # the tiny SD text width
-    with pytest.raises(AdapterError, match="another model family"):
+    with pytest.raises(UserError, match="another model family"):
         check_lora("x", str(sdxl), resolve(str(sdxl)), 32, "base")
     emb = root / "embeddings" / "sd-token.safetensors"
-    with pytest.raises(AdapterError, match="not a LoRA file"):
+    with pytest.raises(UserError, match="not a LoRA file"):
         check_lora("e", str(emb), emb, 32, "base")
     check_embedding("e", str(emb), emb, (32,))
-    with pytest.raises(AdapterError, match="another model family"):
+    with pytest.raises(UserError, match="another model family"):
         check_embedding("e", str(emb), emb, (32, 40))
     folder = tmp_path / "lora-folder"
     folder.mkdir()
@@ -177,7 +177,7 @@ def test_files_are_checked_for_kind_and_family(tiny_models, tmp_path: Path) -> N
     assert resolve(str(folder)).name == "pytorch_lora_weights.safetensors"
     pickled = tmp_path / "old.pt"
     pickled.write_bytes(b"x")
-    with pytest.raises(AdapterError, match="convert them to .safetensors"):
+    with pytest.raises(UserError, match="convert them to .safetensors"):
         resolve(str(pickled))
 
 
@@ -208,5 +208,5 @@ def test_a_hub_id_is_read_from_the_local_cache(tiny_models, tmp_path: Path, monk
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     assert resolve("org/style-lora") == snapshot / "pytorch_lora_weights.safetensors"
     assert resolve(f"org/style-lora@{commit}").read_bytes() == lora.read_bytes()
-    with pytest.raises(AdapterError, match="not in the local Hugging Face cache"):
+    with pytest.raises(UserError, match="not in the local Hugging Face cache"):
         resolve("org/absent-lora")

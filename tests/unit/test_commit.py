@@ -15,8 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from sdbatch.commit import Committer, Progress, Stalled, watched
+from sdbatch.errors import StoreError
 from sdbatch.output import FAILURES_PREFIX, METADATA_PREFIX
-from sdbatch.store import LocalStore, StoreError
+from sdbatch.store import LocalStore
 from sdbatch.stream import pack, skipped_row
 from sdbatch.write import METADATA_SCHEMA, UNSTORED, ShardPacker
 

@@ -19,7 +19,8 @@ from PIL import Image, ImageDraw
 from typer.testing import CliRunner
 
 from sdbatch.cli import app
-from sdbatch.gallery import GalleryError, build_gallery, sweep_grids
+from sdbatch.errors import UserError
+from sdbatch.gallery import build_gallery, sweep_grids
 from sdbatch.plan import image_key
 from sdbatch.store import open_store
 from sdbatch.write import METADATA_SCHEMA, encode_image
@@ -247,7 +248,7 @@ def test_where_and_limit(tmp_path: Path) -> None:
         ("1=1) UNION SELECT 99 --", "not a predicate"),
         ("id IN (SELECT * FROM read_csv('/etc/passwd'))", "disabled"),
     ]:
-        with pytest.raises(GalleryError) as err:
+        with pytest.raises(UserError) as err:
             build_gallery(output, where=bad)
         assert f"--where {bad!r}" in str(err.value) and says in str(err.value), str(err.value)
 
@@ -287,7 +288,7 @@ def test_s3_output_gets_the_page_inside_it(s3_server) -> None:
     page = s3_server.get(bucket, "jobs/cats/review/page.html").decode()
     assert all(link.startswith("../images/") for link in links(page))
     for out in ("/tmp/page.html", f"s3://{bucket}/elsewhere/page.html"):
-        with pytest.raises(GalleryError, match="inside it"):
+        with pytest.raises(UserError, match="inside it"):
             build_gallery(output, storage, out=out)
 
 

@@ -8,7 +8,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from sdbatch.lease import LEASE_KEY, Lease, LeaseError, live_lease, read
+from sdbatch.errors import UserError
+from sdbatch.lease import LEASE_KEY, Lease, live_lease, read
 from sdbatch.store import LocalStore, open_store
 
 
@@ -33,7 +34,7 @@ def test_exclusive_create_and_compare_and_swap(store) -> None:
 def test_second_run_is_refused_naming_the_holder(store) -> None:
     first = Lease(store, "run-A", 60).acquire()
     try:
-        with pytest.raises(LeaseError) as info:
+        with pytest.raises(UserError) as info:
             Lease(store, "run-B", 60).acquire()
         message = str(info.value)
         assert "another sdbatch run is writing this output: run run-A on" in message
@@ -64,7 +65,7 @@ def test_a_run_that_lost_its_lease_stops_committing(store) -> None:
     first = Lease(store, "run-A", 60).acquire()
     second = Lease(store, "run-B", 60).acquire(break_lease=True)  # someone broke it
     try:
-        with pytest.raises(LeaseError, match="this run lost its lease on the output to run run-B"):
+        with pytest.raises(UserError, match="this run lost its lease on the output to run run-B"):
             first.check()
         second.check()
     finally:

@@ -7,7 +7,8 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from sdbatch.manifest import ManifestError, iter_rows, validate_manifest
+from sdbatch.errors import UserError
+from sdbatch.manifest import iter_rows, validate_manifest
 from sdbatch.spec import parse_spec
 from tests.helpers import write_manifest
 
@@ -16,7 +17,7 @@ SPEC = parse_spec({"name": "t", "manifest": "/m", "output": "/o", "model": "/m"}
 
 def problems(tmp_path: Path, rows, schema=None) -> list[str]:
     path = write_manifest(tmp_path / "m.parquet", rows, schema)
-    with pytest.raises(ManifestError) as info:
+    with pytest.raises(UserError) as info:
         validate_manifest(str(path), SPEC)
     return info.value.problems
 
@@ -94,9 +95,9 @@ def test_no_rows(tmp_path: Path) -> None:
 
 def test_not_parquet_and_missing(tmp_path: Path) -> None:
     (tmp_path / "bad.parquet").write_text("not parquet")
-    with pytest.raises(ManifestError, match="not a readable Parquet file"):
+    with pytest.raises(UserError, match="not a readable Parquet file"):
         validate_manifest(str(tmp_path / "bad.parquet"), SPEC)
-    with pytest.raises(ManifestError, match="manifest not found"):
+    with pytest.raises(UserError, match="manifest not found"):
         validate_manifest(str(tmp_path / "nope.parquet"), SPEC)
 
 
@@ -129,6 +130,6 @@ def test_sweep_beyond_the_limit_is_refused_with_the_count(tmp_path: Path) -> Non
         tmp_path / "m.parquet", [{"id": str(i), "prompt": "p"} for i in range(10)]
     )
     with pytest.raises(
-        ManifestError, match=r"10 rows × 6 grid cells into 60 items, over sweep.max_items=50"
+        UserError, match=r"10 rows × 6 grid cells into 60 items, over sweep.max_items=50"
     ):
         validate_manifest(str(path), spec)

@@ -21,12 +21,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from sdbatch import manifest
+from sdbatch.errors import UserError
 from sdbatch.manifest import (
     COLUMN_TYPES,
     MAX_PROBLEMS,
     READ_ROWS,
     REQUIRED,
-    ManifestError,
     ManifestInfo,
     _open,
     validate_manifest,
@@ -105,7 +105,7 @@ def reference_validate(uri: str, spec: JobSpec) -> ManifestInfo:
 
     missing = [c for c in REQUIRED if c not in schema.names]
     if missing:
-        raise ManifestError(
+        raise UserError(
             [
                 f"{uri}: missing required column {c!r} (columns: {', '.join(schema.names)})"
                 for c in missing
@@ -118,9 +118,9 @@ def reference_validate(uri: str, spec: JobSpec) -> ManifestInfo:
             if not ok(t):
                 problems.append(f"{uri}: column {name!r} must be {expected}, got {t}")
     if problems:
-        raise ManifestError(problems)
+        raise UserError(problems)
     if pf.metadata.num_rows == 0:
-        raise ManifestError([f"{uri}: manifest has no rows"])
+        raise UserError([f"{uri}: manifest has no rows"])
 
     columns = [c for c in schema.names if c in COLUMN_TYPES]
     checks = {c: REFERENCE_CHECKS[c] for c in columns if c in REFERENCE_CHECKS}
@@ -197,7 +197,7 @@ def reference_validate(uri: str, spec: JobSpec) -> ManifestInfo:
                 f"{total_items:,} items, over sweep.max_items={spec.sweep.max_items:,}"
             )
     if problems:
-        raise ManifestError(problems)
+        raise UserError(problems)
     return ManifestInfo(uri, row_no, total_items, columns, modes, estimates_depth)
 
 
@@ -309,7 +309,7 @@ def write(path: Path, columns: dict[str, tuple[list, pa.DataType]], row_group: i
 def outcome(validate: Any, uri: str, spec: JobSpec) -> ManifestInfo | list[str]:
     try:
         return validate(uri, spec)
-    except ManifestError as err:
+    except UserError as err:
         return err.problems
 
 

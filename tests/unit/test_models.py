@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from sdbatch.models import ModelError, check_checkpoint, resolve_checkpoint
+from sdbatch.errors import UserError
+from sdbatch.models import check_checkpoint, resolve_checkpoint
 
 
 def make_checkpoint(folder):
@@ -25,7 +26,7 @@ def test_relative_folder_that_exists_is_local_even_if_it_looks_like_a_hub_id(
 
 def test_missing_folder_is_named(tmp_path) -> None:
     ref = str(tmp_path / "nope")
-    with pytest.raises(ModelError, match="nope: folder not found"):
+    with pytest.raises(UserError, match="nope: folder not found"):
         resolve_checkpoint(ref)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sdbatch.errors import RunError
+from sdbatch.errors import UserError
 from sdbatch.session import CPU_STAGE_CPUS, STAGE_TASKS, place
 from sdbatch.spec import parse_spec
 
@@ -45,7 +45,7 @@ def test_gpu_auto_counts_gpus_and_fractions() -> None:
 
 
 def test_gpu_auto_without_gpus_says_what_to_do() -> None:
-    with pytest.raises(RunError, match="set compute.actors"):
+    with pytest.raises(UserError, match="set compute.actors"):
         place(spec(device="cuda"), {"CPU": 8.0})
 
 

@@ -8,7 +8,8 @@ import struct
 
 import pytest
 
-from sdbatch.singlefile import SingleFileError, describe
+from sdbatch.errors import UserError
+from sdbatch.singlefile import describe
 from sdbatch.weights import hash_single_file
 
 
@@ -57,20 +58,20 @@ def test_export_is_byte_identical_on_rebuild(tiny_models, tmp_path) -> None:
 
 def test_files_that_are_not_original_checkpoints_are_refused(tiny_models, tmp_path) -> None:
     unet_only = tiny_models["base"] / "unet" / "diffusion_pytorch_model.safetensors"
-    with pytest.raises(SingleFileError, match="diffusers-layout tensors of one model"):
+    with pytest.raises(UserError, match="diffusers-layout tensors of one model"):
         describe(unet_only)
     garbage = tmp_path / "broken.safetensors"
     garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(SingleFileError, match="not a readable .safetensors"):
+    with pytest.raises(UserError, match="not a readable .safetensors"):
         describe(garbage)
     header = json.dumps({"x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}).encode()
     other = tmp_path / "other.safetensors"
     other.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 4)
-    with pytest.raises(SingleFileError, match="no UNet in the original layout"):
+    with pytest.raises(UserError, match="no UNet in the original layout"):
         describe(other)
     pickled = tmp_path / "model.ckpt"
     pickled.write_bytes(b"PK")
-    with pytest.raises(SingleFileError, match="convert it to .safetensors"):
+    with pytest.raises(UserError, match="convert it to .safetensors"):
         describe(pickled)
 
 

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from sdbatch.spec import SpecError, json_schema, load_spec
+from sdbatch.errors import UserError
+from sdbatch.spec import json_schema, load_spec
 
 BASE = """\
 name: cats
@@ -22,7 +23,7 @@ model: models/base
 def problems(tmp_path: Path, text: str) -> list[str]:
     path = tmp_path / "job.yaml"
     path.write_text(text)
-    with pytest.raises(SpecError) as info:
+    with pytest.raises(UserError) as info:
         load_spec(path)
     return info.value.problems
 
@@ -99,7 +100,7 @@ def test_top_level_not_mapping(tmp_path: Path) -> None:
 
 
 def test_missing_spec_file(tmp_path: Path) -> None:
-    with pytest.raises(SpecError, match="spec file not found"):
+    with pytest.raises(UserError, match="spec file not found"):
         load_spec(tmp_path / "nope.yaml")
 
 

@@ -15,17 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 
-from sdbatch.manifest import ManifestError, iter_rows, validate_manifest
+from sdbatch.errors import StoreError, UserError
+from sdbatch.manifest import iter_rows, validate_manifest
 from sdbatch.spec import StorageSpec, parse_spec
-from sdbatch.store import (
-    PROBE_KEY,
-    LocalStore,
-    S3Store,
-    StoreError,
-    describe_error,
-    open_store,
-    read_uri,
-)
+from sdbatch.store import PROBE_KEY, LocalStore, S3Store, describe_error, open_store, read_uri
 from tests.s3server import FAKE_KEY_ID, FAKE_SECRET, FaultPlan, FaultProxy, free_port
 
 
@@ -236,7 +229,7 @@ def test_manifest_on_s3(s3_server, tmp_path: Path) -> None:
         "r2",
     ]
     missing = spec.model_copy(update={"manifest": f"s3://{bucket}/jobs/none.parquet"})
-    with pytest.raises(ManifestError, match=r"none\.parquet: manifest not found"):
+    with pytest.raises(UserError, match=r"none\.parquet: manifest not found"):
         validate_manifest(missing.manifest, missing)
 
 
