@@ -18,7 +18,7 @@ from .spec import JobSpec
 
 def check_job(spec: JobSpec, on_rows: Callable[[int], None] | None = None) -> ManifestInfo:
     """Everything that can be known without rendering: manifest, models, output.
-    on_rows: called with the manifest rows checked so far, every 10⁶ or so."""
+    on_rows: called with the manifest rows checked so far, every 10⁶ (large manifests only)."""
     from .models import use_layouts, use_storage
 
     info = validate_manifest(spec.manifest, spec, on_progress=on_rows)
@@ -37,13 +37,7 @@ def check_models(spec: JobSpec, info: ManifestInfo) -> list[str]:
     """Problems with the checkpoints the job's modes need: unsupported pipeline classes,
     and models that do not fit together (so `validate` never passes a job whose every
     item would then fail)."""
-    from .models import (
-        check_checkpoint,
-        check_controlnet,
-        check_depth_estimator,
-        inspect_checkpoint,
-        pickle_problem,
-    )
+    from .models import check_checkpoint, inspect_checkpoint, pickle_problem
 
     models = spec.models
     assert models is not None
@@ -73,7 +67,21 @@ def check_models(spec: JobSpec, info: ManifestInfo) -> list[str]:
             f"models.inpaint {inpaint.ref}: UNet has {inpaint.unet_in_channels} input channels, "
             "expected 9 (an inpainting checkpoint) or 4 (a base model)"
         )
-    depth = checkpoints.get("depth2img")
+    problems += _depth_problems(spec, info, base, checkpoints.get("depth2img"))
+    problems += _refiner_problems(spec, base)
+    if not models.allow_pickle and not problems:
+        for name, ref in model_fields(spec, info).items():
+            problems.append(pickle_problem(ref, f"models.{name}") or "")
+    return [p for p in problems if p]
+
+
+def _depth_problems(spec: JobSpec, info: ManifestInfo, base: Any, depth: Any) -> list[str]:
+    """An SD 2 depth checkpoint, or SDXL's depth ControlNet (+ estimator), as the rows need."""
+    from .models import check_controlnet, check_depth_estimator
+
+    models = spec.models
+    assert models is not None
+    problems: list[str] = []
     if depth is not None and models.depth:
         if depth.family == "sdxl":
             problems.append(
@@ -102,6 +110,16 @@ def check_models(spec: JobSpec, info: ManifestInfo) -> list[str]:
                 )
     if models.depth_estimator and "depth2img" in info.modes and info.estimates_depth:
         problems.append(check_depth_estimator(models.depth_estimator) or "")
+    return problems
+
+
+def _refiner_problems(spec: JobSpec, base: Any) -> list[str]:
+    """The refiner is an SDXL second stage, for an SDXL base."""
+    from .models import check_checkpoint, inspect_checkpoint
+
+    models = spec.models
+    assert models is not None
+    problems: list[str] = []
     if models.refiner:
         problem = check_checkpoint(models.refiner)
         if problem:
@@ -116,10 +134,7 @@ def check_models(spec: JobSpec, info: ManifestInfo) -> list[str]:
                 f"models.refiner is an SDXL second stage; the base model {models.base} is "
                 f"{base.family.upper()}"
             )
-    if not models.allow_pickle and not problems:
-        for name, ref in model_fields(spec, info).items():
-            problems.append(pickle_problem(ref, f"models.{name}") or "")
-    return [p for p in problems if p]
+    return problems
 
 
 def model_fields(spec: JobSpec, info: ManifestInfo) -> dict[str, str]:

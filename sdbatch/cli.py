@@ -72,16 +72,12 @@ def validate(
 ) -> None:
     """Check a job spec, its manifest and its models without rendering anything."""
     from .checks import check_job
+    from .manifest import rows_checked
 
     spec = _load(spec_path)
-    info = check_job(spec, on_rows=_rows_checked)
+    info = check_job(spec, on_rows=lambda rows: err.print(rows_checked(rows)))
     modes = ", ".join(sorted(info.modes))
     out.print(f"{spec_path}: ok — {info.num_rows} rows, {info.total_items} images ({modes})")
-
-
-def _rows_checked(rows: int) -> None:
-    if rows >= 1_000_000:  # a large manifest: never a silent wait
-        err.print(f"checking the manifest: {rows:,} rows")
 
 
 @app.command()
@@ -192,6 +188,11 @@ def run(
     except KeyboardInterrupt:
         err.print("interrupted: finished images are committed; run the same command to resume")
         raise typer.Exit(130) from None
+    _print_result(result)
+
+
+def _print_result(result: Any) -> None:
+    """The run's summary table and its last line; exit 2 when items failed."""
     from rich.table import Table
 
     table = Table(

@@ -5,6 +5,9 @@ cache; both load through `from_pretrained(..., local_files_only=True)`. Its fami
 (SD 1.x, SD 2.x, SDXL) is read from `model_index.json` and the UNet config without
 importing torch, so `sdbatch validate` can refuse a pipeline sdbatch cannot run. Heavy
 imports happen inside functions so the CLI can import this module cheaply.
+
+Slightly over our ~500-line guide: inspecting a checkpoint (no torch) and loading it
+(torch) read the same layout rules, which is why they live together.
 """
 
 from __future__ import annotations

@@ -12,10 +12,11 @@ the CLI draws. Tools that read an output (status, rerun, gallery, estimate) impo
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -23,22 +24,20 @@ from typing import Any
 import pyarrow as pa
 
 from . import output, pipeline
+from .capacity import LossWatch, actors_that_fit, lost_capacity
 from .checks import aux_models, check_job, models_for, pin_hub_models
 from .commit import Committer, Progress, Stalled, watched
 from .errors import StoreError, UserError
 from .lease import Lease, describe
-from .manifest import ManifestInfo
+from .manifest import ManifestInfo, rows_checked
 from .output import read_metadata
 from .session import (
     STAGE_TASKS,
-    LossWatch,
     Placement,
-    actors_that_fit,
     configure_ray_data,
     end_execution,
     explain_ray_error,
     init_ray,
-    lost_capacity,
     place,
     release_ray,
     stall_report,
@@ -47,6 +46,7 @@ from .session import (
 from .spec import JobSpec
 from .store import Store, open_store
 from .stream import InFlight, anti_join
+from .write import crash_failures
 
 __all__ = ["Placement", "Progress", "RunResult", "read_metadata", "run_job"]
 
@@ -105,7 +105,7 @@ def run_job(
     # 1. Check inputs and the output before loading anything; take the output's lease.
     store = open_store(spec.output, spec.storage.model_dump())
     store.check_writable()
-    job.info = check_job(spec, on_rows=_rows_note(job.note))
+    job.info = check_job(spec, on_rows=lambda rows: job.note(rows_checked(rows)))
     job.spec = pin_hub_models(spec)  # every actor loads the same commit; job.yaml says which
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     lease = Lease(store, run_id, spec.execution.lease_seconds).acquire(break_lease)
@@ -113,16 +113,6 @@ def run_job(
         return job.run(store, lease, address, fresh, overwrite, retry_failed)
     finally:
         lease.release()
-
-
-def _rows_note(note: Callable[[str], None]) -> Callable[[int], None]:
-    """A note per 10⁶ manifest rows checked (large manifests only: no line for small ones)."""
-
-    def on_rows(rows: int) -> None:
-        if rows >= 1_000_000:
-            note(f"checking the manifest: {rows:,} rows")
-
-    return on_rows
 
 
 @dataclass
@@ -140,6 +130,13 @@ class _Job:
     # Items this run committed as failures: a later pass must not render them again.
     failed_here: list[pa.Table] = field(default_factory=list)
     node_passes: int = 0  # passes that ended with a lost node
+    # Set by `run` as it goes: what the actors load, and the pass's counts.
+    models: dict[str, str] = field(init=False)
+    aux: dict[str, str | None] = field(init=False)
+    hashes: dict[str, str] = field(init=False)
+    adapters: dict[str, Any] = field(init=False)
+    progress: Progress | None = None
+    record: dict[str, Any] = field(default_factory=dict)
 
     def run(
         self,
@@ -152,101 +149,44 @@ class _Job:
     ) -> RunResult:
         import ray
 
-        spec, info = self.spec, self.info
         # 2. The output: same settings and weights as what it holds; what is done.
         if fresh:
             output.start_fresh(store, overwrite)
-        output.check_same_render(spec, store)
-        models = models_for(spec, info.modes)
-        aux = aux_models(spec, info)
-        hashes, adapters = self._hash_models(store, models, aux)
+        output.check_same_render(self.spec, store)
+        self.models = models_for(self.spec, self.info.modes)
+        self.aux = aux_models(self.spec, self.info)
+        self.hashes, self.adapters = self._hash_models(store, self.models, self.aux)
         self.check_stop()
         done, only = self._scan(store, retry_failed)
-        output.begin_run(store, spec)
+        output.begin_run(store, self.spec)
 
         # 3. Ray and placement.
         owns_ray = init_ray(address, self.verbose)
-        progress: Progress | None = None
-        try:
-            configure_ray_data(spec, self.verbose)
-            placement = place(spec, ray.cluster_resources())
+        with self._stopping(owns_ray):
+            configure_ray_data(self.spec, self.verbose)
+            placement = place(self.spec, ray.cluster_resources())
             warm_stage_workers(STAGE_TASKS)
             self.check_stop()
+            parts = self._render_all(store, lease, placement, done, only)
+        return self._finish(store, lease, placement, parts)
 
-            # 4. The plan, streamed: Ray Data tasks expand manifest fragments into
-            # homogeneous blocks as rendering goes (`stream`); here only its size is known.
-            plan, to_render, gate = pipeline.plan_stage(
-                spec, info, done, only, models, placement.actors
-            )
-            progress = Progress(total=info.total_items, skipped=info.total_items - to_render)
-            record = dict(
-                run_id=lease.run_id,
-                total=info.total_items,
-                planned=to_render,
-                took_over=describe(lease.took_over) if lease.took_over else None,
-                started_at=datetime.now(timezone.utc).isoformat(),
-            )
-            output.write_run_record(store, **record)
-            if self.on_start:
-                self.on_start(progress, placement)
-            self.check_stop()
+    @contextlib.contextmanager
+    def _stopping(self, owns_ray: bool) -> Iterator[None]:
+        """Why a run stops, as one message: a hang, Ray, storage; committed work is kept."""
+        import ray
 
-            # 5. Render, write, and commit metadata parts as results stream back. A lost
-            # node (or every render actor) ends this pass: what is left is planned again
-            # (committed items are skipped, exactly once) and the run goes on.
-            committer = Committer(
-                store,
-                lease.run_id,
-                progress,
-                commit_rows=spec.execution.commit_rows,
-                commit_seconds=spec.execution.commit_seconds,
-                check_lease=lease.check,
-                failed_keys=self.failed_here,
-            )
-            events = dict.fromkeys(output.RUN_EVENTS, 0)
-            watch = LossWatch()
-            in_flight = pipeline.on_head_node(InFlight) if plan is not None else None
-            stages = pipeline.Stages(
-                models, aux, hashes, placement, gate, in_flight, adapters=adapters
-            )
-            while plan is not None:
-                before = progress.done + progress.failed
-                try:
-                    self._render(lease, plan, stages, committer, watch)
-                    self._tally(watch, in_flight, events, progress.done + progress.failed - before)
-                    break
-                except (ray.exceptions.RayError, TimeoutError) as err:
-                    done_here = progress.done + progress.failed - before
-                    again = self._tally(watch, in_flight, events, done_here)
-                    try:
-                        what = self._lost(err, events, progress, again)
-                    finally:  # the record counts what this run lived through, even when it stops
-                        output.write_run_record(store, **record, events=events)
-                    alone = self._crashes(in_flight, committer, events)
-                    self._wait_for_capacity(placement)
-                    skip = output.union_done(output.done_table(store), *self.failed_here)
-                    left = anti_join(only, skip) if only is not None else None
-                    plan, to_render, gate = pipeline.plan_stage(
-                        spec, info, skip, left, models, placement.actors, alone
-                    )
-                    stages = pipeline.Stages(
-                        models, aux, hashes, placement, gate, in_flight, 1, adapters
-                    )
-                    self.note(f"resumed after {what}: {to_render:,} item(s) left")
-                    output.write_run_record(store, **record, events=events)
-            if any(events.values()):  # actors Ray restarted within the last pass
-                output.write_run_record(store, **record, events=events)
-            parts = committer.parts
+        try:
+            yield
         except Stalled as err:
             if owns_ray:
                 release_ray(self.verbose)  # the only way to stop a hung actor's work from here
             raise UserError(str(err)) from None
         except ray.exceptions.RayError as err:
-            raise UserError(explain_ray_error(err, spec)) from None
+            raise UserError(explain_ray_error(err, self.spec)) from None
         except StoreError as err:
             # Disk full, permission or credentials gone, bucket deleted: what is stored
             # and committed stays; the same command resumes once the cause is fixed.
-            kept = progress.committed if progress is not None else 0
+            kept = self.progress.committed if self.progress is not None else 0
             raise UserError(
                 f"stopped: {err}\n{kept} image(s) committed by this run are kept; fix the "
                 "output (space, permissions, credentials), then run the same command to resume"
@@ -258,12 +198,104 @@ class _Job:
                 release_ray(self.verbose)
             raise
 
-        # 6. Compact and mark success: only when every item is done.
+    def _render_all(
+        self,
+        store: Store,
+        lease: Lease,
+        placement: Placement,
+        done: pa.Table,
+        only: pa.Table | None,
+    ) -> list[str]:
+        """4-5. Plan (streamed: Ray Data tasks expand manifest fragments into homogeneous
+        blocks as rendering goes; here only its size is known), then render, write and
+        commit metadata parts as results stream back. A lost node (or every render actor)
+        ends a pass: what is left is planned again (committed items are skipped, exactly
+        once) and the run goes on. Returns the metadata parts committed."""
+        import ray
+
+        spec, info = self.spec, self.info
+        plan, to_render, gate = pipeline.plan_stage(
+            spec, info, done, only, self.models, placement.actors
+        )
+        progress = self.progress = Progress(
+            total=info.total_items, skipped=info.total_items - to_render
+        )
+        self.record = dict(
+            run_id=lease.run_id,
+            total=info.total_items,
+            planned=to_render,
+            took_over=describe(lease.took_over) if lease.took_over else None,
+            started_at=datetime.now(timezone.utc).isoformat(),
+        )
+        output.write_run_record(store, **self.record)
+        if self.on_start:
+            self.on_start(progress, placement)
+        self.check_stop()
+        committer = Committer(
+            store,
+            lease.run_id,
+            progress,
+            commit_rows=spec.execution.commit_rows,
+            commit_seconds=spec.execution.commit_seconds,
+            check_lease=lease.check,
+            failed_keys=self.failed_here,
+        )
+        events = dict.fromkeys(output.RUN_EVENTS, 0)
+        in_flight = pipeline.on_head_node(InFlight) if plan is not None else None
+        stages = self._stages(placement, gate, in_flight)
+        watch = LossWatch()
+        while plan is not None:
+            before = progress.done + progress.failed
+            try:
+                self._render(lease, plan, stages, committer, watch)
+                self._tally(watch, in_flight, events, progress.done + progress.failed - before)
+                break
+            except (ray.exceptions.RayError, TimeoutError) as err:
+                again = self._tally(
+                    watch, in_flight, events, progress.done + progress.failed - before
+                )
+                try:
+                    what = self._lost(err, events, progress, again)
+                finally:  # the record counts what this run lived through, even when it stops
+                    output.write_run_record(store, **self.record, events=events)
+                alone = self._crashes(in_flight, committer, events)
+                self._wait_for_capacity(placement)
+                skip = output.union_done(output.done_table(store), *self.failed_here)
+                left = anti_join(only, skip) if only is not None else None
+                plan, to_render, gate = pipeline.plan_stage(
+                    spec, info, skip, left, self.models, placement.actors, alone
+                )
+                stages = self._stages(placement, gate, in_flight, min_actors=1)
+                self.note(f"resumed after {what}: {to_render:,} item(s) left")
+                output.write_run_record(store, **self.record, events=events)
+        if any(events.values()):  # actors Ray restarted within the last pass
+            output.write_run_record(store, **self.record, events=events)
+        return committer.parts
+
+    def _stages(
+        self, placement: Placement, gate: Any, in_flight: Any, min_actors: int | None = None
+    ) -> pipeline.Stages:
+        return pipeline.Stages(
+            self.models,
+            self.aux,
+            self.hashes,
+            placement,
+            gate,
+            in_flight,
+            min_actors,
+            self.adapters,
+        )
+
+    def _finish(
+        self, store: Store, lease: Lease, placement: Placement, parts: list[str]
+    ) -> RunResult:
+        """6. Compact and mark success: only when every item is done."""
+        progress = self.progress
         assert progress is not None
         result = RunResult(
-            name=spec.name,
+            name=self.spec.name,
             output=store.uri,
-            total=info.total_items,
+            total=self.info.total_items,
             done=progress.done,
             failed=progress.failed,
             skipped=progress.skipped,
@@ -277,7 +309,7 @@ class _Job:
             metadata_parts=parts,
             setup_seconds=round(progress.started - self.called, 3),
         )
-        output.finish_run(store, result.summary(), info.total_items)
+        output.finish_run(store, result.summary(), self.info.total_items)
         return result
 
     def _lost(
@@ -351,7 +383,7 @@ class _Job:
             return []
         dead = {key: entry for key, entry in crashes.items() if entry[1] >= 1}
         if dead:
-            committer.add_rows(_crash_failures(self.spec, dead))
+            committer.add_rows(crash_failures(self.spec.name, dead))
             committer.flush()
             call_actor(in_flight.forget, list(dead))
             events["items_failed_by_crashes"] += len(dead)
@@ -467,30 +499,3 @@ class _Job:
             if packer is not None:
                 committer.add_rows(pipeline.close_packer(packer))
             committer.flush()
-
-
-def _crash_failures(spec: JobSpec, dead: dict[tuple[str, int], list[Any]]) -> pa.Table:
-    """Failure rows for items whose render killed the actor process every time."""
-    from .write import METADATA_SCHEMA
-
-    now = datetime.now(timezone.utc)
-    rows = []
-    for crashes, alone, item in dead.values():
-        row = {name: item.get(name) for name in METADATA_SCHEMA.names}
-        row.update(
-            status="failed",
-            error_type="ActorCrash",
-            error_message=(
-                f"the render actor's process died {crashes} times with this item in hand "
-                f"({alone} of them rendering it alone): the pipeline call kills the process "
-                "(a crash or an out-of-memory kill in native code)"
-            ),
-            attempts=crashes,
-            job_name=spec.name,
-            created_at=now,
-            image_uri=None,
-            sha256=None,
-            pixels=None,
-        )
-        rows.append({name: row.get(name) for name in METADATA_SCHEMA.names})
-    return pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)

@@ -2,6 +2,9 @@
 
 Every field is typed and documented here once; `sdbatch schema` and the README's field
 list come from these models. This module must stay light: no torch, diffusers or ray.
+
+It is longer than our ~500-line guide on purpose: the models' field descriptions are the
+spec's reference documentation (`sdbatch schema`), and one document is read in one place.
 """
 
 from __future__ import annotations

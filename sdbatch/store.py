@@ -28,7 +28,6 @@ import os
 import posixpath
 import shutil
 import tempfile
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +35,16 @@ from typing import IO, Any
 from urllib.parse import urlparse
 
 from .errors import StoreError
+from .s3 import (
+    ACCESS_DENIED,
+    MISSING_OBJECT,
+    RangeReader,
+    client,
+    describe_error,
+    error_code,
+    is_stream_error,
+    redact,
+)
 from .spec import StorageSpec
 
 PROBE_KEY = "_sdbatch_write_probe"
@@ -57,7 +66,6 @@ AWS_ENV_VARS = (
     "AWS_REQUEST_CHECKSUM_CALCULATION",
     "AWS_RESPONSE_CHECKSUM_VALIDATION",
 )
-_SECRET_ENV_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 _UMASK = os.umask(0o022)
@@ -273,7 +281,7 @@ class S3Store(Store):
     # each process builds (and caches) its own client.
     @property
     def client(self) -> Any:
-        return _client(self.options)
+        return client(self.options)
 
     def _full(self, key: str) -> str:
         key = clean_key(key, self.uri)
@@ -286,7 +294,7 @@ class S3Store(Store):
         except (StoreError, FileNotFoundError):
             raise
         except Exception as err:  # noqa: BLE001 - every botocore failure becomes readable
-            if _error_code(err) in _MISSING_OBJECT:
+            if error_code(err) in MISSING_OBJECT:
                 raise FileNotFoundError(f"{where}: no such file") from None
             cause = describe_error(err, self.bucket, self.options)
             raise StoreError(f"{where}: {doing}: {cause}") from None
@@ -299,7 +307,7 @@ class S3Store(Store):
             try:
                 return response["Body"].read()
             except Exception as err:  # noqa: BLE001
-                if attempt == self.options.max_attempts or not _is_stream_error(err):
+                if attempt == self.options.max_attempts or not is_stream_error(err):
                     raise
         raise AssertionError("unreachable")
 
@@ -373,7 +381,7 @@ class S3Store(Store):
             try:
                 self.client.put_object(Bucket=self.bucket, Key=full, Body=data, IfNoneMatch="*")
             except Exception as err:  # noqa: BLE001
-                code = _error_code(err)
+                code = error_code(err)
                 if code in ("PreconditionFailed", "ConditionalRequestConflict"):
                     return False
                 if code not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
@@ -392,7 +400,7 @@ class S3Store(Store):
                 head = self.client.get_object(Bucket=self.bucket, Key=full)
                 current = head["Body"].read()
             except Exception as err:  # noqa: BLE001
-                if _error_code(err) in _MISSING_OBJECT:
+                if error_code(err) in MISSING_OBJECT:
                     return False
                 raise
             if current != expected:
@@ -402,7 +410,7 @@ class S3Store(Store):
                     Bucket=self.bucket, Key=full, Body=data, IfMatch=head["ETag"]
                 )
             except Exception as err:  # noqa: BLE001
-                code = _error_code(err)
+                code = error_code(err)
                 if code in ("PreconditionFailed", "ConditionalRequestConflict", "NoSuchKey"):
                     return False
                 if code not in ("NotImplemented", "InvalidArgument", "InvalidRequest"):
@@ -417,7 +425,7 @@ class S3Store(Store):
         full = self._full(key)
         with self._errors(self.uri_of(key), "cannot read"):
             head = self.client.head_object(Bucket=self.bucket, Key=full)
-        raw = _RangeReader(self, key, full, head["ContentLength"], head.get("ETag"))
+        raw = RangeReader(self, key, full, head["ContentLength"], head.get("ETag"))
         return io.BufferedReader(raw, buffer_size=1 << 20)
 
     def check_writable(self) -> None:
@@ -430,209 +438,8 @@ class S3Store(Store):
             except ClientError as err:
                 # Writing is what a job needs; a role without s3:DeleteObject may keep
                 # the 5-byte probe.
-                if _error_code(err) not in _ACCESS_DENIED:
+                if error_code(err) not in ACCESS_DENIED:
                     raise
-
-
-class _RangeReader(io.RawIOBase):
-    """A read-only, seekable view of one S3 object through ranged GETs.
-
-    Every GET carries the ETag seen when the file was opened, so an object replaced
-    mid-read fails loudly instead of mixing two versions.
-    """
-
-    def __init__(self, store: S3Store, key: str, full_key: str, size: int, etag: str | None):
-        self.store, self.key, self.full_key, self.size, self.etag = store, key, full_key, size, etag
-        self.pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.size}[whence]
-        if base + offset < 0:
-            raise ValueError(f"{self.store.uri_of(self.key)}: negative seek position")
-        self.pos = base + offset
-        return self.pos
-
-    def readinto(self, buffer: Any) -> int:
-        n = min(len(buffer), self.size - self.pos)
-        if n <= 0:
-            return 0
-        extra = {"IfMatch": self.etag} if self.etag else {}
-        with self.store._errors(self.store.uri_of(self.key), "cannot read"):
-            data = self.store._get(
-                self.full_key, Range=f"bytes={self.pos}-{self.pos + n - 1}", **extra
-            )
-        buffer[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
-# ---------------------------------------------------------------- S3 clients
-
-_clients: dict[tuple[Any, ...], Any] = {}
-_clients_lock = threading.Lock()
-# Credential values this process has loaded; scrubbed from any text we produce.
-_secrets: set[str] = set()
-
-
-def _client(options: StorageSpec) -> Any:
-    """The boto3 S3 client for these options in this process (clients are thread-safe)."""
-    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_"))
-    # The AWS environment is part of the key (hashed: it holds secrets), so a changed
-    # environment gets a new client instead of stale credentials.
-    env_hash = hashlib.sha256(repr(env).encode()).hexdigest()
-    key = (os.getpid(), *options.model_dump().items(), env_hash)
-    client = _clients.get(key)
-    if client is None:
-        with _clients_lock:
-            client = _clients.get(key)
-            if client is None:
-                client = _clients[key] = _make_client(options)
-    return client
-
-
-def _make_client(options: StorageSpec) -> Any:
-    import boto3
-    from botocore.config import Config
-
-    session = boto3.session.Session(profile_name=options.profile)
-    extra: dict[str, Any] = {}
-    if options.endpoint_url:
-        # boto3 >= 1.36 sends CRC32 checksum headers that several S3-compatible servers
-        # reject; other endpoints get them only where the API requires one (our PUTs
-        # carry Content-MD5 instead). An explicit AWS_* setting still wins.
-        if "AWS_REQUEST_CHECKSUM_CALCULATION" not in os.environ:
-            extra["request_checksum_calculation"] = "when_required"
-        if "AWS_RESPONSE_CHECKSUM_VALIDATION" not in os.environ:
-            extra["response_checksum_validation"] = "when_required"
-    config = Config(
-        region_name=options.region,
-        # total_max_attempts counts the first try, as storage.max_attempts does
-        # (botocore's own "max_attempts" key counts retries only).
-        retries={"total_max_attempts": options.max_attempts, "mode": options.retry_mode},
-        s3={"addressing_style": options.addressing_style},
-        max_pool_connections=32,
-        # A blackholed endpoint should fail in tens of seconds, not 10 × botocore's 60 s.
-        connect_timeout=10,
-        user_agent_extra="sdbatch",
-        **extra,
-    )
-    client = session.client("s3", endpoint_url=options.endpoint_url, config=config)
-    credentials = session.get_credentials()
-    if credentials is not None:
-        frozen = credentials.get_frozen_credentials()
-        _secrets.update(s for s in (frozen.access_key, frozen.secret_key, frozen.token) if s)
-    return client
-
-
-# ---------------------------------------------------------------- errors
-
-_MISSING_OBJECT = {"NoSuchKey", "404", "NotFound"}
-_ACCESS_DENIED = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled", "AccountProblem"}
-_BAD_KEY_ID = {"InvalidAccessKeyId"}
-_BAD_SIGNATURE = {"SignatureDoesNotMatch"}
-_BAD_TOKEN = {"ExpiredToken", "TokenRefreshRequired", "InvalidToken", "ExpiredTokenException"}
-_WRONG_REGION = {"PermanentRedirect", "AuthorizationHeaderMalformed", "301", "400 Redirect"}
-_CHANGED = {"PreconditionFailed", "412"}
-_SERVER_TROUBLE = {"SlowDown", "ServiceUnavailable", "InternalError", "503", "500", "502", "504"}
-
-
-def _error_code(err: BaseException) -> str | None:
-    response = getattr(err, "response", None)
-    if not isinstance(response, dict):
-        return None
-    return str(response.get("Error", {}).get("Code") or "") or None
-
-
-def _is_stream_error(err: BaseException) -> bool:
-    from botocore.exceptions import IncompleteReadError, ResponseStreamingError
-
-    return isinstance(err, (ResponseStreamingError, IncompleteReadError))
-
-
-def redact(text: str) -> str:
-    """`text` with every AWS credential value this process knows replaced by '***'."""
-    secrets = set(_secrets)
-    secrets.update(os.environ[n] for n in _SECRET_ENV_VARS if os.environ.get(n))
-    # Real key ids and secrets are 16+ characters; shorter test values such as "testing"
-    # would only mangle ordinary words.
-    for secret in sorted((x for x in secrets if len(x) >= 8), key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
-
-
-def _endpoint(options: StorageSpec) -> str:
-    if not options.endpoint_url:
-        return "the AWS S3 endpoint"
-    parsed = urlparse(options.endpoint_url)
-    host = parsed.hostname or ""
-    port = f":{parsed.port}" if parsed.port else ""
-    return f"{parsed.scheme}://{host}{port}"  # never the user:password part
-
-
-def describe_error(err: BaseException, bucket: str, options: StorageSpec | None = None) -> str:
-    """One line saying what went wrong talking to S3, without any credential value."""
-    from botocore import exceptions as bx
-
-    options = options or StorageSpec()
-    attempts = f"after {options.max_attempts} attempt{'s' if options.max_attempts > 1 else ''}"
-    code = _error_code(err)
-    if isinstance(err, bx.ClientError) or code:
-        response = getattr(err, "response", {}) or {}
-        error = response.get("Error", {})
-        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-        message = error.get("Message") or ""
-        if code == "NoSuchBucket":
-            text = f"bucket {bucket!r} does not exist at {_endpoint(options)}"
-        elif code in _ACCESS_DENIED:
-            text = (
-                f"access denied to bucket {bucket!r} (the credentials in use lack "
-                "permission; check the IAM and bucket policies)"
-            )
-        elif code in _BAD_KEY_ID:
-            text = f"the access key ID is not known to {_endpoint(options)} (wrong credentials?)"
-        elif code in _BAD_SIGNATURE:
-            text = "the request signature does not match (wrong secret access key?)"
-        elif code in _BAD_TOKEN:
-            text = "the session token has expired or is invalid"
-        elif code in _WRONG_REGION:
-            region = error.get("Region") or response.get("ResponseMetadata", {}).get(
-                "HTTPHeaders", {}
-            ).get("x-amz-bucket-region")
-            where = f" ({region})" if region else ""
-            text = f"bucket {bucket!r} is in another region{where}; set storage.region"
-        elif code in _CHANGED:
-            text = "the object changed while it was being read; run again"
-        elif code in _SERVER_TROUBLE:
-            text = (
-                f"the endpoint kept failing ({code}{': ' + message if message else ''}) {attempts}"
-            )
-        else:
-            text = f"{code} (HTTP {status}){': ' + message if message else ''}"
-    elif isinstance(err, (bx.NoCredentialsError, bx.PartialCredentialsError)):
-        text = (
-            "no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-            "AWS_PROFILE or storage.profile, or run where an instance role provides them"
-        )
-    elif isinstance(err, bx.ProfileNotFound):
-        text = f"AWS profile {options.profile!r} not found in the AWS config files"
-    elif isinstance(err, (bx.EndpointConnectionError, bx.ConnectTimeoutError)):
-        text = f"endpoint {_endpoint(options)} is unreachable {attempts} ({err})"
-    elif isinstance(err, (bx.ConnectionClosedError, bx.ReadTimeoutError)):
-        text = f"the connection to {_endpoint(options)} dropped or timed out {attempts} ({err})"
-    elif isinstance(err, bx.SSLError):
-        text = f"TLS error talking to {_endpoint(options)}: {err}"
-    else:
-        text = f"{type(err).__name__}: {err}"
-    return redact(text)
 
 
 def unwrap_task_error(err: BaseException) -> BaseException:

@@ -23,6 +23,10 @@ files (sdxl and sdxl-inpaint also text_encoder and tokenizer), as the real ones 
 
 To add a variant, write one function returning an unsaved pipeline (or a lone model, listed in
 `_MODELS`) and register it in `_BUILDERS`.
+
+Longer than our ~500-line guide on purpose: the component builders, the shapes and seeds they
+share, and the variants built from them change together (a shape is tied to another model's),
+and byte-identical rebuilds depend on all of them at once.
 """
 
 from __future__ import annotations

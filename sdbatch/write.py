@@ -146,6 +146,40 @@ FAMILY_FIELDS = (
 )
 
 
+def failed_fields(error_type: str, message: str, attempts: int = 1) -> dict[str, Any]:
+    """The fields that make a render row a failure row (the render actor's, the driver's
+    for an item that killed its actor): no pixels, no call, why, and how many tries."""
+    return {
+        "status": "failed",
+        "pixels": None,
+        "batch_position": None,
+        "render_seconds": None,
+        "scheduler_class": None,
+        "call_id": None,
+        "error_type": error_type,
+        "error_message": message,
+        "attempts": attempts,
+    }
+
+
+def crash_failures(job_name: str, dead: dict[tuple[str, int], list[Any]]) -> pa.Table:
+    """Failure rows for items whose render killed the actor process every time (`dead`:
+    key → [crashes, crashes while alone, item]; the driver builds them, `runner`)."""
+    now = datetime.now(timezone.utc)
+    rows = []
+    for crashes, alone, item in dead.values():
+        message = (
+            f"the render actor's process died {crashes} times with this item in hand "
+            f"({alone} of them rendering it alone): the pipeline call kills the process "
+            "(a crash or an out-of-memory kill in native code)"
+        )
+        row = {name: item.get(name) for name in METADATA_SCHEMA.names}
+        row.update(failed_fields("ActorCrash", message, attempts=crashes))
+        row.update(job_name=job_name, created_at=now, image_uri=None, sha256=None)
+        rows.append({name: row.get(name) for name in METADATA_SCHEMA.names})
+    return pa.Table.from_pylist(rows, schema=METADATA_SCHEMA)
+
+
 def sampler_name(row: dict[str, Any]) -> str:
     return a1111_name(row["scheduler"], row.get("scheduler_class"))
 

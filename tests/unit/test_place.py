@@ -52,7 +52,7 @@ def test_gpu_auto_without_gpus_says_what_to_do() -> None:
 def test_lost_capacity_tells_a_lost_node_from_a_dead_actor_and_a_failed_start() -> None:
     import ray.exceptions as rex
 
-    from sdbatch.session import lost_capacity
+    from sdbatch.capacity import lost_capacity
 
     gone = rex.ActorUnavailableError(
         "RpcError: ipv4:10.0.1.7:40875: Failed to connect to remote host", None
@@ -72,14 +72,14 @@ def test_loss_watch_tells_actors_waiting_for_a_node_from_finished_ones(monkeypat
     as having no render actor."""
     from collections import Counter
 
-    from sdbatch import session
+    from sdbatch import capacity
 
     clock = [100.0]
-    monkeypatch.setattr(session.time, "monotonic", lambda: clock[0])
-    monkeypatch.setattr(session.LossWatch, "nodes_lost", lambda self: 0)
+    monkeypatch.setattr(capacity.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(capacity.LossWatch, "nodes_lost", lambda self: 0)
     table: list = [Counter(ALIVE=2)]
-    monkeypatch.setattr(session.LossWatch, "_render_actors", lambda self: table[0])
-    watch = session.LossWatch()
+    monkeypatch.setattr(capacity.LossWatch, "_render_actors", lambda self: table[0])
+    watch = capacity.LossWatch()
     watch.new_pass()
     table[0] = Counter(PENDING_CREATION=2)  # the pass's actors load their model
     clock[0] += 60
