@@ -455,12 +455,12 @@ def inspect_image(
     as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON record.")] = False,
 ) -> None:
     """Print the A1111 infotext and the sdbatch record embedded in an image."""
-    from .gallery import GalleryError, read_image_info
+    from .inspector import InspectError, read_image_info
     from .store import StoreError
 
     try:
         parameters, record = read_image_info(image)
-    except (GalleryError, StoreError, FileNotFoundError) as e:
+    except (InspectError, StoreError, FileNotFoundError) as e:
         _fail(str(e))
     text = json.dumps(record, indent=2, sort_keys=True, ensure_ascii=False)
     if as_json:

@@ -1,12 +1,11 @@
-"""Looking at a job's output: the static HTML gallery, and the record inside one image.
+"""The static HTML gallery of a job's output.
 
 `build_gallery` reads an output's metadata and failure parts through the store (local
 folder or S3) and writes one self-contained HTML page: inline CSS and JS, no network,
 image links relative to the page, so it works wherever the output is opened, copied or
 served (a local folder, a web server, an S3 website). Sweep items (metadata `row_id` +
 `sweep`) are also laid out as one grid per manifest row, like A1111's X/Y/Z plot.
-`read_image_info` returns the A1111 infotext and the sdbatch record embedded in an image
-(`sdbatch inspect`). Nothing here prints.
+The record inside one image (`sdbatch inspect`) is `inspector`'s. Nothing here prints.
 """
 
 from __future__ import annotations
@@ -28,7 +27,8 @@ from urllib.parse import quote
 
 import pyarrow as pa
 
-from .store import S3Store, Store, open_store, read_uri
+from .inspector import InspectError, read_tar_members
+from .store import S3Store, Store, open_store
 from .write import infotext
 
 # A page with a card per image of a million-image job would be gigabytes of HTML.
@@ -40,7 +40,7 @@ _HIDDEN = ("env",)
 
 
 class GalleryError(Exception):
-    """A gallery or inspect problem; the message names the output, file or predicate."""
+    """A gallery problem; the message names the output, file or predicate."""
 
 
 @dataclass
@@ -72,92 +72,6 @@ class SweepGrid:
     fixed: dict[str, Any]
     # (y value key, x value key) → indices into the items given to sweep_grids
     cells: dict[tuple[str, str], list[int]] = field(default_factory=dict)
-
-
-# ---------------------------------------------------------------- inspect
-
-
-def read_image_info(
-    uri: str, storage: dict[str, Any] | None = None
-) -> tuple[str | None, dict[str, Any]]:
-    """(A1111 `parameters` infotext, sdbatch record) of an image sdbatch wrote.
-
-    `uri` is a local path, an S3 URI, or a WebDataset sample as metadata `image_uri`s
-    name it (`.../shards/RUN-00000.tar#SAMPLE.png`).
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    if "://" not in uri:
-        uri = str(Path(uri).expanduser().resolve())
-    data = _image_bytes(uri, storage)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            parameters, text = _embedded(im)
-            fmt = im.format
-    except (UnidentifiedImageError, OSError):
-        raise GalleryError(f"{uri}: not an image (expected a PNG written by sdbatch)") from None
-    if text is None:
-        extra = " (it has A1111 'parameters' only)" if parameters else ""
-        raise GalleryError(
-            f"{uri}: no sdbatch record in this {fmt or 'image'}{extra}; sdbatch writes a "
-            "'parameters' and an 'sdbatch' text chunk into every PNG (EXIF in JPEG/WebP)"
-        )
-    try:
-        record = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise GalleryError(f"{uri}: the sdbatch record is not valid JSON ({err})") from None
-    if not isinstance(record, dict):
-        raise GalleryError(f"{uri}: the sdbatch record is not a JSON object")
-    return parameters, record
-
-
-def _image_bytes(uri: str, storage: dict[str, Any] | None) -> bytes:
-    """The bytes at `uri`; FileNotFoundError / StoreError name it."""
-    shard, hashmark, member = uri.partition("#")
-    if not (hashmark and shard.endswith(".tar")):
-        return read_uri(uri, storage)
-    return _tar_members(read_uri(shard, storage), {member}, shard)[member]
-
-
-def _tar_members(data: bytes, names: AbstractSet[str], where: str) -> dict[str, bytes]:
-    import tarfile
-
-    found = {}
-    try:
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            for info in tar:
-                if info.name in names and info.isfile():
-                    f = tar.extractfile(info)
-                    if f is not None:
-                        found[info.name] = f.read()
-    except tarfile.TarError as err:
-        raise GalleryError(f"{where}: not a readable tar shard ({err})") from None
-    missing = sorted(set(names) - set(found))
-    if missing:
-        raise FileNotFoundError(f"{where}: no member {missing[0]!r} in this shard")
-    return found
-
-
-# EXIF tags sdbatch writes into JPEG/WebP (see write.encode_image).
-_EXIF_IFD, _USER_COMMENT, _IMAGE_DESCRIPTION = 0x8769, 0x9286, 0x010E
-
-
-def _embedded(im: Any) -> tuple[str | None, str | None]:
-    """(infotext, record JSON text) from PNG text chunks, else from EXIF."""
-    # `.text` also reads PNG text chunks stored after the image data.
-    chunks = {k: v for k, v in (getattr(im, "text", None) or {}).items() if isinstance(v, str)}
-    chunks.update({k: v for k, v in im.info.items() if isinstance(v, str)})
-    if "parameters" in chunks or "sdbatch" in chunks:
-        return chunks.get("parameters"), chunks.get("sdbatch")
-    exif = im.getexif()
-    comment = exif.get_ifd(_EXIF_IFD).get(_USER_COMMENT)
-    if isinstance(comment, bytes):  # "UNICODE\0" + UTF-16BE, as A1111 writes it
-        if comment.startswith(b"UNICODE\0"):
-            comment = comment[8:].decode("utf-16-be", "replace")
-        else:
-            comment = comment.removeprefix(b"ASCII\0\0\0").decode("utf-8", "replace")
-    record = exif.get(_IMAGE_DESCRIPTION)
-    return comment, record if isinstance(record, str) and record.startswith("{") else None
 
 
 # ---------------------------------------------------------------- gallery
@@ -356,9 +270,11 @@ def _shard_thumbnails(store: Store, rows: list[dict[str, Any]]) -> dict[int, str
     thumbs = {}
     for key, members in wanted.items():
         try:
-            data = _tar_members(store.read_bytes(key), set(members), store.uri_of(key))
+            data = read_tar_members(store.read_bytes(key), set(members), store.uri_of(key))
         except FileNotFoundError as err:
             raise GalleryError(f"{err}; a metadata row points at it") from None
+        except InspectError as err:
+            raise GalleryError(str(err)) from None
         for name, indices in members.items():
             with Image.open(io.BytesIO(data[name])) as im:
                 thumb = im.convert("RGB")
