@@ -5,18 +5,20 @@ folder or S3) and writes one self-contained HTML page: inline CSS and JS, no net
 image links relative to the page, so it works wherever the output is opened, copied or
 served (a local folder, a web server, an S3 website). Sweep items (metadata `row_id` +
 `sweep`) are also laid out as one grid per manifest row, like A1111's X/Y/Z plot.
-The record inside one image (`sdbatch inspect`) is `inspector`'s. Nothing here prints.
+This module chooses what the page shows; the markup, CSS and JS are the Jinja2 templates
+in `templates/` (autoescaped). The record inside one image (`sdbatch inspect`) is
+`inspector`'s. Nothing here prints.
 """
 
 from __future__ import annotations
 
-import html
+import functools
 import io
 import json
 import math
 import os
 import posixpath
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import jinja2
 import pyarrow as pa
 
 from .inspector import InspectError, read_tar_members
@@ -36,7 +39,7 @@ DEFAULT_LIMIT = 1000
 # Longest side of the thumbnails inlined for WebDataset samples.
 THUMBNAIL = 256
 # Left out of the details panel: the same long JSON on every row.
-_HIDDEN = ("env",)
+_HIDDEN_FIELDS = ("env",)
 
 
 class GalleryError(Exception):
@@ -312,15 +315,15 @@ def sweep_grids(items: Sequence[dict[str, Any]]) -> list[SweepGrid]:
         values: dict[str, dict[str, Any]] = defaultdict(dict)
         for _, cell in members:
             for name, v in cell.items():
-                values[name][_vkey(v)] = v
+                values[name][_value_key(v)] = v
         # Most values first; ties by name, so the layout is stable.
         axes = sorted(values, key=lambda n: (-len(values[n]), n))
         x, y, zs = axes[0], (axes[1] if len(axes) > 1 else None), axes[2:]
         by_z: dict[tuple[str, ...], list[tuple[int, dict[str, Any]]]] = defaultdict(list)
         for i, cell in members:
-            by_z[tuple(_vkey(cell.get(z)) for z in zs)].append((i, cell))
+            by_z[tuple(_value_key(cell.get(z)) for z in zs)].append((i, cell))
         prompt = str(items[members[0][0]].get("prompt") or "")
-        for zkey in sorted(by_z, key=lambda k: [_vsort(json.loads(v)) for v in k]):
+        for zkey in sorted(by_z, key=lambda k: [_value_order(json.loads(v)) for v in k]):
             group = by_z[zkey]
             grid = SweepGrid(
                 row_id=row_id,
@@ -332,8 +335,8 @@ def sweep_grids(items: Sequence[dict[str, Any]]) -> list[SweepGrid]:
                 fixed={z: json.loads(k) for z, k in zip(zs, zkey, strict=True)},
             )
             for i, cell in group:
-                yk = _vkey(cell.get(y)) if y else _vkey(None)
-                grid.cells.setdefault((yk, _vkey(cell.get(x))), []).append(i)
+                yk = _value_key(cell.get(y)) if y else _value_key(None)
+                grid.cells.setdefault((yk, _value_key(cell.get(x))), []).append(i)
             grids.append(grid)
     return grids
 
@@ -350,18 +353,20 @@ def _sweep_cell(value: Any) -> dict[str, Any] | None:
     return cell if isinstance(cell, dict) and cell else None
 
 
-def _vkey(value: Any) -> str:
+def _value_key(value: Any) -> str:
+    """A swept value as a hashable key (values may be lists or dicts)."""
     return json.dumps(value, sort_keys=True)
 
 
-def _vsort(value: Any) -> tuple[int, float, str]:
+def _value_order(value: Any) -> tuple[int, float, str]:
+    """Sort key: numbers by value (5 < 7.5 < 10), then everything else as text."""
     if isinstance(value, bool) or not isinstance(value, int | float):
         return (1, 0.0, str(value))
     return (0, float(value), "")
 
 
 def _sorted_values(values: Any) -> list[Any]:
-    return sorted(values, key=_vsort)
+    return sorted(values, key=_value_order)
 
 
 def _label(name: str | None, value: Any) -> str:
@@ -374,8 +379,115 @@ def _label(name: str | None, value: Any) -> str:
 # ---------------------------------------------------------------- HTML
 
 
-def _e(value: Any) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+def render_html(
+    *,
+    images: list[dict[str, Any]],
+    failures: list[dict[str, Any]],
+    grids: list[SweepGrid],
+    links: list[str],
+    title: str,
+    output_uri: str,
+    complete: bool,
+    where: str | None,
+    matching: tuple[int, int],
+) -> str:
+    """The whole page as a string (pure: no I/O), from templates/gallery.html.j2."""
+    texts = [_safe_infotext(r) for r in images]
+    records = [
+        {
+            "src": links[i],
+            "infotext": texts[i],
+            "fields": {k: _jsonable(v) for k, v in r.items() if k not in _HIDDEN_FIELDS},
+        }
+        for i, r in enumerate(images)
+    ]
+    modes = Counter(str(r.get("mode")) for r in images + failures)
+    summary = (
+        f"{len(images)} of {matching[0]} images"
+        + (f" (--limit {len(images)})" if len(images) < matching[0] else "")
+        + f", {matching[1]} failed item(s)"
+        + (f", {len(grids)} sweep grid(s)" if grids else "")
+        + ("" if complete else " · job incomplete (no _SUCCESS)")
+    )
+    return _page_template().render(
+        title=title,
+        output_uri=output_uri,
+        summary=summary,
+        now=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        where=where,
+        modes=sorted(modes.items()),
+        grids=[_grid_view(g, images + failures) for g in grids],
+        cards=[_card_view(i, r, links[i], texts[i]) for i, r in enumerate(images)],
+        failures=[_failure_view(r) for r in failures],
+        records=records,
+    )
+
+
+@functools.cache
+def _page_template() -> jinja2.Template:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("sdbatch", "templates"),
+        autoescape=True,  # prompts, ids and error messages are user text, never markup
+        undefined=jinja2.StrictUndefined,
+        finalize=lambda value: "" if value is None else value,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    # Records keep the metadata's column order: the details panel lists fields in it.
+    env.policies["json.dumps_kwargs"] = {"ensure_ascii": False}
+    return env.get_template("gallery.html.j2")
+
+
+# The views below hold what the template prints, already chosen and formatted: the
+# template decides only the markup. Rows from older outputs may lack columns (`.get`).
+
+
+def _card_view(i: int, row: dict[str, Any], link: str, text: str) -> dict[str, Any]:
+    return {
+        "i": i,
+        "src": link,
+        "infotext": text,
+        "search": _search_text(row.get("id"), row.get("prompt")),
+        "caption": _caption(row),
+        "width": row.get("width") or 64,
+        "height": row.get("height") or 64,
+        **{k: row.get(k) for k in ("id", "image_index", "mode", "prompt", "seed")},
+    }
+
+
+def _failure_view(row: dict[str, Any]) -> dict[str, Any]:
+    shown = ("id", "image_index", "mode", "prompt", "error_type", "error_message")
+    return {"search": _search_text(row.get("id"), row.get("prompt"))} | {
+        k: row.get(k) for k in shown
+    }
+
+
+def _grid_view(grid: SweepGrid, items: list[dict[str, Any]]) -> dict[str, Any]:
+    """A sweep grid; a cell is a list of indices into the page's cards, then failures."""
+    return {
+        "row_id": grid.row_id,
+        "prompt": grid.prompt,
+        "search": _search_text(grid.row_id, grid.prompt),
+        # A grid takes part in the mode filter only if all its items share one mode.
+        "modes": list({items[i].get("mode") for ids in grid.cells.values() for i in ids}),
+        "fixed": ", ".join(_label(k, v) for k, v in grid.fixed.items()),
+        "x_name": grid.x,
+        "y_name": grid.y or "",
+        "columns": [_label(grid.x, xv) for xv in grid.xs],
+        "rows": [
+            {
+                "label": _label(grid.y, yv),
+                "cells": [grid.cells.get((_value_key(yv), _value_key(xv)), []) for xv in grid.xs],
+            }
+            for yv in grid.ys
+        ],
+    }
+
+
+def _search_text(*parts: Any) -> str:
+    """What the page's text filter matches (lower case)."""
+    return " ".join(str(p) for p in parts).lower()
 
 
 def _jsonable(value: Any) -> Any:
@@ -405,257 +517,3 @@ def _safe_infotext(row: dict[str, Any]) -> str:
         return infotext(row)
     except (KeyError, TypeError, ValueError):  # an older or partial row: still show the card
         return str(row.get("prompt") or "")
-
-
-def render_html(
-    *,
-    images: list[dict[str, Any]],
-    failures: list[dict[str, Any]],
-    grids: list[SweepGrid],
-    links: list[str],
-    title: str,
-    output_uri: str,
-    complete: bool,
-    where: str | None,
-    matching: tuple[int, int],
-) -> str:
-    """The whole page as a string (pure: no I/O)."""
-    texts = [_safe_infotext(r) for r in images]
-    records = [
-        {
-            "src": links[i],
-            "infotext": texts[i],
-            "fields": {k: _jsonable(v) for k, v in r.items() if k not in _HIDDEN},
-        }
-        for i, r in enumerate(images)
-    ]
-    modes: dict[str, int] = defaultdict(int)
-    for r in images + failures:
-        modes[str(r.get("mode"))] += 1
-
-    cards = [_card(i, r, links[i], texts[i]) for i, r in enumerate(images)]
-    fail_rows = [_failure_row(r) for r in failures]
-    sweep_html = [_grid(g, images, failures, links) for g in grids]
-    buttons = [
-        f'<button type="button" data-filter="" aria-pressed="true">all ({len(images) + len(failures)})</button>'
-    ]
-    buttons += [
-        f'<button type="button" data-filter="{_e(m)}" aria-pressed="false">{_e(m)} ({n})</button>'
-        for m, n in sorted(modes.items())
-    ]
-    summary = (
-        f"{len(images)} of {matching[0]} images"
-        + (f" (--limit {len(images)})" if len(images) < matching[0] else "")
-        + f", {matching[1]} failed item(s)"
-        + (f", {len(grids)} sweep grid(s)" if grids else "")
-        + ("" if complete else " · job incomplete (no _SUCCESS)")
-    )
-    # `<` is escaped so no prompt can close the <script> element holding the records.
-    data = json.dumps(records, ensure_ascii=False).replace("<", "\\u003c")
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    parts = [
-        "<!doctype html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_e(title)} · sdbatch gallery</title>",
-        f"<style>{_CSS}</style></head><body>",
-        "<header>",
-        f"<h1>{_e(title)}</h1>",
-        f'<p class="sub"><code>{_e(output_uri)}</code> · <span id="summary">{_e(summary)}</span>'
-        f" · generated {now}</p>",
-        f'<p class="sub">where <code>{_e(where)}</code></p>' if where else "",
-        '<nav class="filters" aria-label="filter">',
-        *buttons,
-        '<input type="search" id="q" placeholder="filter by prompt or id" aria-label="filter text">',
-        '<span id="shown" aria-live="polite"></span>',
-        "</nav></header><main>",
-    ]
-    if sweep_html:
-        parts += ['<section id="sweeps"><h2>Sweeps</h2>', *sweep_html, "</section>"]
-    parts += [
-        f'<section id="images"><h2>Images ({len(images)})</h2>',
-        '<div class="grid">',
-        *cards,
-        "</div>" + ("" if cards else '<p class="empty">no images</p>'),
-        "</section>",
-    ]
-    if fail_rows:
-        parts += [
-            f'<section id="failures"><h2>Failures ({len(failures)})</h2>',
-            "<table><thead><tr><th>id</th><th>#</th><th>mode</th><th>error</th>"
-            "<th>message</th><th>prompt</th></tr></thead><tbody>",
-            *fail_rows,
-            "</tbody></table></section>",
-        ]
-    parts += [
-        "</main>",
-        '<dialog id="details"><form method="dialog"><button class="close" aria-label="close">×</button></form>'
-        '<div class="dwrap"><a id="dlink" target="_blank" rel="noopener"><img id="dimg" alt=""></a>'
-        '<div class="dtext"><h3 id="dtitle"></h3><pre id="dinfo"></pre>'
-        '<table id="dfields"></table></div></div></dialog>',
-        f'<script type="application/json" id="records">{data}</script>',
-        f"<script>{_JS}</script>",
-        "</body></html>",
-    ]
-    return "\n".join(p for p in parts if p) + "\n"
-
-
-def _card(i: int, row: dict[str, Any], link: str, text: str) -> str:
-    w, h = row.get("width") or 64, row.get("height") or 64
-    search = f"{row.get('id')} {row.get('prompt')}".lower()
-    return (
-        f'<figure class="card" data-i="{i}" data-mode="{_e(row.get("mode"))}" '
-        f'data-text="{_e(search)}" tabindex="0" title="{_e(text)}">'
-        f'<img loading="lazy" decoding="async" src="{_e(link)}" width="{w}" height="{h}" '
-        f'alt="{_e(row.get("prompt"))}">'
-        f'<figcaption><p class="prompt">{_e(row.get("prompt"))}</p>'
-        f'<p class="meta">{_e(_caption(row))}</p>'
-        f'<p class="id">{_e(row.get("id"))} #{_e(row.get("image_index"))} · {_e(row.get("mode"))}</p>'
-        "</figcaption></figure>"
-    )
-
-
-def _failure_row(row: dict[str, Any]) -> str:
-    search = f"{row.get('id')} {row.get('prompt')}".lower()
-    return (
-        f'<tr class="failure" data-mode="{_e(row.get("mode"))}" data-text="{_e(search)}">'
-        f"<td>{_e(row.get('id'))}</td><td>{_e(row.get('image_index'))}</td>"
-        f'<td>{_e(row.get("mode"))}</td><td class="etype">{_e(row.get("error_type"))}</td>'
-        f'<td class="emsg">{_e(row.get("error_message"))}</td>'
-        f'<td class="prompt">{_e(row.get("prompt"))}</td></tr>'
-    )
-
-
-_MISSING = '<span class="missing">—</span>'
-
-
-def _grid(grid: SweepGrid, images: list[dict], failures: list[dict], links: list[str]) -> str:
-    n = len(images)
-    items = images + failures
-    modes = {items[i].get("mode") for ids in grid.cells.values() for i in ids}
-    mode_attr = f' data-mode="{_e(modes.pop())}"' if len(modes) == 1 else ""
-    search = f"{grid.row_id} {grid.prompt}".lower()
-    fixed = ", ".join(_label(k, v) for k, v in grid.fixed.items())
-    head = "".join(f"<th>{_e(_label(grid.x, v))}</th>" for v in grid.xs)
-    rows = []
-    for yv in grid.ys:
-        cells = []
-        for xv in grid.xs:
-            inner = []
-            for i in grid.cells.get((_vkey(yv), _vkey(xv)), []):
-                row = items[i]
-                if i < n:
-                    inner.append(
-                        f'<img loading="lazy" decoding="async" src="{_e(links[i])}" '
-                        f'data-i="{i}" width="{row.get("width") or 64}" '
-                        f'height="{row.get("height") or 64}" tabindex="0" '
-                        f'title="seed {_e(row.get("seed"))} #{_e(row.get("image_index"))}" '
-                        f'alt="{_e(row.get("prompt"))}">'
-                    )
-                else:
-                    inner.append(
-                        f'<span class="cellfail" title="{_e(row.get("error_message"))}">'
-                        f"failed: {_e(row.get('error_type'))}</span>"
-                    )
-            cells.append(f"<td>{''.join(inner) or _MISSING}</td>")
-        label = f"<th>{_e(_label(grid.y, yv))}</th>" if grid.y else "<th></th>"
-        rows.append(f"<tr>{label}{''.join(cells)}</tr>")
-    return (
-        f'<div class="sweep"{mode_attr} data-text="{_e(search)}">'
-        f'<h3>{_e(grid.row_id)} <span class="prompt">{_e(grid.prompt)}</span></h3>'
-        + (f'<p class="fixed">{_e(fixed)}</p>' if fixed else "")
-        + f'<table><thead><tr><th class="corner">{_e(grid.y or "")} \\ {_e(grid.x)}</th>{head}</tr></thead>'
-        f"<tbody>{''.join(rows)}</tbody></table></div>"
-    )
-
-
-_CSS = """
-:root{color-scheme:light dark;--bg:#f6f6f4;--fg:#1d1d1f;--mut:#6b6b70;--card:#fff;--line:#ddd;--acc:#2b6cb0;--bad:#b42318}
-@media (prefers-color-scheme:dark){:root{--bg:#161618;--fg:#ececef;--mut:#9a9aa2;--card:#222226;--line:#38383e;--acc:#6ea8fe;--bad:#ff7b72}}
-*{box-sizing:border-box}body{margin:0;font:14px/1.4 system-ui,sans-serif;background:var(--bg);color:var(--fg)}
-header{position:sticky;top:0;z-index:2;background:var(--bg);border-bottom:1px solid var(--line);padding:10px 16px}
-h1{font-size:18px;margin:0 0 2px}h2{font-size:16px;margin:18px 0 8px}.sub{margin:0;color:var(--mut)}
-main{padding:0 16px 24px}[hidden]{display:none!important}
-.filters{display:flex;flex-wrap:wrap;gap:6px;align-items:center;margin-top:8px}
-.filters button{border:1px solid var(--line);background:var(--card);color:var(--fg);border-radius:14px;padding:3px 10px;cursor:pointer}
-.filters button[aria-pressed=true]{background:var(--acc);border-color:var(--acc);color:#fff}
-#q{padding:3px 8px;border:1px solid var(--line);border-radius:6px;background:var(--card);color:var(--fg);min-width:220px}
-#shown{color:var(--mut)}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(170px,1fr));gap:10px}
-.card{margin:0;background:var(--card);border:1px solid var(--line);border-radius:8px;overflow:hidden;cursor:pointer}
-.card:focus,.card:hover{outline:2px solid var(--acc)}
-.card img{display:block;width:100%;height:auto;object-fit:contain;background:#0002}
-figcaption{padding:6px 8px}figcaption p{margin:0}
-.card .prompt{display:-webkit-box;-webkit-line-clamp:2;-webkit-box-orient:vertical;overflow:hidden}
-.meta,.id,.fixed{color:var(--mut);font-size:12px}.id{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-table{border-collapse:collapse}th,td{border:1px solid var(--line);padding:4px 6px;text-align:left;vertical-align:top}
-#failures td.etype{color:var(--bad);font-weight:600}#failures td.emsg{font-family:ui-monospace,monospace;font-size:12px;max-width:48ch;overflow-wrap:anywhere}
-.sweep{margin-bottom:16px}.sweep h3{font-size:14px;margin:8px 0 4px}.sweep h3 .prompt{font-weight:400;color:var(--mut)}
-.sweep td img{width:128px;height:auto;display:inline-block;margin:1px;cursor:pointer}.sweep th{font-weight:600;font-size:12px;white-space:nowrap}
-.cellfail{color:var(--bad);font-size:12px}.missing{color:var(--mut)}
-dialog{max-width:min(1100px,95vw);border:1px solid var(--line);border-radius:10px;background:var(--card);color:var(--fg);padding:14px}
-dialog::backdrop{background:#000a}.close{float:right;font-size:20px;background:none;border:0;color:var(--fg);cursor:pointer}
-.dwrap{display:flex;gap:14px;flex-wrap:wrap}.dwrap img{max-width:min(512px,90vw);width:100%;min-width:256px;image-rendering:auto}
-.dtext{flex:1;min-width:280px}#dinfo{white-space:pre-wrap;background:#0001;padding:8px;border-radius:6px}
-#dfields{font-size:12px}#dfields th{white-space:nowrap}#dfields td{font-family:ui-monospace,monospace;overflow-wrap:anywhere}
-"""
-
-_JS = """
-(() => {
-  const records = JSON.parse(document.getElementById("records").textContent);
-  const dlg = document.getElementById("details");
-  const state = {mode: "", q: ""};
-  let current = -1;
-  function apply() {
-    for (const el of document.querySelectorAll("[data-text]")) {
-      const okMode = !state.mode || !el.dataset.mode || el.dataset.mode === state.mode;
-      const okText = !state.q || el.dataset.text.includes(state.q);
-      el.hidden = !(okMode && okText);
-    }
-    for (const b of document.querySelectorAll("button[data-filter]"))
-      b.setAttribute("aria-pressed", String(b.dataset.filter === state.mode));
-    const cards = document.querySelectorAll(".card:not([hidden])").length;
-    const fails = document.querySelectorAll("tr.failure:not([hidden])").length;
-    document.getElementById("shown").textContent = `showing ${cards} image(s), ${fails} failure(s)`;
-  }
-  function show(i) {
-    const r = records[i];
-    if (!r) return;
-    current = i;
-    const f = r.fields;
-    document.getElementById("dimg").src = r.src;
-    document.getElementById("dlink").href = r.src;
-    document.getElementById("dtitle").textContent = `${f.id} #${f.image_index} · ${f.mode}`;
-    document.getElementById("dinfo").textContent = r.infotext;
-    const table = document.getElementById("dfields");
-    table.replaceChildren();
-    for (const [k, v] of Object.entries(f)) {
-      if (v === null || v === undefined || v === "") continue;
-      const tr = table.insertRow();
-      const th = document.createElement("th");
-      th.textContent = k;
-      tr.appendChild(th);
-      tr.insertCell().textContent = typeof v === "object" ? JSON.stringify(v) : String(v);
-    }
-    if (!dlg.open) dlg.showModal();
-  }
-  function step(d) {
-    const visible = [...document.querySelectorAll(".card:not([hidden])")].map(c => +c.dataset.i);
-    const at = visible.indexOf(current);
-    if (visible.length) show(visible[(at + d + visible.length) % visible.length]);
-  }
-  document.addEventListener("click", e => {
-    const b = e.target.closest("button[data-filter]");
-    if (b) { state.mode = b.dataset.filter; apply(); return; }
-    const el = e.target.closest("[data-i]");
-    if (el && !dlg.contains(el)) show(+el.dataset.i);
-    else if (e.target === dlg) dlg.close();
-  });
-  document.addEventListener("keydown", e => {
-    if (dlg.open && (e.key === "ArrowRight" || e.key === "ArrowLeft")) step(e.key === "ArrowRight" ? 1 : -1);
-    else if (!dlg.open && e.key === "Enter" && e.target.dataset && e.target.dataset.i !== undefined) show(+e.target.dataset.i);
-  });
-  document.getElementById("q").addEventListener("input", e => { state.q = e.target.value.trim().toLowerCase(); apply(); });
-  apply();
-})();
-"""
