@@ -444,7 +444,7 @@ def inspect_image(
     as_json: Annotated[bool, typer.Option("--json", help="Print only the JSON record.")] = False,
 ) -> None:
     """Print the A1111 infotext and the sdbatch record embedded in an image."""
-    from .gallery import read_image_info
+    from .inspector import read_image_info
 
     try:
         parameters, record = read_image_info(image)

@@ -91,17 +91,25 @@ def unresolved_failures(store: Store, done: pa.Table, columns: list[str] | None 
     else:
         table = pa.schema([METADATA_SCHEMA.field(c) for c in names or METADATA_SCHEMA.names])
         table = table.empty_table()
-    table = table.append_column("_part", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    table = anti_join(table, done).sort_by([("created_at", "ascending"), ("_part", "ascending")])
-    table = table.append_column("_rank", pa.array(np.arange(table.num_rows, dtype=np.int64)))
-    newest = table.group_by(["id", "image_index"], use_threads=False).aggregate([("_rank", "max")])
-    table = table.filter(pc.is_in(table["_rank"], value_set=newest["_rank_max"]))
-    return table.sort_by("_part").drop_columns(["_part", "_rank"])
+    if "created_at" not in table.column_names:  # parts older than the column
+        table = table.append_column("created_at", pa.nulls(table.num_rows, pa.timestamp("us")))
+    # Keys, order and time only: Arrow joins cannot carry list columns along.
+    keys = table.select(["id", "image_index", "created_at"]).append_column(
+        "_part", pa.array(np.arange(table.num_rows, dtype=np.int64))
+    )
+    keys = anti_join(keys, done).sort_by([("created_at", "ascending"), ("_part", "ascending")])
+    keys = keys.append_column("_rank", pa.array(np.arange(keys.num_rows, dtype=np.int64)))
+    newest = keys.group_by(["id", "image_index"], use_threads=False).aggregate([("_rank", "max")])
+    rows = keys.filter(pc.is_in(keys["_rank"], value_set=newest["_rank_max"]))["_part"]
+    return table.take(pc.take(rows, pc.sort_indices(rows)))
 
 
 def _schema_of(table: pa.Table) -> pa.Schema:
-    """METADATA_SCHEMA's types for the columns `table` has."""
-    return pa.schema([METADATA_SCHEMA.field(c) for c in table.column_names])
+    """METADATA_SCHEMA's types for the columns `table` has (others as they are)."""
+    known = set(METADATA_SCHEMA.names)
+    return pa.schema(
+        [METADATA_SCHEMA.field(f.name) if f.name in known else f for f in table.schema]
+    )
 
 
 def drop_orphan_shards(store: Store) -> None:

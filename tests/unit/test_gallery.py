@@ -225,6 +225,49 @@ def test_page_links_escaping_and_failures(tmp_path: Path) -> None:
         assert link.startswith("../../out/images/") and (other.parent / link).is_file()
 
 
+def test_user_text_is_text_wherever_the_page_prints_it(tmp_path: Path) -> None:
+    """Ids, prompts, error messages, the job name and --where break out of no element
+    or attribute: in cards, sweep grids, failure rows, the header and the records."""
+    from html.parser import HTMLParser
+
+    attack = '"><img src=x onerror=alert(1)><script>alert(1)</script>'
+    common = {"prompt": attack, "row_id": attack, "job_name": attack}
+    images = [
+        item(f"a{attack}", sweep={"steps": 20}, **common),
+        item(f"a{attack}", 1, sweep={"steps": 30}, **common),
+    ]
+    failures = [failure(f"f{attack}", error=attack, sweep={"steps": 40}, **common)]
+    output = fake_output(str(tmp_path / "out"), images, failures)
+    g = build_gallery(output, where=f"id <> '{attack}x'")
+    assert (g.images, g.failures, g.sweep_grids) == (2, 1, 1)
+    page = Path(g.uri).read_text()
+
+    class Page(HTMLParser):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tags: list[tuple[str, dict[str, str | None]]] = []
+            self.texts: list[str] = []
+
+        def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+            self.tags.append((tag, dict(attrs)))
+
+        def handle_data(self, data: str) -> None:
+            self.texts.append(data)
+
+    parsed = Page()
+    parsed.feed(page)
+    assert [t for t, _ in parsed.tags].count("script") == 2  # the records and the page's JS
+    assert not [a for _, attrs in parsed.tags for a in attrs if a.startswith("on")]
+    assert "x" not in [attrs.get("src") for _, attrs in parsed.tags]
+    # The text arrives as text: title, heading, card and grid prompts, failure row, --where.
+    shown = "".join(parsed.texts)
+    assert shown.count(attack) >= 8, shown
+    assert f"f{attack}: init image not found" in shown
+    alts = [attrs["alt"] for tag, attrs in parsed.tags if tag == "img" and attrs.get("alt")]
+    assert alts == [attack] * 4  # two grid cells, two cards
+    assert {r["fields"]["prompt"] for r in records(page)} == {attack}
+
+
 def test_where_and_limit(tmp_path: Path) -> None:
     images = [item(f"t{i}") for i in range(5)] + [item("p1", mode="inpaint", seed=7)]
     failures = [failure("p2", mode="inpaint"), failure("t9")]

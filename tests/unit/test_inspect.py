@@ -182,7 +182,7 @@ def test_inspect_prints_infotext_and_record_verbatim(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("fmt", ["webp", "jpeg"])
 def test_inspect_reads_the_exif_of_jpeg_and_webp(tmp_path: Path, fmt: str) -> None:
-    from sdbatch.gallery import read_image_info
+    from sdbatch.inspector import read_image_info
 
     r = CASES["inpaint, multi-line prompt with colons"]
     pixels = np.zeros((r["height"], r["width"], 3), np.uint8)
