@@ -44,17 +44,9 @@ ON_WORKERS = {"resources": {"render_node": 1}}
 
 def child_cluster(spec_path: str) -> None:
     """Head + 2 one-CPU worker nodes on this machine; run the job there; print CHILD json."""
-    import ray
-    from ray.cluster_utils import Cluster
-
     t = h.timer()
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
-    )
-    workers = [cluster.add_node(num_cpus=1, resources={"render_node": 1}) for _ in range(2)]
-    cluster.wait_for_nodes()
-    cluster_start = t()
-    try:
+    with h.local_cluster(nodes=2, cpus=1) as (cluster, workers):
+        cluster_start = t()
         h.start_ray(cluster.address)
         spec = h.load(spec_path)
         work = Path(spec.output).parent
@@ -64,9 +56,6 @@ def child_cluster(spec_path: str) -> None:
         nodes = sorted(set(h.metadata(spec.output)["worker"].str.split(":").str[1]))
         h.child_report({**figures, "cluster_start": cluster_start, "rendered_on": nodes,
                         "worker_nodes": [w.node_id[:12] for w in workers]})  # fmt: skip
-    finally:
-        ray.shutdown()  # disconnect first: Cluster refuses to remove the driver's node
-        cluster.shutdown()
 
 
 def run_all(args: argparse.Namespace, work: Path) -> dict[str, dict]:

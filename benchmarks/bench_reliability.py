@@ -139,44 +139,33 @@ def finished(run: dict[str, Any], expect_rc: int = 0) -> dict[str, Any]:
 def cluster_child(spec_path: str, after: int, replace: bool, lose: bool) -> None:
     """In a child process: the job on a local cluster whose render node goes after
     `after` stored images (test_node_loss's set-up); report run_job's wall time."""
-    from ray.cluster_utils import Cluster
-
     from sdbatch.errors import RunError
     from sdbatch.runner import run_job
-    from sdbatch.spec import load_spec
 
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
-    )
-    node = cluster.add_node(num_cpus=2, resources={"render_node": 2})
-    cluster.wait_for_nodes()
-    spec = load_spec(spec_path)
+    spec = h.load(spec_path)
     report: dict[str, Any] = {"notes": []}
+    with h.local_cluster(nodes=1, cpus=2) as (cluster, (node,)):
 
-    def run() -> None:
-        started = time.perf_counter()
-        try:
-            result = run_job(spec, address=cluster.address, on_note=report["notes"].append)
-            report.update(done=result.done, failed=result.failed)
-        except RunError as err:
-            report.update(error=str(err))
-        report["wall"] = time.perf_counter() - started
+        def run() -> None:
+            t = h.timer()
+            try:
+                result = run_job(spec, address=cluster.address, on_note=report["notes"].append)
+                report.update(done=result.done, failed=result.failed)
+            except RunError as err:
+                report.update(error=str(err))
+            report["wall"] = t()
 
-    job = threading.Thread(target=run, daemon=True)  # Ray adds nodes from the main thread
-    job.start()
-    while lose and job.is_alive() and stored(Path(spec.output)) < after:
-        time.sleep(0.05)
-    if lose and job.is_alive():
-        report["removed_at"] = stored(Path(spec.output))
-        cluster.remove_node(node, allow_graceful=False)
-        if replace:
-            time.sleep(3)
-            cluster.add_node(num_cpus=2, resources={"render_node": 2})
-    job.join()
-    import ray
-
-    ray.shutdown()
-    cluster.shutdown()
+        job = threading.Thread(target=run, daemon=True)  # Ray adds nodes from the main thread
+        job.start()
+        while lose and job.is_alive() and stored(Path(spec.output)) < after:
+            time.sleep(0.05)
+        if lose and job.is_alive():
+            report["removed_at"] = stored(Path(spec.output))
+            cluster.remove_node(node, allow_graceful=False)
+            if replace:
+                time.sleep(3)
+                cluster.add_node(num_cpus=2, resources={"render_node": 2})
+        job.join()
     h.child_report(report)
 
 

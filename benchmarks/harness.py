@@ -11,6 +11,7 @@ How steady-state and in-call rates are taken is in _steady.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -264,6 +265,27 @@ def warm_up(models: dict[str, Path], work: Path, **compute: Any) -> float:
     spec = job(work / "warmup.yaml", manifest(work / "warmup.parquet", rows(8, "warm")),
                work / "warmup-out", models, size=64, steps=1, **compute)  # fmt: skip
     return run_timed(load(spec))["wall"]
+
+
+@contextlib.contextmanager
+def local_cluster(nodes: int, cpus: int) -> Iterator[tuple[Any, list[Any]]]:
+    """A multi-node Ray on this machine: a 1-CPU head and `nodes` worker nodes of `cpus`
+    CPUs, each with as many `render_node` resources (a job's `compute.resources` keeps
+    its actors there); yields (cluster, worker nodes)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(
+        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
+    )
+    workers = [cluster.add_node(num_cpus=cpus, resources={"render_node": cpus})
+               for _ in range(nodes)]  # fmt: skip
+    cluster.wait_for_nodes()
+    try:
+        yield cluster, workers
+    finally:
+        ray.shutdown()  # disconnect first: Cluster refuses to remove the driver's node
+        cluster.shutdown()
 
 
 def metadata(output: str | Path) -> Any:
