@@ -205,6 +205,7 @@ def job(
     for key, value in fields.items():
         merge = isinstance(value, dict) and isinstance(spec.get(key), dict)
         spec[key] = {**spec[key], **value} if merge else value
+    path.parent.mkdir(parents=True, exist_ok=True)
     return helpers.write_spec(path, **spec)
 
 
