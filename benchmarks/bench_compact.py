@@ -94,7 +94,7 @@ def main() -> int:
     figures = {"parts": parts, "files": len(files), "seconds": seconds,
                "seconds_per_million": per_million, "peak_rss_mib_before": before,
                "peak_rss_mib_after": after, "rows_ok": counted == args.rows}  # fmt: skip
-    headline = {"s per 10⁶ rows": per_million, "files per 10⁶ rows": len(files) / args.rows * 1e6,
+    headline = {"s per 10⁶ rows": per_million, "files per 10⁶ rows": len(files) / max(1, args.rows / 1e6),
                 "peak RSS growth MiB": after - before, "every row once": counted == args.rows}  # fmt: skip
     return h.finish(BENCH, args, config, figures, headline)
 

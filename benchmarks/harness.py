@@ -472,7 +472,7 @@ def finish(
     if headline:
         table(["figure", "value"], [[k, v] for k, v in headline.items()])
     if quick:
-        print("   (quick mode: a smoke test, start-up dominates; not a result)")
+        print("   (quick mode: a smoke test at a small size; its figures are not results)")
     record = {
         "bench": bench,
         "quick": quick,
