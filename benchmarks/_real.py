@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from _common import MODELS
+from harness import MODELS
 
 SD15_UNET: dict[str, Any] = {
     "sample_size": 64,

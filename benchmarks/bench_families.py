@@ -1,4 +1,4 @@
-"""Render-actor memory per model family and mode set (issue 12).
+"""Render-actor memory per model family and mode set.
 
     .venv/bin/python benchmarks/bench_families.py [--quick] [--size 64] [--steps 4]
 
@@ -21,10 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-import _common as c
+import harness as h
 
 BENCH = "families"
 
@@ -51,26 +50,18 @@ CONFIGS: dict[str, tuple[dict[str, str], list[str]]] = {
 }
 
 
-def peak_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
-def inputs(folder: Path, size: int) -> dict[str, str]:
-    import numpy as np
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    yy, xx = np.mgrid[0:size, 0:size]
-    init = np.stack([xx * 255 // size, yy * 255 // size, (xx + yy) * 127 // size], -1)
-    mask = np.zeros((size, size), np.uint8)
-    mask[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 255
-    Image.fromarray(init.astype(np.uint8)).save(folder / "init.png")
-    Image.fromarray(mask).save(folder / "mask.png")
-    return {"init_image": str(folder / "init.png"), "mask_image": str(folder / "mask.png")}
+def mode_rows(modes: list[str], batch: int, files: dict[str, str]) -> list[dict]:
+    """One batch of rows per mode, with the inputs each mode needs."""
+    rows = []
+    for mode in modes:
+        for i in range(batch):
+            row = {"id": f"{mode}-{i}", "prompt": f"{h.SUBJECTS[i % 4]}, {mode}", "mode": mode}
+            if mode != "txt2img":
+                row.update(init_image=files["init_image"], strength=0.7)
+            if mode == "inpaint":
+                row["mask_image"] = files["mask_image"]
+            rows.append(row)
+    return rows
 
 
 def child(args: argparse.Namespace) -> None:
@@ -84,127 +75,76 @@ def child(args: argparse.Namespace) -> None:
     from sdbatch.prepare import prepare_item
     from sdbatch.render import Renderer
 
+    # 1. The spec and one batch of items per mode.
     torch.set_num_threads(args.threads)
-    imported_mib = peak_mib()
+    imported_mib = h.vm_mib()
     entries, modes = CONFIGS[args.config]
-    paths = json.loads(args.models)
-    work = Path(args.work)
-    spec = c.make_spec(
-        "families",
-        work / "unused.parquet",
-        work / "out",
-        {name: paths[variant] for name, variant in entries.items()},
-        size=args.size,
-        steps=args.steps,
-        batch_size=args.batch,
-        scheduler="default",
-    )
-    files = inputs(work / "inputs", args.size)
-    rows = []
-    for mode in modes:
-        for i in range(args.batch):
-            row = {"id": f"{mode}-{i}", "prompt": f"{c.SUBJECTS[i % 4]}, {mode}", "mode": mode}
-            if mode != "txt2img":
-                row.update(init_image=files["init_image"], strength=0.7)
-            if mode == "inpaint":
-                row["mask_image"] = files["mask_image"]
-            rows.append(row)
+    paths, work = json.loads(args.models), Path(args.work)
+    spec = h.load(h.job(work / "job.yaml", work / "unused.parquet", work / "out",
+                        {name: paths[variant] for name, variant in entries.items()},
+                        size=args.size, steps=args.steps, batch=args.batch,
+                        scheduler="default"))  # fmt: skip
+    rows = mode_rows(modes, args.batch, h.init_and_mask(work / "inputs", args.size))
     info = ManifestInfo("bench", len(rows), len(rows), [], set(modes), "depth2img" in modes)
 
-    started = time.perf_counter()
-    renderer = Renderer(
-        models=models_for(spec, set(modes)),
-        model_hashes={},
-        batch_size=args.batch,
-        torch_threads=args.threads,
-        **aux_models(spec, info),
-    )
-    load_s = time.perf_counter() - started
-    loaded_mib = peak_mib()
+    # 2. What an actor's __init__ does, then one batch per mode.
+    t = h.timer()
+    renderer = Renderer(models=models_for(spec, set(modes)), model_hashes={},
+                        batch_size=args.batch, torch_threads=args.threads,
+                        **aux_models(spec, info))  # fmt: skip
+    load_s, loaded_mib = t(), h.vm_mib()
     modules = loaded_modules(
         {**renderer.pipes, **{f"r.{m}": p for m, p in renderer.refiners.items()}}
     )
-
     items = list(plan_items(rows, spec, families=family_of))
     for item in items:
         if item["mode"] != "txt2img":
             prepare_item(item, None)
-    started = time.perf_counter()
+    t = h.timer()
     ok = 0
     for mode in modes:
         batch = [it for it in items if it["mode"] == mode]
         ok += sum(r["status"] == "ok" for r in renderer.render_batch(batch))
-    c.child_report(
-        {
-            "imported_mib": imported_mib,
-            "loaded_mib": loaded_mib,
-            "peak_mib": peak_mib(),
-            "load_s": load_s,
-            "render_s": time.perf_counter() - started,
-            "images": ok,
-            "planned": len(items),
-            "modules": len(modules),
-            "distinct_modules": len(set(modules.values())),
-        }
-    )
+    h.child_report({
+        "imported_mib": imported_mib, "loaded_mib": loaded_mib, "peak_mib": h.vm_mib(),
+        "load_s": load_s, "render_s": t(), "images": ok, "planned": len(items),
+        "modules": len(modules), "distinct_modules": len(set(modules.values())),
+    })  # fmt: skip
 
 
-def main() -> None:
-    parser = c.job_parser(__doc__, size=64, steps=4, threads=1, with_items=False)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--config", choices=list(CONFIGS), help=argparse.SUPPRESS)
-    parser.add_argument("--models", help=argparse.SUPPRESS)
-    parser.add_argument("--work", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+def main() -> int:
+    hidden = ["config", "models", "work"]
+    p = h.parser(__doc__, size=64, steps=4, threads=1, with_items=False, hidden=hidden)
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = h.parse(p, size=64, steps=2)
     if args.child:
-        return child(args)
-    c.apply_quick(args, steps=2)
-    vars(args).pop("items", None)  # one batch per mode, not an item count
+        return child(args) or 0
 
     variants = sorted({v for entries, _ in CONFIGS.values() for v in entries.values()})
-    models = {k: str(v) for k, v in c.tiny_models(variants).items()}
-    work = c.workdir(BENCH)
-    config = c.job_config(args, configs=list(CONFIGS), scheduler="default")
-    c.header("families: render-actor memory per model family and mode set", config)
-    me = [str(Path(__file__).resolve()), "--child", "--models", json.dumps(models)]
-    me += ["--size", str(args.size), "--steps", str(args.steps), "--batch", str(args.batch)]
-    me += ["--threads", str(args.threads)]
+    models = {k: str(v) for k, v in h.tiny_models(variants).items()}
+    work = h.workdir(BENCH)
+    config = h.job_config(args, configs=list(CONFIGS), scheduler="default")
+    h.header("families: render-actor memory per model family and mode set", config)
+    me = [__file__, "--child", "--models", json.dumps(models)]
+    me += h.script_args(args, "size", "steps", "batch", "threads")
     figures: dict = {}
     rows = []
     for label in CONFIGS:
-        report = c.run_child(
-            [*me, "--config", label, "--work", str(work / label.replace(" ", "_"))], timeout=1800
-        )
-        figures[label] = {k: v for k, v in report.items() if k != "spawned_at"}
-        rows.append(
-            [
-                label,
-                report["imported_mib"],
-                report["loaded_mib"],
-                report["peak_mib"],
-                report["load_s"],
-                f"{report['images']}/{report['planned']}",
-                f"{report['distinct_modules']}/{report['modules']}",
-            ]
-        )
-    c.table(
-        [
-            "family / modes",
-            "imports MiB",
-            "loaded MiB",
-            "peak MiB",
-            "load s",
-            "images",
-            "modules (distinct/held)",
-        ],
-        rows,
-    )
+        folder = str(work / label.replace(" ", "_"))
+        r = h.run_child([*me, "--config", label, "--work", folder], timeout=1800)
+        figures[label] = {k: v for k, v in r.items() if k != "spawned_at"}
+        rows.append([label, r["imported_mib"], r["loaded_mib"], r["peak_mib"], r["load_s"],
+                     f"{r['images']}/{r['planned']}",
+                     f"{r['distinct_modules']}/{r['modules']}"])  # fmt: skip
+    h.table(["family / modes", "imports MiB", "loaded MiB", "peak MiB", "load s", "images",
+             "modules (distinct/held)"], rows)  # fmt: skip
     print(
         "   peak = VmHWM after one batch per mode; a render actor adds its Ray worker "
         "process's own memory. modules: torch modules the pipelines reference / distinct "
         "objects (shared VAE, text encoders, UNets counted once)."
     )
-    c.emit(BENCH, args.quick, config, figures)
+    headline = {f"{label} peak RSS MiB": f["peak_mib"] for label, f in figures.items()}
+    return h.finish(BENCH, args, config, figures, headline)
 
 
 if __name__ == "__main__":

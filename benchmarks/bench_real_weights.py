@@ -1,7 +1,9 @@
-"""Weights an actor holds at real model size, in fp16 (issue 13): does one actor with all
-four SDXL modes and the refiner fit a 24 GB GPU?
+"""Weights an actor holds at real model size, in fp16: what is left of a 24 GB GPU for one
+actor with all four SDXL modes and the refiner?
 
-    .venv/bin/python benchmarks/bench_real_weights.py
+    .venv/bin/python benchmarks/bench_real_weights.py [--quick]
+
+(--quick is accepted for run_all.py: counting on the meta device is already quick.)
 
 The real SD 1.5 and SDXL component configs (`_real.py`) are built on PyTorch's meta
 device (no memory, nothing downloaded) and their parameters counted; bytes = parameters ×
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-import _common as c
+import harness as h
 from _real import parameter_counts
 
 BENCH = "real_weights"
@@ -39,9 +41,11 @@ CONFIGS = {
 
 
 def main() -> int:
-    c.header(f"{BENCH}: parameters an actor holds, fp16", {"dtype": "float16"})
+    args = h.parse(h.parser(__doc__, job=False, quick_help="the same (it is quick)"))
+    config = {"dtype": "float16"}
+    h.header(f"{BENCH}: parameters an actor holds, fp16", config)
     counts = parameter_counts()
-    c.table(
+    h.table(
         ["component", "parameters (M)", "fp16 GiB"],
         [[name, n / 1e6, 2 * n / GIB] for name, n in counts.items()],
     )
@@ -50,13 +54,14 @@ def main() -> int:
         gib = 2 * sum(counts[p] for p in parts) / GIB
         rows.append([label, gib, 24 * 1e9 / GIB - gib])
         figures[label] = gib
-    c.table(["actor holds", "weights fp16 GiB", "left of a 24 GB GPU, GiB"], rows)
+    h.table(["actor holds", "weights fp16 GiB", "left of a 24 GB GPU, GiB"], rows)
     print(
         "   + SDXL depth2img rows without depth_map: the DPT depth estimator, kept in fp32 "
         "(Intel/dpt-hybrid-midas, not counted here)."
     )
-    c.emit(BENCH, False, {"dtype": "float16"}, figures)
-    return 0
+    headline = {f"{label} weights fp16 GiB": gib for label, gib in figures.items()
+                if label != "components"}  # fmt: skip
+    return h.finish(BENCH, args, config, figures, headline)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Reliability (issue 15): each fault injected into a small job, and what it cost.
+"""Reliability: each fault injected into a small job, and what it cost.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_reliability.py [--quick] [--items 64]
 
@@ -40,13 +40,12 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import _common as c
+import harness as h
 
 BENCH = "reliability"
 SDBATCH = [sys.executable, "-m", "sdbatch.cli"]
@@ -60,29 +59,10 @@ def job_spec(
 ) -> Path:
     manifest = work / "manifest.parquet"
     if not manifest.exists():
-        c.write_manifest(manifest, c.prompt_rows(args.items))
-    spec = c.spec_dict(
-        "reliability",
-        manifest,
-        work / name,
-        {"base": args.model},
-        size=64,
-        steps=2,
-        actors=1,
-        execution={"commit_rows": 8, "commit_seconds": 1},
-    )
-    for key, value in extra.items():
-        spec[key] = {**spec.get(key, {}), **value} if isinstance(value, dict) else value
-    if output is not None:
-        spec["output"] = output
-    return c.write_spec(work / f"{name}.yaml", spec)
-
-
-def ray_env() -> dict[str, str]:
-    """A Ray temp dir of its own per run: no `ray_current_cluster` file leaks anywhere."""
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
-    env.pop("RAY_ADDRESS", None)
-    return env
+        h.manifest(manifest, h.rows(args.items))
+    execution = {"commit_rows": 8, "commit_seconds": 1, **extra.pop("execution", {})}
+    return h.job(work / f"{name}.yaml", manifest, output or work / name, {"base": args.model},
+                 size=64, steps=2, actors=1, execution=execution, **extra)  # fmt: skip
 
 
 # ---------------------------------------------------------------- `sdbatch run`
@@ -98,8 +78,8 @@ class Cli:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            env=ray_env(),
-            cwd=c.ROOT,
+            env=h.ray_env(),
+            cwd=h.ROOT,
             start_new_session=True,
         )
 
@@ -159,60 +139,44 @@ def finished(run: dict[str, Any], expect_rc: int = 0) -> dict[str, Any]:
 def cluster_child(spec_path: str, after: int, replace: bool, lose: bool) -> None:
     """In a child process: the job on a local cluster whose render node goes after
     `after` stored images (test_node_loss's set-up); report run_job's wall time."""
-    from ray.cluster_utils import Cluster
-
     from sdbatch.errors import UserError
     from sdbatch.runner import run_job
-    from sdbatch.spec import load_spec
 
-    cluster = Cluster(
-        initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False}
-    )
-    node = cluster.add_node(num_cpus=2, resources={"render_node": 2})
-    cluster.wait_for_nodes()
-    spec = load_spec(spec_path)
+    spec = h.load(spec_path)
     report: dict[str, Any] = {"notes": []}
+    with h.local_cluster(nodes=1, cpus=2) as (cluster, (node,)):
 
-    def run() -> None:
-        started = time.perf_counter()
-        try:
-            result = run_job(spec, address=cluster.address, on_note=report["notes"].append)
-            report.update(done=result.done, failed=result.failed)
-        except UserError as err:
-            report.update(error=str(err))
-        report["wall"] = time.perf_counter() - started
+        def run() -> None:
+            t = h.timer()
+            try:
+                result = run_job(spec, address=cluster.address, on_note=report["notes"].append)
+                report.update(done=result.done, failed=result.failed)
+            except UserError as err:
+                report.update(error=str(err))
+            report["wall"] = t()
 
-    job = threading.Thread(target=run, daemon=True)  # Ray adds nodes from the main thread
-    job.start()
-    while lose and job.is_alive() and stored(Path(spec.output)) < after:
-        time.sleep(0.05)
-    if lose and job.is_alive():
-        report["removed_at"] = stored(Path(spec.output))
-        cluster.remove_node(node, allow_graceful=False)
-        if replace:
-            time.sleep(3)
-            cluster.add_node(num_cpus=2, resources={"render_node": 2})
-    job.join()
-    import ray
-
-    ray.shutdown()
-    cluster.shutdown()
-    c.child_report(report)
+        job = threading.Thread(target=run, daemon=True)  # Ray adds nodes from the main thread
+        job.start()
+        while lose and job.is_alive() and stored(Path(spec.output)) < after:
+            time.sleep(0.05)
+        if lose and job.is_alive():
+            report["removed_at"] = stored(Path(spec.output))
+            cluster.remove_node(node, allow_graceful=False)
+            if replace:
+                time.sleep(3)
+                cluster.add_node(num_cpus=2, resources={"render_node": 2})
+        job.join()
+    h.child_report(report)
 
 
 def on_cluster(spec: Path, after: int, *flags: str) -> dict[str, Any]:
     args = [str(Path(__file__)), "--cluster-child", str(spec), str(after), *flags]
-    return c.run_child(args, timeout=900, env=ray_env())
+    return h.run_child(args, timeout=900, env=h.ray_env())
 
 
 def cluster_spec(work: Path, name: str, args: argparse.Namespace, **execution: Any) -> Path:
-    return job_spec(
-        work,
-        name,
-        args,
-        compute={"actors": 2, "cpus_per_actor": 1, "resources": {"render_node": 1}},
-        execution={"commit_rows": 8, "commit_seconds": 1, **execution},
-    )
+    compute = {"actors": 2, "cpus_per_actor": 1, "resources": {"render_node": 1}}
+    return job_spec(work, name, args, compute=compute, execution=execution)
 
 
 # ---------------------------------------------------------------- outcome
@@ -422,60 +386,23 @@ def fault_disk_full(work: Path, args, expected, ref) -> dict:
 # ---------------------------------------------------------------- main
 
 
-def main() -> None:
-    if sys.argv[1:2] == ["--cluster-child"]:  # SPEC AFTER [--replace] [--no-loss]
-        spec, after, *flags = sys.argv[2:]
-        return cluster_child(spec, int(after), "--replace" in flags, "--no-loss" not in flags)
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="32 items (a smoke test)")
-    parser.add_argument("--items", type=int, default=64)
-    parser.add_argument("--only", default="", help="comma-separated fault names")
-    args = parser.parse_args()
-    if args.quick:
-        args.items = 32
-    args.after = args.items // 3
-    config = {"items": args.items, "fault_after": args.after, "size": 64, "steps": 2,
-              "batch": 4, "scheduler": "ddim"}  # fmt: skip
-    c.header("reliability: faults injected × outcome", config)
-    work = c.workdir(BENCH)
-    args.model = c.tiny_models(["base"])["base"]
-    expected = {(r["id"], 0) for r in c.prompt_rows(args.items)}
-
-    # 1. The undisturbed runs each fault is compared with; the first is the reference
-    # every image's sha256 must equal.
+def baselines(work: Path, args: argparse.Namespace, expected: set) -> tuple[dict, dict]:
+    """The undisturbed runs each fault is compared with (wall s by kind), and the first
+    one's image sha256s, which every fault's images must equal."""
     local = finished(Cli(job_spec(work, "undisturbed", args)).wait())
     reference = audit(str(work / "undisturbed"), expected, None)
     assert reference["lost"] == 0 and reference["duplicated"] == 0, reference
-    ref = reference["shas"]
-    baseline = {"local": local["wall"]}
     print(f"   undisturbed `sdbatch run`: {local['wall']:.1f} s", flush=True)
     cluster = on_cluster(cluster_spec(work, "cluster-undisturbed", args), 0, "--no-loss")
-    baseline["cluster"] = cluster["wall"]
     print(f"   undisturbed cluster run_job: {cluster['wall']:.1f} s", flush=True)
-
-    faults = {
-        "node_replaced": lambda: fault_node_lost(work, args, expected, ref, replace=True),
-        "node_gone": lambda: fault_node_lost(work, args, expected, ref, replace=False),
-        "actor_kill": lambda: fault_actor_killed(work, args, expected, ref),
-        "driver_kill": lambda: fault_driver_killed(work, args, expected, ref),
-        "s3_20": lambda: fault_s3(work, args, expected, ref, 0.2),
-        "disk_full": lambda: fault_disk_full(work, args, expected, ref),
-    }
-    only = [f for f in args.only.split(",") if f] or list(faults)
-    rows: list[dict[str, Any]] = []
-    if "s3_20" in only:
-        s3_base = fault_s3(work, args, expected, ref, 0.0)
-        baseline["s3"] = s3_base["walls"][0]
+    baseline = {"local": local["wall"], "cluster": cluster["wall"]}
+    if "s3_20" in args.only:
+        baseline["s3"] = fault_s3(work, args, expected, reference["shas"], 0.0)["walls"][0]
         print(f"   undisturbed `sdbatch run` to S3 (proxy 0 %): {baseline['s3']:.1f} s", flush=True)
-    for name in only:
-        try:
-            result = faults[name]()
-        except Exception as err:  # noqa: BLE001 - a fault that goes wrong is a row too
-            result = {"fault": name, "error": f"{type(err).__name__}: {err}"[:2000]}
-        print(f"   {name}: {json.dumps(result, default=str)[:1500]}", flush=True)
-        rows.append(result)
+    return baseline, reference["shas"]
 
-    # 2. The table.
+
+def report(rows: list[dict[str, Any]], baseline: dict[str, float]) -> bool:
     table = []
     for r in rows:
         if "error" in r:
@@ -490,10 +417,8 @@ def main() -> None:
             f"{cost:+.1f} s ({cost / baseline[r['baseline']]:+.0%} of {r['baseline']})",
         ])  # fmt: skip
     print()
-    c.table(
-        ["fault", "lost", "duplicated", "bits differ", "re-rendered", "wall s (runs)", "cost"],
-        table,
-    )
+    h.table(["fault", "lost", "duplicated", "bits differ", "re-rendered", "wall s (runs)", "cost"],
+            table)  # fmt: skip
     print(
         "   baselines (undisturbed): "
         + ", ".join(f"{k} {v:.1f} s" for k, v in baseline.items())
@@ -502,9 +427,52 @@ def main() -> None:
     )
     clean = all(r.get("lost") == 0 and r.get("duplicated") == 0 for r in rows)
     print(f"   0 lost and 0 duplicated on every row: {clean}")
-    if args.quick:
-        print("   (quick mode: a smoke test, not a result)")
-    c.emit(BENCH, args.quick, config, {"baseline": baseline, "rows": rows, "clean": clean})
+    return clean
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--cluster-child"]:  # SPEC AFTER [--replace] [--no-loss]
+        spec, after, *flags = sys.argv[2:]
+        cluster_child(spec, int(after), "--replace" in flags, "--no-loss" not in flags)
+        return 0
+    p = h.parser(__doc__, job=False, quick_help="32 items (a smoke test)")
+    p.add_argument("--items", type=int, default=64)
+    p.add_argument("--only", default="", help="comma-separated fault names")
+    args = h.parse(p, items=32)
+    args.after = args.items // 3
+    config = {"items": args.items, "fault_after": args.after, "size": 64, "steps": 2,
+              "batch": 4, "scheduler": "ddim"}  # fmt: skip
+    h.header("reliability: faults injected × outcome", config)
+    work = h.workdir(BENCH)
+    args.model = h.tiny_models(["base"])["base"]
+    expected = {(r["id"], 0) for r in h.rows(args.items)}
+    faults = {
+        "node_replaced": lambda: fault_node_lost(work, args, expected, ref, replace=True),
+        "node_gone": lambda: fault_node_lost(work, args, expected, ref, replace=False),
+        "actor_kill": lambda: fault_actor_killed(work, args, expected, ref),
+        "driver_kill": lambda: fault_driver_killed(work, args, expected, ref),
+        "s3_20": lambda: fault_s3(work, args, expected, ref, 0.2),
+        "disk_full": lambda: fault_disk_full(work, args, expected, ref),
+    }
+    args.only = [f for f in args.only.split(",") if f] or list(faults)
+
+    # 1. The undisturbed runs, then each fault (one that goes wrong is a row too).
+    baseline, ref = baselines(work, args, expected)
+    rows: list[dict[str, Any]] = []
+    for name in args.only:
+        try:
+            result = faults[name]()
+        except Exception as err:  # noqa: BLE001
+            result = {"fault": name, "error": f"{type(err).__name__}: {err}"[:2000]}
+        print(f"   {name}: {json.dumps(result, default=str)[:1500]}", flush=True)
+        rows.append(result)
+
+    # 2. The table.
+    clean = report(rows, baseline)
+    headline = {f"{r['fault']}: lost, duplicated": f"{r.get('lost')}, {r.get('duplicated')}"
+                for r in rows}  # fmt: skip
+    figures = {"baseline": baseline, "rows": rows, "clean": clean}
+    return h.finish(BENCH, args, config, figures, headline)
 
 
 if __name__ == "__main__":

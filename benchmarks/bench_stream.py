@@ -1,4 +1,4 @@
-"""Jobs of 10⁷ images (issue 14 §1): time to the first stored image and the driver's
+"""Jobs of 10⁷ images: time to the first stored image and the driver's
 peak memory, fresh and resuming an output with 10⁶ items done.
 
     .venv/bin/python benchmarks/bench_stream.py [--quick] [--rows 10000000] [--done 1000000]
@@ -20,8 +20,7 @@ Per case: seconds from the command's start to the first stored image (the first 
 line with an item done: its image is written and its metadata row reached the driver),
 of which before rendering could start (the CLI's "N images, ... to render" line), and
 the driver process's peak RSS (VmHWM of the `sdbatch run` process; Ray's own processes
-are not the driver). Goals: peak RSS ≤ 1 GiB in both cases; first image within seconds,
-the same for 10³ and 10⁷ rows (run with `--rows 1000` to see the small job's figure).
+are not the driver). Run with `--rows 1000` to see the small job's figures.
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import _common as c
+import harness as h
 
 BENCH = "stream"
 SETTLE = 10.0
@@ -45,36 +44,11 @@ START = re.compile(r"^(\d+) images, (\d+) already done")
 PROGRESS = re.compile(r"^progress: (\d+)/(\d+) done, (\d+) failed")
 
 
-def write_manifest(path: Path, rows: int) -> None:
-    """id + prompt in row groups of 100,000, written chunk by chunk."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    schema = pa.schema([("id", pa.string()), ("prompt", pa.string())])
-    chunk = 100_000
-    with pq.ParquetWriter(path, schema) as writer:
-        for start in range(0, rows, chunk):
-            n = min(chunk, rows - start)
-            ids = [f"row-{i:08d}" for i in range(start, start + n)]
-            prompts = [f"{c.SUBJECTS[i % 4]}, style {i}" for i in range(start, start + n)]
-            writer.write_table(pa.table({"id": ids, "prompt": prompts}, schema=schema))
-
-
-def peak_rss_mib(pid: int) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        return None
-    return None
-
-
 def run_until_first_image(job: Path, timeout: float) -> dict[str, Any]:
     """`sdbatch run JOB` until SETTLE s after its first stored image, then SIGINT."""
     cmd = [sys.executable, "-m", "sdbatch.cli", "run", str(job), "--progress", "plain"]
     started = time.perf_counter()
-    proc = subprocess.Popen([*cmd, "--every", "0"], cwd=c.ROOT, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([*cmd, "--every", "0"], cwd=h.ROOT, stderr=subprocess.PIPE, text=True)
     marks: dict[str, Any] = {}
     lines: list[str] = []
     first = threading.Event()
@@ -97,13 +71,13 @@ def run_until_first_image(job: Path, timeout: float) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     settle_until = None
     while proc.poll() is None and time.monotonic() < deadline:
-        peak = max(peak, peak_rss_mib(proc.pid) or 0.0)
+        peak = max(peak, h.vm_mib(pid=proc.pid) or 0.0)
         if first.is_set() and settle_until is None:
             settle_until = time.monotonic() + SETTLE
         if settle_until is not None and time.monotonic() >= settle_until:
             break
         time.sleep(0.1)
-    peak = max(peak, peak_rss_mib(proc.pid) or 0.0)
+    peak = max(peak, h.vm_mib(pid=proc.pid) or 0.0)
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
@@ -172,54 +146,44 @@ def add_done_items(output: Path, count: int) -> int:
     return len(ids)
 
 
-def main() -> None:
-    parser = c.job_parser(
-        __doc__, size=64, steps=2, actors=2, threads=1, with_items=False, quick_help="10⁵ rows"
-    )
-    parser.add_argument("--rows", type=int, default=10_000_000, help="manifest rows")
-    parser.add_argument("--done", type=int, default=1_000_000, help="done items when resuming")
-    parser.add_argument("--timeout", type=float, default=1200, help="seconds per case")
-    args = parser.parse_args()
-    if args.quick:
-        args.rows, args.done = 100_000, 20_000
-    config = c.job_config(args, rows=args.rows, done=args.done)
-    c.header("streaming plan: first image and driver memory, fresh and resuming", config)
-    work = c.workdir(BENCH)
-    models = {"base": c.tiny_models(["base"])["base"]}
-    t = c.timer()
-    manifest = work / "manifest.parquet"
-    write_manifest(manifest, args.rows)
+def main() -> int:
+    p = h.parser(__doc__, size=64, steps=2, actors=2, threads=1, with_items=False,
+                 quick_help="10⁵ rows")  # fmt: skip
+    p.add_argument("--rows", type=int, default=10_000_000, help="manifest rows")
+    p.add_argument("--done", type=int, default=1_000_000, help="done items when resuming")
+    p.add_argument("--timeout", type=float, default=1200, help="seconds per case")
+    args = h.parse(p, rows=100_000, done=20_000)
+    config = h.job_config(args, rows=args.rows, done=args.done)
+    h.header("streaming plan: first image and driver memory, fresh and resuming", config)
+
+    # 1. The manifest and the job.
+    work = h.workdir(BENCH)
+    models = {"base": h.tiny_models(["base"])["base"]}
+    t = h.timer()
+    manifest = h.big_manifest(work / "manifest.parquet", args.rows)
     print(f"   manifest: {args.rows:,} rows written in {t():.1f} s", flush=True)
     output = work / "out"
-    spec = c.spec_dict(
-        "stream", manifest, output, models, size=args.size, steps=args.steps,
-        batch_size=args.batch, actors=args.actors, threads=args.threads,
-    )  # fmt: skip
-    job = c.write_spec(work / "job.yaml", spec)
-    figures: dict[str, Any] = {}
-    figures["fresh"] = run_until_first_image(job, args.timeout)
-    t = c.timer()
+    job = h.job(work / "job.yaml", manifest, output, models, size=args.size, steps=args.steps,
+                batch=args.batch, actors=args.actors, threads=args.threads)  # fmt: skip
+
+    # 2. Fresh, then resuming with --done items done.
+    figures: dict[str, Any] = {"fresh": run_until_first_image(job, args.timeout)}
+    t = h.timer()
     added = add_done_items(output, args.done)
     print(f"   resume state: {added:,} done items added in {t():.1f} s", flush=True)
     figures["resume"] = {**run_until_first_image(job, args.timeout), "done_added": added}
-    rows = []
+
+    # 3. Report.
+    h.table(["case", "already done", "render start s", "first image s", "driver peak MiB"],
+            [[case, f"{f['skipped']:,}", h.fmt(f["start_s"], ".1f"),
+              h.fmt(f["first_image_s"], ".1f"), h.fmt(f["peak_rss_mib"], ".0f")]
+             for case, f in figures.items()])  # fmt: skip
+    headline = {}
     for case, f in figures.items():
-        rows.append(
-            [
-                case,
-                f"{f['skipped']:,}",
-                c.fmt(f["start_s"], ".1f"),
-                c.fmt(f["first_image_s"], ".1f"),
-                c.fmt(f["peak_rss_mib"], ".0f"),
-                c.verdict(f["peak_rss_mib"], 1024, higher_is_better=False),
-            ]
-        )
-    c.table(
-        ["case", "already done", "render start s", "first image s", "driver peak MiB", "≤ 1 GiB"],
-        rows,
-    )
-    c.emit(BENCH, args.quick, config, figures)
+        headline[f"{case}: first image s"] = f["first_image_s"]
+        headline[f"{case}: driver peak RSS MiB"] = f["peak_rss_mib"]
+    return h.finish(BENCH, args, config, figures, headline)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
