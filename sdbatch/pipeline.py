@@ -211,7 +211,6 @@ def _build(
     """plan → prepare (where rows have input images) → render → write, as Ray Data."""
     import ray.data
 
-    from . import modelcache
     from .render import BlockRenderer
     from .stream import prepare_blocks, write_blocks
 
@@ -232,27 +231,7 @@ def _build(
     # batch_size items), so pipeline calls are as full as the plan allows.
     ds = ds.map_batches(
         BlockRenderer,
-        fn_constructor_kwargs=dict(
-            models=stages.models,
-            **stages.aux,
-            model_hashes=stages.hashes,
-            in_flight=stages.in_flight,
-            batch_size=spec.batch_size,
-            device=stages.placement.device,
-            dtype=spec.compute.dtype,
-            torch_threads=stages.placement.torch_threads,
-            prompt_overflow=spec.prompt_overflow,
-            render_options=spec.compute.render_options(),
-            warmup_sizes=_warmup_sizes(spec, info),
-            storage=spec.storage.model_dump(),
-            layouts=spec.models.layouts(),
-            loras=spec.loras,
-            embeddings=spec.embeddings,
-            adapter_files=stages.adapters,
-            model_sources=modelcache.plans(
-                sorted({*stages.hashes, *spec.models.layouts().values()})
-            ),
-        ),
+        fn_constructor_kwargs=_renderer_kwargs(spec, stages, info),
         compute=ray.data.ActorPoolStrategy(
             min_size=stages.min_actors or stages.placement.actors,
             max_size=stages.placement.actors,
@@ -281,4 +260,31 @@ def _build(
         batch_size=None,
         num_cpus=CPU_STAGE_CPUS,
         runtime_env=env,
+    )
+
+
+def _renderer_kwargs(spec: JobSpec, stages: Stages, info: ManifestInfo) -> dict[str, Any]:
+    """What each render actor is built with: the checkpoints and adapters to load once,
+    and how to render (`render.Renderer`'s keyword arguments)."""
+    from . import modelcache
+
+    assert spec.models is not None
+    return dict(
+        models=stages.models,
+        **stages.aux,
+        model_hashes=stages.hashes,
+        in_flight=stages.in_flight,
+        batch_size=spec.batch_size,
+        device=stages.placement.device,
+        dtype=spec.compute.dtype,
+        torch_threads=stages.placement.torch_threads,
+        prompt_overflow=spec.prompt_overflow,
+        render_options=spec.compute.render_options(),
+        warmup_sizes=_warmup_sizes(spec, info),
+        storage=spec.storage.model_dump(),
+        layouts=spec.models.layouts(),
+        loras=spec.loras,
+        embeddings=spec.embeddings,
+        adapter_files=stages.adapters,
+        model_sources=modelcache.plans(sorted({*stages.hashes, *spec.models.layouts().values()})),
     )
