@@ -133,7 +133,7 @@ def child(args: argparse.Namespace) -> None:
     ok = 0
     for mode in modes:
         batch = [it for it in items if it["mode"] == mode]
-        ok += sum(r["status"] == "ok" for r in renderer.render_batch(batch))
+        ok += sum(r["status"] == "ok" for r in renderer.render(batch))
     c.child_report(
         {
             "imported_mib": imported_mib,

@@ -194,7 +194,7 @@ def rerun(
                         Outcome(row["id"], row["image_index"], "input-changed", ", ".join(changed))
                     )
                     continue
-            result = renderer.render_alone(item, position=int(row.get("batch_position") or 0))
+            result = renderer.render([item], position=int(row.get("batch_position") or 0))[0]
             if result["status"] != "ok":
                 report.outcomes.append(
                     Outcome(

@@ -461,7 +461,7 @@ def test_black_and_nan_outputs_are_failures_not_successes(tmp_path, tiny_models)
         save_file(tensors, path)
         renderer = Renderer(models={"txt2img": str(model)}, model_hashes={}, batch_size=2)
         item = work_item(str(model), id=kind, seed=1, prompt="a cat", steps=2)
-        results[kind] = renderer.render_batch([item])[0]
+        results[kind] = renderer.render([item])[0]
     assert (results["black"]["status"], results["black"]["error_type"]) == ("failed", "BlackImage")
     assert (results["nan"]["status"], results["nan"]["error_type"]) == ("failed", "NonFiniteOutput")
 
