@@ -104,7 +104,7 @@ def child(args: argparse.Namespace) -> None:
     ok = 0
     for mode in modes:
         batch = [it for it in items if it["mode"] == mode]
-        ok += sum(r["status"] == "ok" for r in renderer.render_batch(batch))
+        ok += sum(r["status"] == "ok" for r in renderer.render(batch))
     h.child_report({
         "imported_mib": imported_mib, "loaded_mib": loaded_mib, "peak_mib": h.vm_mib(),
         "load_s": load_s, "render_s": t(), "images": ok, "planned": len(items),

@@ -18,7 +18,7 @@ from .checks import check_job
 from .manifest import iter_rows
 from .models import family_of
 from .output import METADATA_PREFIX, done_items, read_parts
-from .plan import plan_items
+from .plan import homogeneous_blocks, plan_items
 from .spec import JobSpec
 from .store import open_store
 
@@ -103,7 +103,8 @@ def _from_history(store: Any) -> tuple[float | None, str]:
 
 
 def _calibrate(spec: JobSpec, items: list[dict[str, Any]]) -> float:
-    """Seconds per cost unit, rendering `items` in full batches after one warm-up call."""
+    """Seconds per cost unit, rendering `items` through the job's render entry point
+    (full batches of each batch key) after one warm-up call."""
     from .checks import adapter_files
     from .models import weights_sha256
     from .prepare import prepare_item
@@ -125,9 +126,12 @@ def _calibrate(spec: JobSpec, items: list[dict[str, Any]]) -> float:
         item.update(status=None, notes=None)
         if mode != "txt2img":
             prepare_item(item, spec.storage.model_dump())
-    renderer.render_batch(items[:1])  # warm-up: first calls pay for allocation
+    renderer.render(items[:1])  # warm-up: first calls pay for allocation
+    # A group's items may differ in batch key (guidance, prompt syntax...): blocked as
+    # the plan blocks a job, one block per key.
+    blocks = list(homogeneous_blocks(items, len(items)))
     started = time.perf_counter()
-    for i in range(0, len(items), spec.batch_size):
-        renderer.render_batch(items[i : i + spec.batch_size])
+    for block in blocks:
+        renderer.render(block)
     seconds = time.perf_counter() - started
     return seconds / sum(cost_units(it) for it in items)

@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from .manifest import ManifestInfo
 from .plan import block_rows_for
+from .render import BlockRenderer
 from .session import CPU_STAGE_CPUS, PLAN_TASKS, Placement, runtime_env
 from .spec import JobSpec
 from .stream import unpack
@@ -211,7 +212,6 @@ def _build(
     """plan → prepare (where rows have input images) → render → write, as Ray Data."""
     import ray.data
 
-    from .render import BlockRenderer
     from .stream import prepare_blocks, write_blocks
 
     # Environment read now, not at ray.init: a connected cluster gets this job's settings.

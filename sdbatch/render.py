@@ -1,19 +1,22 @@
-"""The render stage: a Ray Data actor that holds the pipelines and renders batches.
+"""The render stage: pipelines loaded once per actor, planned items rendered to pixels.
 
-`Renderer.__init__` loads every pipeline the job needs once; `__call__` takes a batch of
-work items (a pyarrow table), groups them by batch key, and renders each group in
-pipeline calls of exactly `batch_size` images, padding short groups with copies of their
-first item. On CPU an image's bits depend on the batch size it was rendered in but not on
-its neighbours, so padding makes every image a function of (item, batch size, threads)
-only — which is what lets reruns and resumes reproduce it bit for bit.
+`Renderer.render(items)` is the one way sdbatch renders: the job's Ray Data actor
+(`BlockRenderer`, one planned block per call), `rerun` (one item, at the batch position
+it was first rendered in) and `plan --calibrate` all go through it. Its items share one
+batch key (the plan cuts homogeneous blocks); A1111-syntax items are split further by
+encoded prompt length. Each pipeline call holds exactly `batch_size` images, padding a
+short call with copies of its first item. On CPU an image's bits depend on the batch
+size it was rendered in but not on its neighbours, so padding makes every image a
+function of (item, batch size, threads) only — which is what lets reruns and resumes
+reproduce it bit for bit.
+
+A call's arguments are built in `callargs`; the decode step and the checks that make an
+image a failure (NaN, safety checker, all black) are in `decode`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import platform
-import socket
 import time
 import traceback
 from collections import defaultdict
@@ -22,11 +25,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from . import __version__
 from .adapters import record as record_adapters
 from .adapters import recorded as recorded_adapters
-from .errors import ItemFailure
-from .plan import SIZE_CONDITIONING
+from .decode import UPCAST_NOTE, call_decoding_in_fp32_on_overflow, checked_pixels
+from .errors import ItemFailure, UserError
+from .fingerprint import environment_fingerprint, worker_name
 
 # Decoded inputs from the prepare stage; consumed here, never copied into metadata.
 IMAGE_INPUTS = (
@@ -37,54 +40,6 @@ IMAGE_INPUTS = (
     "mask_pixels",
     "depth_pixels",
 )
-
-
-# What the refiner's second stage takes from the first stage's arguments.
-_REFINER_ARGS = (
-    "prompt",
-    "negative_prompt",
-    "num_inference_steps",
-    "guidance_scale",
-    "generator",
-    "output_type",
-    *SIZE_CONDITIONING,
-)
-
-
-def environment_fingerprint(device: str) -> dict[str, str]:
-    import diffusers
-    import torch
-    import transformers
-
-    if device == "cuda":
-        hardware = torch.cuda.get_device_name(0)
-    else:
-        hardware = _cpu_model()
-    return {
-        "sdbatch": __version__,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "hardware": hardware,
-    }
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """Float images in [0, 1] → uint8, exactly as diffusers' `numpy_to_pil` rounds."""
-    return (images * 255).round().astype("uint8")
 
 
 def models_of(item: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +64,7 @@ def checkpoints_of(item: dict[str, Any]) -> dict[str, str]:
 
 
 class Renderer:
-    """Ray Data callable class: pipelines are loaded once per actor, reused per batch."""
+    """The GPU state of one render actor: pipelines loaded once, then `render` per block."""
 
     def __init__(
         self,
@@ -133,13 +88,10 @@ class Renderer:
         embeddings: dict[str, str] | None = None,
         adapter_files: dict[str, Any] | None = None,
     ):
+        from .callargs import CallArgs
         from .modelcache import adopt as adopt_listings
         from .models import (
-            REFINER_CLASSES,
-            inspect_checkpoint,
-            load_controlnet,
             load_depth_estimator,
-            load_pipeline,
             quiet_libraries,
             resolve_device,
             use_layouts,
@@ -165,40 +117,69 @@ class Renderer:
         self.options_json = (
             json.dumps(self.render_options, sort_keys=True) if self.render_options else None
         )
-        # 1. Pipelines per mode, sharing modules; SDXL depth2img adds the depth ControlNet.
-        shared: dict[str, Any] = {}
         offload = bool(self.render_options.get("cpu_offload")) and self.device == "cuda"
-        load_device = "cpu" if offload else self.device
+        # 1. Pipelines per mode and the SDXL refiner's second stage, sharing modules.
+        self._load_pipelines(models, refiner, depth_controlnet, "cpu" if offload else self.device)
+        # 2. A depth estimator for SDXL depth2img rows without a depth map.
+        self.depth_estimator = (
+            load_depth_estimator(depth_estimator, self.device) if depth_estimator else None
+        )
+        # 3. LoRAs and embeddings, each loaded once; switched per pipeline call.
+        self._load_adapters(loras, embeddings, adapter_files, storage)
+        self.args = CallArgs(self.torch_dtype, self.device, self.depth_estimator)
+        self._apply_options(offload)
+        # fp16 VAEs of SD 1.x/2.x can overflow to NaN; those batches are decoded again in
+        # fp32 (`decode`). SDXL pipelines upcast their VAE themselves (`force_upcast`).
+        self.vae_fallback = self.torch_dtype == torch.float16
+        self.default_schedulers = {
+            id(p): p.scheduler for p in [*self.pipes.values(), *self.refiners.values()]
+        }
+        self.env = json.dumps(environment_fingerprint(self.device), sort_keys=True)
+        self.pipeline_calls = 0
+        self.worker = worker_name()
+        if self.render_options.get("torch_compile"):
+            for mode, width, height in warmup_sizes or []:
+                self._warm_up(mode, width, height)
+
+    def _load_pipelines(
+        self, models: dict[str, str], refiner: str | None, depth_controlnet: str | None, device: str
+    ) -> None:
+        """`pipes` per mode (SDXL depth2img with the depth ControlNet) and `refiners` per
+        mode (SDXL only), sharing every module they can."""
+        from .models import REFINER_CLASSES, inspect_checkpoint, load_controlnet, load_pipeline
+
+        shared: dict[str, Any] = {}
         families = {mode: inspect_checkpoint(ref).family for mode, ref in models.items()}
         controlnet = None
         if depth_controlnet and families.get("depth2img") == "sdxl":
-            controlnet = load_controlnet(depth_controlnet, load_device, self.torch_dtype)
+            controlnet = load_controlnet(depth_controlnet, device, self.torch_dtype)
         self.pipes = {
             mode: load_pipeline(
                 mode,
                 ref,
-                load_device,
+                device,
                 self.torch_dtype,
                 shared,
                 controlnet=controlnet if mode == "depth2img" else None,
             )
             for mode, ref in models.items()
         }
-        # 2. The SDXL refiner's second stage per mode, sharing the VAE and text encoder 2.
+        # The refiner's second stage shares the base's VAE and text encoder 2.
         self.refiners = {}
         if refiner:
             self.refiners = {
-                mode: load_pipeline(
-                    mode, refiner, load_device, self.torch_dtype, shared, cls_name=cls_name
-                )
-                for mode, cls_name in REFINER_CLASSES.items()
+                mode: load_pipeline(mode, refiner, device, self.torch_dtype, shared, cls_name=cls)
+                for mode, cls in REFINER_CLASSES.items()
                 if families.get(mode) == "sdxl"
             }
-        # 3. A depth estimator for SDXL depth2img rows without a depth map.
-        self.depth_estimator = (
-            load_depth_estimator(depth_estimator, self.device) if depth_estimator else None
-        )
-        # 4. LoRAs and embeddings, each loaded once; switched per pipeline call.
+
+    def _load_adapters(
+        self,
+        loras: dict[str, str] | None,
+        embeddings: dict[str, str] | None,
+        adapter_files: dict[str, Any] | None,
+        storage: dict[str, Any] | None,
+    ) -> None:
         from .adapters import AdapterFile, Adapters
 
         self.adapters = Adapters(list(self.pipes.values()), loras or {}, embeddings or {}, storage)
@@ -208,20 +189,6 @@ class Renderer:
                 for key, f in (adapter_files or {}).items()
             }
         )
-        self.prompt_encoders: dict[int, Any] = {}
-        self._apply_options(offload)
-        # fp16 VAEs of SD 1.x/2.x can overflow to NaN; those batches are decoded again in
-        # fp32. SDXL pipelines upcast their VAE themselves (`force_upcast`).
-        self.vae_fallback = self.torch_dtype == torch.float16
-        self.default_schedulers = {
-            id(p): p.scheduler for p in [*self.pipes.values(), *self.refiners.values()]
-        }
-        self.env = json.dumps(environment_fingerprint(self.device), sort_keys=True)
-        self.pipeline_calls = 0
-        self.worker = f"{socket.gethostname()}:{_node_id()[:12]}:{os.getpid()}"
-        if self.render_options.get("torch_compile"):
-            for mode, width, height in warmup_sizes or []:
-                self._warm_up(mode, width, height)
 
     def _apply_options(self, offload: bool) -> None:
         import torch
@@ -254,73 +221,75 @@ class Renderer:
             output_type="latent",
         )
 
-    # 1. Group the batch by render parameters; 2. render each group padded to
-    # batch_size; 3. on a failed call, retry item by item to isolate the bad one.
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        items = batch.to_pylist()
-        groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for item in items:
-            groups[item["batch_key"]].append(item)
-        out: list[dict[str, Any]] = []
-        for group in groups.values():
-            for same in self._by_prompt_length(group):
-                for start in range(0, len(same), self.batch_size):
-                    out.extend(self.render_batch(same[start : start + self.batch_size]))
-        return pa.Table.from_pylist(out)
+    def render(
+        self, items: list[dict[str, Any]], position: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Render planned items of one batch key (a planned block) in pipeline calls of
+        `batch_size` images; one result row per item, ok or failed. Never raises for one
+        item's problem: a failed call is retried item by item to isolate the bad one.
 
-    def _by_prompt_length(self, group: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+        `position`: the slot of a single item in its call (a rerun puts it where it was
+        first rendered; copies of it fill the other slots).
+        """
+        if len({item.get("batch_key") for item in items}) > 1:
+            raise ValueError("Renderer.render takes items of one batch key (a planned block)")
+        if position is not None and len(items) != 1:
+            raise ValueError("a batch position is given for a single item only")
+        slot = None if position is None else min(position, self.batch_size - 1)
+        rows: list[dict[str, Any]] = []
+        for same in self._by_prompt_length(items):
+            for start in range(0, len(same), self.batch_size):
+                rows.extend(self._render_call(same[start : start + self.batch_size], slot))
+        return rows
+
+    def _by_prompt_length(self, items: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         """A1111-syntax items split by encoded prompt length (75-token chunks): a call
         pads every prompt to its longest, so an item shares calls only with items of its
         own length and its image never depends on a neighbour's prompt."""
-        first = group[0]
+        first = items[0] if items else {}
         if first.get("prompt_syntax") != "a1111" or first.get("status") == "failed":
-            return [group]
+            return [items]
         pipe = self.pipes[first["mode"]]
         by_length: dict[int, list[dict[str, Any]]] = defaultdict(list)
         try:
             self.adapters.activate(pipe, first.get("loras"))
-            for item in group:
-                by_length[self._prompt_length(pipe, item)].append(item)
-        except Exception:  # noqa: BLE001 - render_batch isolates and reports the item
-            return [group]
+            for item in items:
+                by_length[self.args.prompt_length(pipe, item)].append(item)
+        except Exception:  # noqa: BLE001 - _render_call isolates and reports the item
+            return [items]
         return list(by_length.values())
 
-    def render_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Render up to batch_size planned items of one batch key in one pipeline call.
-
-        Returns one result row per item (ok or failed); never raises for a per-item problem.
-        """
-        ready, results = [], []
+    def _render_call(
+        self, items: list[dict[str, Any]], position: int | None
+    ) -> list[dict[str, Any]]:
+        """At most batch_size items in one pipeline call: items the prepare stage or the
+        prompt check failed get their failure row; the rest are rendered together, or
+        one by one (a second attempt each) when their call fails."""
+        ready, rows = [], []
         for item in items:
-            _fault_hook(item)
             if item.get("status") == "failed":  # the prepare stage already said why
-                results.append(
-                    self._failed(item, item["error_type"], item["error_message"], attempts=1)
-                )
+                rows.append(self._failed(item, item["error_type"], item["error_message"]))
                 continue
             try:
                 item["prompt_truncated"] = self._check_prompt(item)
                 ready.append(item)
             except ItemFailure as err:
-                results.append(self._failed(item, err.error_type, str(err), attempts=1))
+                rows.append(self._failed(item, err.error_type, str(err)))
         if not ready:
-            return results
+            return rows
         if ready[0]["mode"] != "txt2img" and ready[0]["strength"] == 0:
-            return results + [self._unchanged(item) for item in ready]
+            return rows + [self._unchanged(item) for item in ready]
         try:
-            results.extend(self._call(ready))
-        except Exception as err:  # noqa: BLE001 - isolate the item that broke the batch
+            return rows + self._call(ready, position)
+        except Exception as err:  # noqa: BLE001 - isolate the item that broke the call
             if len(ready) == 1:
-                results.append(self._failed(ready[0], _error_type(err), _short(err), attempts=1))
-            else:
-                for item in ready:
-                    try:
-                        results.extend(self._call([item]))
-                    except Exception as one:  # noqa: BLE001
-                        results.append(
-                            self._failed(item, _error_type(one), _short(one), attempts=2)
-                        )
-        return results
+                return rows + [self._failed(ready[0], _error_type(err), _short(err))]
+        for item in ready:
+            try:
+                rows.extend(self._call([item]))
+            except Exception as one:  # noqa: BLE001
+                rows.append(self._failed(item, _error_type(one), _short(one), attempts=2))
+        return rows
 
     def _check_prompt(self, item: dict[str, Any]) -> bool:
         if item.get("prompt_syntax") == "a1111":
@@ -341,43 +310,6 @@ class Renderer:
                 too_long = True
         return too_long
 
-    def _call_with_vae_fallback(self, pipe: Any, kwargs: dict[str, Any]) -> tuple[Any, bool]:
-        """Run to latents, then decode as diffusers does; decode again in fp32 if fp16
-        overflows to NaN. Returns the pipeline output and whether fp32 was needed."""
-        import torch
-        from diffusers.pipelines.stable_diffusion import StableDiffusionPipelineOutput
-
-        latents = pipe(**{**kwargs, "output_type": "latent"}).images
-        vae = pipe.vae
-        scaled = latents / vae.config.scaling_factor
-        image = vae.decode(scaled, return_dict=False, generator=kwargs["generator"])[0]
-        upcast = False
-        if not torch.isfinite(image).all():
-            vae.to(torch.float32)
-            try:
-                image = vae.decode(
-                    scaled.float(), return_dict=False, generator=kwargs["generator"]
-                )[0]
-            finally:
-                vae.to(self.torch_dtype)
-            upcast = True
-        image, nsfw = pipe.run_safety_checker(image, pipe._execution_device, latents.dtype)
-        denormalize = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
-        images = pipe.image_processor.postprocess(
-            image, output_type="np", do_denormalize=denormalize
-        )
-        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw), upcast
-
-    def render_alone(self, item: dict[str, Any], position: int = 0) -> dict[str, Any]:
-        """Render one item in a call of `batch_size` images, at `position` (for reruns)."""
-        try:
-            item["prompt_truncated"] = self._check_prompt(item)
-        except ItemFailure as err:
-            return self._failed(item, err.error_type, str(err))
-        if item["mode"] != "txt2img" and item["strength"] == 0:
-            return self._unchanged(item)
-        return self._call([item], position=min(position, self.batch_size - 1))[0]
-
     def _call(
         self, items: list[dict[str, Any]], position: int | None = None
     ) -> list[dict[str, Any]]:
@@ -392,73 +324,39 @@ class Renderer:
         sdxl = first.get("model_family") == "sdxl"
         padded = items + [first] * (self.batch_size - len(items))
         slots = list(range(len(items))) if position is None else [position]
-        for item in items:
-            _fault_hook(item, inside_call=True)
         pipe.scheduler = self._scheduler(pipe, first["scheduler"])
         try:
             self.adapters.activate(pipe, first.get("loras"))
-        except ValueError as err:
+        except (UserError, ValueError) as err:  # a LoRA that did not load; peft refusing a set
             raise ItemFailure("AdapterError", str(err)) from None
-        kwargs: dict[str, Any] = dict(
-            **self._prompt_args(pipe, padded, sdxl),
-            num_inference_steps=first["steps"],
-            guidance_scale=first["guidance_scale"],
-            generator=[torch.Generator("cpu").manual_seed(it["seed"]) for it in padded],
-            output_type="np",
-        )
-        if sdxl:
-            kwargs.update({c: tuple(first[c]) for c in SIZE_CONDITIONING})
-        kwargs.update(self._mode_inputs(padded))
+        kwargs = self.args.build(pipe, padded, sdxl)
         started = time.perf_counter()
         upcast = False
         with torch.inference_mode():
             if first.get("refiner"):
                 output = self._call_refined(pipe, kwargs, padded)
             elif self.vae_fallback and not sdxl:
-                output, upcast = self._call_with_vae_fallback(pipe, kwargs)
+                output, upcast = call_decoding_in_fp32_on_overflow(pipe, kwargs, self.torch_dtype)
             else:
                 output = pipe(**kwargs)
         seconds = (time.perf_counter() - started) / len(items)
         self.pipeline_calls += 1
         call_id = f"{self.worker}#{self.pipeline_calls}"
         nsfw = getattr(output, "nsfw_content_detected", None) or [False] * len(padded)
-        results = []
-        for item, position in zip(items, slots, strict=True):
-            image = output.images[position]
-            if not np.isfinite(image).all():
-                results.append(
-                    self._failed(item, "NonFiniteOutput", "NaN/inf in the decoded image")
-                )
+        rows = []
+        for item, slot in zip(items, slots, strict=True):
+            pixels, failure = checked_pixels(output.images[slot], nsfw[slot])
+            if failure is not None:
+                rows.append(self._failed(item, *failure))
                 continue
-            pixels = to_uint8(image)
-            if nsfw[position]:
-                results.append(
-                    self._failed(
-                        item,
-                        "SafetyChecker",
-                        "the checkpoint's safety checker blacked out this image",
-                    )
-                )
-                continue
-            if not pixels.any():
-                results.append(self._failed(item, "BlackImage", "decoded image is all black"))
-                continue
-            results.append(
-                self._done(
-                    item,
-                    pixels,
-                    position=position,
-                    seconds=seconds,
-                    scheduler=type(pipe.scheduler).__name__,
-                    call_id=call_id,
-                )
+            scheduler = type(pipe.scheduler).__name__
+            row = self._done(
+                item, pixels, position=slot, seconds=seconds, scheduler=scheduler, call_id=call_id
             )
-        if upcast:
-            for row in results:
-                if row["status"] == "ok":
-                    note = "fp16 VAE decode overflowed to NaN; decoded again in float32"
-                    row["notes"] = "; ".join(filter(None, [row.get("notes"), note]))
-        return results
+            if upcast:
+                row["notes"] = "; ".join(filter(None, [row.get("notes"), UPCAST_NOTE]))
+            rows.append(row)
+        return rows
 
     def _call_refined(self, pipe: Any, kwargs: dict[str, Any], padded: list[dict[str, Any]]) -> Any:
         """SDXL base then refiner, as diffusers documents the ensemble of experts: the base
@@ -469,137 +367,7 @@ class Renderer:
         latents = pipe(**{**kwargs, "output_type": "latent", "denoising_end": switch}).images
         refiner = self.refiners[first["mode"]]
         refiner.scheduler = self._scheduler(refiner, first["scheduler"])
-        second = {k: kwargs[k] for k in _REFINER_ARGS if k in kwargs}
-        if first.get("prompt_syntax") == "a1111":
-            second.update(self._prompt_args(refiner, padded, sdxl=True))
-        second.update(image=latents, denoising_start=switch)
-        if first["mode"] == "inpaint":
-            second.update(mask_image=kwargs["mask_image"], width=kwargs["width"])
-            second.update(height=kwargs["height"], strength=kwargs["strength"])
-        return refiner(**second)
-
-    def _prompt_args(self, pipe: Any, padded: list[dict[str, Any]], sdxl: bool) -> dict[str, Any]:
-        """The call's prompt arguments: the texts (`plain`, diffusers encodes them), or
-        A1111-syntax prompts encoded by compel (`prompts`), padded to one length."""
-        negative: list[str] | None = [it["negative_prompt"] or "" for it in padded]
-        # SDXL without any negative prompt: None, as a plain call without one; it then
-        # uses zeros, not the encoded "" (force_zeros_for_empty_prompt).
-        zeros = sdxl and not any(negative or []) and pipe.config.get("force_zeros_for_empty_prompt")
-        if padded[0].get("prompt_syntax") != "a1111":
-            if sdxl and not any(negative or []):
-                negative = None
-            return dict(prompt=[it["prompt"] for it in padded], negative_prompt=negative)
-        import torch
-
-        encoder = self._prompt_encoder(pipe)
-        pairs = [self._encoded(pipe, it) for it in padded]
-        length = max(max(p.embeds.shape[1], n.embeds.shape[1]) for p, n in pairs)
-        args = {"prompt_embeds": torch.cat([encoder.pad(p.embeds, length) for p, _ in pairs])}
-        if not zeros:
-            args["negative_prompt_embeds"] = torch.cat(
-                [encoder.pad(n.embeds, length) for _, n in pairs]
-            )
-        if encoder.pooled:
-            args["pooled_prompt_embeds"] = torch.cat([p.pooled for p, _ in pairs])
-            if not zeros:
-                args["negative_pooled_prompt_embeds"] = torch.cat([n.pooled for _, n in pairs])
-        return args
-
-    def _prompt_encoder(self, pipe: Any) -> Any:
-        from .prompts import PromptEncoder
-
-        if id(pipe) not in self.prompt_encoders:
-            self.prompt_encoders[id(pipe)] = PromptEncoder(pipe, self.torch_dtype)
-        return self.prompt_encoders[id(pipe)]
-
-    def _encoded(self, pipe: Any, item: dict[str, Any]) -> tuple[Any, Any]:
-        """An A1111-syntax item's (prompt, negative prompt) embeddings for `pipe`, encoded
-        once per item (with the item's LoRAs active: they may change the text encoder)."""
-        import torch
-
-        cache = item.setdefault("_encoded", {})
-        if id(pipe) not in cache:
-            encoder = self._prompt_encoder(pipe)
-            with torch.inference_mode():
-                cache[id(pipe)] = (
-                    encoder.encode(item["prompt"]),
-                    encoder.encode(item["negative_prompt"] or ""),
-                )
-        return cache[id(pipe)]
-
-    def _prompt_length(self, pipe: Any, item: dict[str, Any]) -> int:
-        positive, negative = self._encoded(pipe, item)
-        return max(positive.embeds.shape[1], negative.embeds.shape[1])
-
-    def _mode_inputs(self, padded: list[dict[str, Any]]) -> dict[str, Any]:
-        """The pipeline arguments that differ between the four modes."""
-        import torch
-        from PIL import Image
-
-        first = padded[0]
-        size = (first["width"], first["height"])
-        if first["mode"] == "txt2img":
-            return {"width": size[0], "height": size[1]}
-        inputs: dict[str, Any] = {
-            "image": [Image.frombytes("RGB", size, it["init_pixels"]) for it in padded],
-            "strength": first["strength"],
-        }
-        if first["mode"] == "inpaint":
-            inputs["mask_image"] = [Image.frombytes("L", size, it["mask_pixels"]) for it in padded]
-            inputs.update(width=size[0], height=size[1])
-        elif first["mode"] == "depth2img" and first.get("controlnet"):
-            controls: dict[int, Any] = {}  # padding repeats the first item: estimate once
-            for it in padded:
-                if id(it) not in controls:
-                    controls[id(it)] = self._control_image(it)
-            inputs["control_image"] = [controls[id(it)] for it in padded]
-            inputs["controlnet_conditioning_scale"] = first["controlnet_conditioning_scale"]
-        elif first["mode"] == "depth2img" and first["depth_source"] == "provided":
-            maps = [
-                np.frombuffer(it["depth_pixels"], np.float32).reshape(size[1], size[0])
-                for it in padded
-            ]
-            inputs["depth_map"] = torch.from_numpy(np.stack(maps))
-        return inputs
-
-    def _control_image(self, item: dict[str, Any]) -> Any:
-        """The depth ControlNet's conditioning image (RGB, the item's size).
-
-        A provided 8-bit depth map is used as it is, as a plain diffusers call given that
-        image would; other maps are min-max scaled to 0..255. Without a map, depth is
-        estimated as diffusers' SDXL depth ControlNet example does: DPT, bicubic resize to
-        the image size, min-max normalised, replicated to 3 channels, truncated to uint8.
-        Each image is estimated on its own, so its depth never depends on its batch.
-        """
-        import torch
-        from PIL import Image
-
-        width, height = item["width"], item["height"]
-        if item["depth_source"] == "provided":
-            values = np.frombuffer(item["depth_pixels"], np.float32).reshape(height, width)
-            integral = bool((values == np.round(values)).all())
-            if not (integral and values.min() >= 0 and values.max() <= 255):
-                values = (values - values.min()) / (values.max() - values.min()) * 255.0
-            gray = Image.fromarray(values.round().astype(np.uint8), "L")
-            return gray.convert("RGB")
-        assert self.depth_estimator is not None, "planned without models.depth_estimator"
-        model, processor = self.depth_estimator
-        init = Image.frombytes("RGB", (width, height), item["init_pixels"])
-        pixel_values = processor(images=init, return_tensors="pt").pixel_values
-        with torch.inference_mode():
-            depth = model(pixel_values.to(self.device)).predicted_depth
-        depth = torch.nn.functional.interpolate(
-            depth.unsqueeze(1), size=(height, width), mode="bicubic", align_corners=False
-        )
-        low = torch.amin(depth, dim=[1, 2, 3], keepdim=True)
-        high = torch.amax(depth, dim=[1, 2, 3], keepdim=True)
-        if not torch.isfinite(depth).all() or bool((high == low).all()):
-            raise ItemFailure(
-                "FlatDepthMap", "estimated depth is constant; nothing to condition on"
-            )
-        depth = (depth - low) / (high - low)
-        image = torch.cat([depth] * 3, dim=1).permute(0, 2, 3, 1).float().cpu().numpy()[0]
-        return Image.fromarray((image * 255.0).clip(0, 255).astype(np.uint8))
+        return refiner(**self.args.second_stage(refiner, kwargs, padded, latents))
 
     def _unchanged(self, item: dict[str, Any]) -> dict[str, Any]:
         """Strength 0 means 'keep the input': diffusers refuses 0 denoising steps, so the
@@ -683,42 +451,6 @@ class Renderer:
         return row
 
 
-def _node_id() -> str:
-    try:
-        import ray
-
-        if not ray.is_initialized():  # reruns and calibration run outside Ray
-            return "local"
-        return ray.get_runtime_context().get_node_id() or "local"
-    except Exception:  # noqa: BLE001 - outside Ray (reruns, calibration)
-        return "local"
-
-
-def _fault_hook(item: dict[str, Any], inside_call: bool = False) -> None:
-    """Test-only fault injection, set through the SDBATCH_FAULT environment variable:
-
-    `crash:ID:MARKER` kills this actor process at item ID once (MARKER is a file created
-    on the first crash), `crashloop:ID` kills it every time, `hang:ID` blocks forever,
-    `raise:ID` makes every pipeline call that contains ID raise (like a CUDA OOM would).
-    """
-    spec = os.environ.get("SDBATCH_FAULT")
-    if not spec:
-        return
-    kind, _, rest = spec.partition(":")
-    target, _, marker = rest.partition(":")
-    if item["id"] != target or inside_call != (kind == "raise"):
-        return
-    if kind == "crash" and marker and not os.path.exists(marker):
-        open(marker, "w").close()
-        os._exit(17)
-    if kind == "crashloop":
-        os._exit(17)
-    if kind == "hang":
-        time.sleep(10**6)
-    if kind == "raise":
-        raise RuntimeError(f"injected failure for {target} (SDBATCH_FAULT)")
-
-
 def _error_type(err: BaseException) -> str:
     return getattr(err, "error_type", None) or type(err).__name__
 
@@ -755,13 +487,13 @@ class BlockRenderer(Renderer):
 
     def _block(self, block: pa.Table) -> pa.Table:
         if self.in_flight is None:
-            return super().__call__(block)
+            return pa.Table.from_pylist(self.render(block.to_pylist()))
         import ray
 
         columns = [
             c for c in block.column_names if not pa.types.is_binary(block.schema.field(c).type)
         ]
         ray.get(self.in_flight.begin.remote(self.actor_id, block.select(columns).to_pylist()))
-        out = super().__call__(block)
+        out = pa.Table.from_pylist(self.render(block.to_pylist()))
         self.in_flight.end.remote(self.actor_id)  # ordered before this actor's next begin
         return out

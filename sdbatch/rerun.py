@@ -20,11 +20,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import ItemFailure, UserError
+from .errors import UserError
 from .output import METADATA_PREFIX, done_table, read_parts, stored_spec, unresolved_failures
 from .plan import ITEM_SCHEMA, image_key
 from .store import Store, open_store
-from .write import CONTENT_TYPES, METADATA_SCHEMA, encode_image
+from .write import METADATA_SCHEMA
 
 if TYPE_CHECKING:
     from .spec import JobSpec
@@ -51,6 +51,10 @@ class RerunReport:
     @property
     def all_exact(self) -> bool:
         return bool(self.outcomes) and self.exact == len(self.outcomes)
+
+
+# What a rerun checks its inputs against: the hashes the first run recorded.
+INPUT_HASHES = ("init_image_sha256", "mask_image_sha256", "depth_map_sha256")
 
 
 def select_rows(store: Store, ids: list[str] | None, failed: bool) -> list[dict[str, Any]]:
@@ -84,56 +88,106 @@ def rerun(
     verify: bool = False,
     storage: dict[str, Any] | None = None,
 ) -> RerunReport:
-    """Render the chosen items again from metadata; write them to `to`, compare if `verify`."""
-    from .adapters import recorded as recorded_adapters
-    from .adapters import resolve as resolve_adapter
-    from .models import use_layouts, use_storage, weights_sha256
-    from .prepare import prepare_item
-    from .render import MODEL_COLUMNS, Renderer, checkpoints_of, models_of
-    from .weights import file_sha256
+    """Render the chosen items again from metadata; write them to `to`, compare if `verify`.
 
-    # 1. Choose rows and check that the weights are still the ones recorded.
+    Through the job's own stages: `prepare.prepare_batch` fetches and decodes the inputs,
+    `Renderer.render` renders each item alone at its recorded batch position, and
+    `write.write_batch` encodes it (and stores it in `to`).
+    """
+    from .models import use_layouts, use_storage
+    from .render import Renderer, checkpoints_of, models_of
+
+    # 1. Choose rows; the stored spec gives the image format and single-file layouts.
     source = open_store(output, storage)
     rows = select_rows(source, ids, failed)
     stored = _stored_spec(source)
     options = stored.output_options.model_dump() if stored else {"format": "png"}
     layouts = stored.models.layouts() if stored and stored.models else {}
-    target = open_store(to, storage) if to else None
-    report = RerunReport()
     use_storage(storage)  # s3:// checkpoints: this node's cached copy
     use_layouts(layouts)  # single-file checkpoints: the layouts the job used
-    current_hash: dict[str, str | None] = {}
+    report = RerunReport()
+    # 2. Rows whose weights changed since are reported, not rendered.
+    hashes = _current_hashes(rows, storage)
+    rows = [row for row in rows if not _weights_changed(row, hashes, report)]
+    written: list[dict[str, Any]] = []
+    for group in _by_actor(rows):
+        # 3. One renderer per actor configuration: models, batch size, threads, device, dtype.
+        first = group[0]
+        renderer = Renderer(
+            **models_of(first),
+            model_hashes={ref: hashes[ref] or "" for ref in checkpoints_of(first).values()},
+            batch_size=int(first["batch_size"] or 1),
+            device=first["device"] or "auto",
+            dtype=first["dtype"] or "auto",
+            torch_threads=int(first["torch_threads"] or 1),
+            storage=storage,
+            layouts=layouts,
+        )
+        # 4. Prepare and render each item as the job did.
+        rendered = _render_group(renderer, group, storage, report)
+        if not rendered:
+            continue
+        # 5. Encode (and store in `to`) as the job's write stage does; compare.
+        written += _write_and_compare(rendered, source, to, options, storage, verify, report)
+    # 6. The regenerated images' metadata, beside them (data first, its record last).
+    if to is not None and written:
+        _write_part(open_store(to, storage), written)
+    return report
+
+
+def _current_hashes(rows: list[dict[str, Any]], storage: dict[str, Any] | None) -> dict[str, Any]:
+    """Checkpoint ref or adapter URI → the sha256 of its weights now (None if missing)."""
+    from .adapters import recorded as recorded_adapters
+    from .adapters import resolve as resolve_adapter
+    from .models import weights_sha256
+    from .render import checkpoints_of
+    from .weights import file_sha256
+
+    hashes: dict[str, str | None] = {}
     for ref in {ref for r in rows for ref in checkpoints_of(r).values()}:
         try:
-            current_hash[ref] = weights_sha256(ref)
+            hashes[ref] = weights_sha256(ref)
         except Exception:  # noqa: BLE001 - a missing model is reported per item
-            current_hash[ref] = None
-    adapter_hash: dict[str, str | None] = {}  # adapter URI → its file's sha256 now
+            hashes[ref] = None
     for f in {f for r in rows for f in recorded_adapters(r)["adapter_files"].values()}:
         try:
-            adapter_hash[f.uri] = file_sha256(resolve_adapter(f.uri, storage))
+            hashes[f.uri] = file_sha256(resolve_adapter(f.uri, storage))
         except Exception:  # noqa: BLE001 - a missing file is reported per item
-            adapter_hash[f.uri] = None
+            hashes[f.uri] = None
+    return hashes
 
-    # 2. Group by what an actor is built with: models, batch size, threads, device, dtype.
+
+def _weights_changed(row: dict[str, Any], hashes: dict[str, Any], report: RerunReport) -> bool:
+    """Whether a checkpoint or adapter file of `row` changed since (then reported)."""
+    from .adapters import recorded as recorded_adapters
+    from .render import checkpoints_of
+
+    changed = [
+        f"{ref}: recorded {row[f'{column}_sha256'][:12]}, "
+        f"now {hashes[ref][:12] if hashes[ref] else 'missing'}"
+        for column, ref in checkpoints_of(row).items()
+        if row.get(f"{column}_sha256") and hashes[ref] != row[f"{column}_sha256"]
+    ]
+    changed += [
+        f"{f.uri}: recorded {f.sha256[:12]}, now {(hashes[f.uri] or 'missing')[:12]}"
+        for f in recorded_adapters(row)["adapter_files"].values()
+        if hashes[f.uri] != f.sha256
+    ]
+    if changed:
+        report.outcomes.append(
+            Outcome(row["id"], row["image_index"], "weights-changed", "; ".join(changed))
+        )
+    return bool(changed)
+
+
+def _by_actor(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Rows grouped by what an actor is built with: models, batch size, threads, device,
+    dtype and adapter files."""
+    from .adapters import recorded as recorded_adapters
+    from .render import MODEL_COLUMNS
+
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        changed = [
-            f"{ref}: recorded {row[f'{column}_sha256'][:12]}, "
-            f"now {current_hash[ref][:12] if current_hash[ref] else 'missing'}"  # type: ignore[index]
-            for column, ref in checkpoints_of(row).items()
-            if row.get(f"{column}_sha256") and current_hash[ref] != row[f"{column}_sha256"]
-        ]
-        changed += [
-            f"{f.uri}: recorded {f.sha256[:12]}, now {(adapter_hash[f.uri] or 'missing')[:12]}"
-            for f in recorded_adapters(row)["adapter_files"].values()
-            if adapter_hash[f.uri] != f.sha256
-        ]
-        if changed:
-            report.outcomes.append(
-                Outcome(row["id"], row["image_index"], "weights-changed", "; ".join(changed))
-            )
-            continue
         key = (
             row["mode"],
             *(row.get(column) for column in MODEL_COLUMNS),
@@ -144,110 +198,98 @@ def rerun(
             tuple(sorted(recorded_adapters(row)["adapter_files"])),
         )
         groups[key].append(row)
+    return list(groups.values())
 
-    written: list[dict[str, Any]] = []
-    for key, group in groups.items():
-        mode, batch_size, threads, device, dtype = key[0], *key[-5:-1]
-        renderer = Renderer(
-            **models_of(group[0]),
-            model_hashes={
-                ref: current_hash[ref] or "" for ref in checkpoints_of(group[0]).values()
-            },
-            batch_size=int(batch_size or 1),
-            device=device or "auto",
-            dtype=dtype or "auto",
-            torch_threads=int(threads or 1),
-            storage=storage,
-            layouts=layouts,
-        )
-        for row in group:
-            # 3. Rebuild the work item and its inputs exactly as the first run saw them.
-            item = {name: row.get(name) for name in ITEM_SCHEMA.names}
-            item.update(init_image=None, mask_image=None, depth_map=None)
-            item["batch_key"] = "rerun"
-            if mode != "txt2img":
-                try:
-                    prepare_item(item, storage)
-                except ItemFailure as err:
-                    report.outcomes.append(
-                        Outcome(row["id"], row["image_index"], "failed", str(err))
-                    )
-                    continue
-                changed = [
-                    c
-                    for c in ("init_image_sha256", "mask_image_sha256", "depth_map_sha256")
-                    if row.get(c) and item.get(c) != row[c]
-                ]
-                if changed:
-                    report.outcomes.append(
-                        Outcome(row["id"], row["image_index"], "input-changed", ", ".join(changed))
-                    )
-                    continue
-            result = renderer.render_alone(item, position=int(row.get("batch_position") or 0))
-            if result["status"] != "ok":
-                report.outcomes.append(
-                    Outcome(
-                        row["id"],
-                        row["image_index"],
-                        "failed",
-                        f"{result['error_type']}: {result['error_message']}",
-                    )
-                )
-                continue
+
+def _render_group(
+    renderer: Any, group: list[dict[str, Any]], storage: dict[str, Any] | None, report: RerunReport
+) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(metadata row, render result) of each row of `group` that rendered again; the
+    others get their outcome: inputs that no longer load or changed, a failed render."""
+    from .prepare import prepare_batch
+
+    planned = [{name: row.get(name) for name in ITEM_SCHEMA.names} for row in group]
+    for item in planned:
+        item["batch_key"] = "rerun"
+    prepared = prepare_batch(pa.Table.from_pylist(planned, schema=ITEM_SCHEMA), storage=storage)
+    rendered = []
+    for row, item in zip(group, prepared.to_pylist(), strict=True):
+        where = (row["id"], row["image_index"])
+        changed = [c for c in INPUT_HASHES if row.get(c) and item.get(c) != row[c]]
+        if item["status"] == "failed":
+            report.outcomes.append(Outcome(*where, "failed", item["error_message"]))
+        elif changed:
+            report.outcomes.append(Outcome(*where, "input-changed", ", ".join(changed)))
+        else:
+            position = int(row.get("batch_position") or 0)
+            result = renderer.render([item], position=position)[0]
+            if result["status"] == "ok":
+                rendered.append((row, result))
+            else:
+                detail = f"{result['error_type']}: {result['error_message']}"
+                report.outcomes.append(Outcome(*where, "failed", detail))
+    return rendered
+
+
+def _write_and_compare(
+    rendered: list[tuple[dict[str, Any], dict[str, Any]]],
+    source: Store,
+    to: str | None,
+    options: dict[str, Any],
+    storage: dict[str, Any] | None,
+    verify: bool,
+    report: RerunReport,
+) -> list[dict[str, Any]]:
+    """The job's write stage on the results: into `to` as plain files (an item of a
+    shard too), or, without `to`, encoded only (as for shards: nothing is stored). Each
+    outcome compares the new bytes with the first run's; returns the metadata written."""
+    from .write import UNSTORED, write_batch
+
+    results = [{**result, "key": _target_key(row)} for row, result in rendered]
+    written = write_batch(
+        pa.Table.from_pylist(results),
+        output=to or source.uri,
+        job_name=rendered[0][0].get("job_name") or "",
+        storage=storage,
+        image_options={**options, "layout": "files" if to else "webdataset"},
+    ).to_pylist()
+    for (row, result), meta in zip(rendered, written, strict=True):
+        if meta["status"] == UNSTORED:
+            raise UserError(f"{to}: {meta['error_message']}")
+        where = (row["id"], row["image_index"])
+        if row.get("sha256") == meta["sha256"]:
+            report.outcomes.append(Outcome(*where, "exact"))
+        elif verify and row.get("image_uri"):
             pixels = np.frombuffer(result["pixels"], np.uint8).reshape(
                 row["height"], row["width"], 3
             )
-            data = encode_image(pixels, result, options)
-            digest = hashlib.sha256(data).hexdigest()
-            if target is not None:
-                key = image_key(row["id"], row["image_index"], row["key"].rsplit(".", 1)[-1])
-                if row.get("member"):  # from a shard: regenerate as a plain file
-                    key = image_key(row["id"], row["image_index"], row["member"].rsplit(".", 1)[-1])
-                target.write_bytes(
-                    key, data, content_type=CONTENT_TYPES[options.get("format", "png")]
-                )
-                written.append(
-                    {
-                        **row,
-                        "key": key,
-                        "member": None,
-                        "sha256": digest,
-                        "image_uri": target.uri_of(key),
-                    }
-                )
-            # 4. Compare with what the first run stored.
-            if row.get("sha256") == digest:
-                report.outcomes.append(Outcome(row["id"], row["image_index"], "exact"))
-            elif verify and row.get("image_uri"):
-                old = _stored_pixels(source, row)
-                diff = (
-                    int(np.abs(old.astype(np.int16) - pixels.astype(np.int16)).max())
-                    if old is not None
-                    else None
-                )
-                report.outcomes.append(
-                    Outcome(
-                        row["id"],
-                        row["image_index"],
-                        "differs",
-                        "",
-                        diff,
-                        _psnr(old, pixels) if old is not None else None,
-                    )
-                )
-            else:
-                report.outcomes.append(Outcome(row["id"], row["image_index"], "rendered"))
-    if target is not None and written:
-        buf = io.BytesIO()
-        table = pa.Table.from_pylist(
-            [{n: r.get(n) for n in METADATA_SCHEMA.names} for r in written], schema=METADATA_SCHEMA
-        )
-        pq.write_table(table, buf)
-        target.write_bytes(
-            f"{METADATA_PREFIX}part-rerun-{hashlib.sha256(buf.getvalue()).hexdigest()[:12]}.parquet",
-            buf.getvalue(),
-        )
-    return report
+            old = _stored_pixels(source, row)
+            diff = (
+                None
+                if old is None
+                else int(np.abs(old.astype(np.int16) - pixels.astype(np.int16)).max())
+            )
+            psnr = None if old is None else _psnr(old, pixels)
+            report.outcomes.append(Outcome(*where, "differs", "", diff, psnr))
+        else:
+            report.outcomes.append(Outcome(*where, "rendered"))
+    return written if to else []
+
+
+def _target_key(row: dict[str, Any]) -> str:
+    """Where a regenerated image goes: its own key; an item from a shard as a plain file."""
+    name = row.get("member") or row["key"]
+    return image_key(row["id"], row["image_index"], name.rsplit(".", 1)[-1])
+
+
+def _write_part(target: Store, rows: list[dict[str, Any]]) -> None:
+    buf = io.BytesIO()
+    table = pa.Table.from_pylist(
+        [{n: r.get(n) for n in METADATA_SCHEMA.names} for r in rows], schema=METADATA_SCHEMA
+    )
+    pq.write_table(table, buf)
+    digest = hashlib.sha256(buf.getvalue()).hexdigest()[:12]
+    target.write_bytes(f"{METADATA_PREFIX}part-rerun-{digest}.parquet", buf.getvalue())
 
 
 def _stored_spec(store: Store) -> JobSpec | None:

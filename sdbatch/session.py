@@ -215,7 +215,6 @@ def _forwarded_env() -> dict[str, str]:
         "HF_HOME",
         "HF_HUB_CACHE",
         "TRANSFORMERS_OFFLINE",
-        "SDBATCH_FAULT",
         "SDBATCH_CACHE_DIR",
         *AWS_ENV_VARS,
     )

@@ -23,7 +23,7 @@ def test_fp16_on_cuda_is_finite_and_faithful_to_plain_diffusers(tiny_models) -> 
     renderer = Renderer(models={"txt2img": model}, model_hashes={}, batch_size=4, device="cuda")
     assert renderer.dtype_name == "float16"
     item = work_item(model, id="a", seed=3, prompt="a cat", steps=4)
-    row = renderer.render_alone(item)
+    row = renderer.render([item])[0]
     assert row["status"] == "ok"
     ours = np.frombuffer(row["pixels"], np.uint8).reshape(64, 64, 3).astype(np.int16)
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(model, torch_dtype=torch.float16).to(

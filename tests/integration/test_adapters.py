@@ -236,10 +236,8 @@ def test_round_robin_adapters_never_share_a_call_and_rerun_bit_exact(
 
 
 def test_renderer_loads_each_adapter_once_and_switches(tiny_models) -> None:
-    """Without Ray: one actor's Renderer over a round-robin block of items."""
-    import pyarrow as pa
-
-    from sdbatch.plan import batch_key
+    """Without Ray: one actor's Renderer over the planned blocks of round-robin items."""
+    from sdbatch.plan import batch_key, homogeneous_blocks
     from sdbatch.render import Renderer
     from tests.helpers import work_item
 
@@ -257,7 +255,7 @@ def test_renderer_loads_each_adapter_once_and_switches(tiny_models) -> None:
         item["loras"] = f"{ROUND_ROBIN[i % 4]}:0.7"
         item["batch_key"] = batch_key(item)
         items.append(item)
-    out = renderer(pa.Table.from_pylist(items)).to_pylist()
+    out = [row for block in homogeneous_blocks(items, 8) for row in renderer.render(block)]
     assert [r["status"] for r in out] == ["ok"] * 8
     assert renderer.adapters.loads == len(loras)  # switching never reloads
     assert renderer.pipeline_calls == 4
@@ -314,10 +312,9 @@ def test_bad_adapter_input_is_refused_before_rendering(
 def test_a_lora_only_an_actor_can_refuse_fails_its_items_only(tiny_models, tmp_path) -> None:
     """A file whose header passes the checks but whose tensors do not load: the items
     naming it are failure rows, every other item renders."""
-    import pyarrow as pa
     from safetensors.numpy import load_file, save_file
 
-    from sdbatch.plan import batch_key
+    from sdbatch.plan import batch_key, homogeneous_blocks
     from sdbatch.render import Renderer
     from tests.helpers import work_item
 
@@ -339,7 +336,7 @@ def test_a_lora_only_an_actor_can_refuse_fails_its_items_only(tiny_models, tmp_p
         item["loras"] = lora
         item["batch_key"] = batch_key(item)
         items.append(item)
-    out = {r["id"]: r for r in renderer(pa.Table.from_pylist(items)).to_pylist()}
+    out = {r["id"]: r for block in homogeneous_blocks(items, 3) for r in renderer.render(block)}
     assert out["i0"]["status"] == "failed" and out["i0"]["error_type"] == "AdapterError"
     assert "broken" in out["i0"]["error_message"]
     assert out["i1"]["status"] == out["i2"]["status"] == "ok"

@@ -389,9 +389,8 @@ def test_long_prompt_fails_when_asked(tiny_models) -> None:
         batch_size=1,
         prompt_overflow="fail",
     )
-    row = renderer.render_alone(
-        work_item(str(tiny_models["base"]), id="x", seed=1, prompt=LONG_PROMPT, steps=2)
-    )
+    item = work_item(str(tiny_models["base"]), id="x", seed=1, prompt=LONG_PROMPT, steps=2)
+    row = renderer.render([item])[0]
     assert (row["status"], row["error_type"]) == ("failed", "PromptTooLong")
     assert "CLIP tokens, limit 77" in row["error_message"]
 

@@ -16,7 +16,7 @@ def item(model: str) -> dict:
 
 
 def pixels(renderer: Renderer, model: str) -> np.ndarray:
-    row = renderer.render_alone(item(model))
+    row = renderer.render([item(model)])[0]
     assert row["status"] == "ok", row
     return np.frombuffer(row["pixels"], np.uint8).astype(np.int16)
 
@@ -29,7 +29,7 @@ def test_memory_options_and_fp16_path_stay_faithful(tiny_models) -> None:
         models={"txt2img": model}, model_hashes={}, batch_size=2, render_options=options
     )
     assert np.abs(pixels(tuned, model) - plain).max() <= 1
-    assert tuned.render_alone(item(model))["render_options"] == (
+    assert tuned.render([item(model)])[0]["render_options"] == (
         '{"channels_last": true, "vae_slicing": true, "vae_tiling": true}'
     )
     # float16 exercises the decode-with-fp32-fallback path (on CPU here, CUDA in production).

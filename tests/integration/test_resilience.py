@@ -23,6 +23,7 @@ from sdbatch.errors import UserError
 from sdbatch.runner import read_metadata, run_job
 from sdbatch.spec import dump_spec, load_spec
 from sdbatch.status import job_status
+from tests.faults import injected
 from tests.helpers import prompts, work_item, write_manifest, write_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
@@ -43,9 +44,11 @@ def cli_job(tmp_path: Path, model: Path, n: int, name: str = "job", **fields) ->
     )
 
 
-def start(spec: Path, env: dict | None = None) -> subprocess.Popen:
+def start(spec: Path, env: dict | None = None, fault: str | None = None) -> subprocess.Popen:
+    """`sdbatch run` in a subprocess; with `fault` (`tests.faults`) injected into its actors."""
+    command = [sys.executable, "-m", "tests.faults", fault] if fault else SDBATCH
     return subprocess.Popen(
-        [*SDBATCH, "run", str(spec), "--progress", "none"],
+        [*command, "run", str(spec), "--progress", "none"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -195,30 +198,30 @@ def test_two_runs_on_one_output_never_commit_an_item_twice(tmp_path, tiny_models
 
 
 def test_actor_crash_mid_batch_recovers_without_losing_items(
-    tmp_path, tiny_models, ray_session, monkeypatch
+    tmp_path, tiny_models, ray_session
 ) -> None:
     marker = tmp_path / "crashed-once"
-    monkeypatch.setenv("SDBATCH_FAULT", f"crash:item-013:{marker}")
     spec = load_spec(cli_job(tmp_path, tiny_models["base"], 24))
-    result = run_job(spec)
+    with injected(f"crash:item-013:{marker}"):
+        result = run_job(spec)
     assert marker.exists(), "the fault hook never fired"
     assert (result.done, result.failed) == (24, 0)
     assert len(sha_by_item(spec.output)) == 24
 
 
 def test_an_item_that_kills_its_actor_every_time_is_one_failure_row(
-    tmp_path, tiny_models, ray_session, monkeypatch
+    tmp_path, tiny_models, ray_session
 ) -> None:
     """An item is never the reason a job dies twice: its block is lost, its items are
     rendered alone, and the one that still kills the actor gets a failure row."""
-    monkeypatch.setenv("SDBATCH_FAULT", "crashloop:item-003")
     spec = load_spec(
         cli_job(
             tmp_path, tiny_models["base"], 8, execution={"max_actor_restarts": 0, "commit_rows": 4}
         )
     )
     notes: list[str] = []
-    result = run_job(spec, on_note=notes.append)
+    with injected("crashloop:item-003"):
+        result = run_job(spec, on_note=notes.append)
     assert (result.done, result.failed) == (7, 1), notes
     failures = pd.read_parquet(Path(spec.output, "failures"))
     assert failures["id"].tolist() == ["item-003"]
@@ -232,9 +235,8 @@ def test_an_item_that_kills_its_actor_every_time_is_one_failure_row(
 
 
 def test_crash_loops_beyond_max_job_retries_fail_with_a_message(
-    tmp_path, tiny_models, ray_session, monkeypatch
+    tmp_path, tiny_models, ray_session
 ) -> None:
-    monkeypatch.setenv("SDBATCH_FAULT", "crashloop:item-003")
     spec = load_spec(
         cli_job(
             tmp_path,
@@ -243,8 +245,11 @@ def test_crash_loops_beyond_max_job_retries_fail_with_a_message(
             execution={"max_actor_restarts": 0, "max_job_retries": 0, "commit_rows": 4},
         )
     )
-    with pytest.raises(
-        UserError, match=r"(lost|died) .*max_job_retries=0 .*the same command resumes"
+    with (
+        injected("crashloop:item-003"),
+        pytest.raises(
+            UserError, match=r"(lost|died) .*max_job_retries=0 .*the same command resumes"
+        ),
     ):
         run_job(spec)
     assert not Path(spec.output, "_SUCCESS").exists()
@@ -318,7 +323,7 @@ def test_watchdog_names_stuck_actors_instead_of_hanging(tmp_path, tiny_models) -
     spec_path = cli_job(
         tmp_path, tiny_models["base"], 12, execution={"watchdog_seconds": 20, "commit_rows": 4}
     )
-    proc = start(spec_path, {"SDBATCH_FAULT": "hang:item-005"})
+    proc = start(spec_path, fault="hang:item-005")
     try:
         _, err = proc.communicate(timeout=240)
     finally:
@@ -330,12 +335,10 @@ def test_watchdog_names_stuck_actors_instead_of_hanging(tmp_path, tiny_models) -
     assert "Traceback" not in err
 
 
-def test_failing_item_is_isolated_then_retried_alone(
-    tmp_path, tiny_models, ray_session, monkeypatch
-) -> None:
-    monkeypatch.setenv("SDBATCH_FAULT", "raise:item-006")
+def test_failing_item_is_isolated_then_retried_alone(tmp_path, tiny_models, ray_session) -> None:
     spec = load_spec(cli_job(tmp_path, tiny_models["base"], 12))
-    result = run_job(spec)
+    with injected("raise:item-006"):
+        result = run_job(spec)
     assert (result.done, result.failed) == (11, 1)
     fails = pd.read_parquet(Path(spec.output, "failures"))
     row = fails.iloc[0]
@@ -345,8 +348,7 @@ def test_failing_item_is_isolated_then_retried_alone(
     assert (status.done, status.failed, status.remaining) == (11, 1, 0)
     assert status.top_failures[0][0].startswith("RuntimeError: injected failure")
 
-    monkeypatch.delenv("SDBATCH_FAULT")
-    again = run_job(spec, retry_failed=True)
+    again = run_job(spec, retry_failed=True)  # the fault is gone
     assert (again.done, again.failed, again.skipped) == (1, 0, 11)
     assert len(sha_by_item(spec.output)) == 12
     assert job_status(spec.output).complete
@@ -462,7 +464,7 @@ def test_black_and_nan_outputs_are_failures_not_successes(tmp_path, tiny_models)
         save_file(tensors, path)
         renderer = Renderer(models={"txt2img": str(model)}, model_hashes={}, batch_size=2)
         item = work_item(str(model), id=kind, seed=1, prompt="a cat", steps=2)
-        results[kind] = renderer.render_batch([item])[0]
+        results[kind] = renderer.render([item])[0]
     assert (results["black"]["status"], results["black"]["error_type"]) == ("failed", "BlackImage")
     assert (results["nan"]["status"], results["nan"]["error_type"]) == ("failed", "NonFiniteOutput")
 
@@ -478,7 +480,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, tiny_models) -> None:
     # Its own Ray temp dir, where every Ray session it starts shows (short: Ray's socket
     # paths must stay under 108 bytes).
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-    proc = start(spec_path, {"SDBATCH_FAULT": "hang:item-119", "RAY_TMPDIR": str(ray_tmp)})
+    proc = start(spec_path, {"RAY_TMPDIR": str(ray_tmp)}, fault="hang:item-119")
     deadline = time.monotonic() + 240
     # Interrupt once some work is committed, so resuming has something to skip.
     while time.monotonic() < deadline and job_status(spec.output).done < 16:
