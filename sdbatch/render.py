@@ -246,18 +246,19 @@ class Renderer:
         """A1111-syntax items split by encoded prompt length (75-token chunks): a call
         pads every prompt to its longest, so an item shares calls only with items of its
         own length and its image never depends on a neighbour's prompt."""
-        first = items[0] if items else {}
-        if first.get("prompt_syntax") != "a1111" or first.get("status") == "failed":
+        ok = [item for item in items if item.get("status") != "failed"]
+        if not ok or ok[0].get("prompt_syntax") != "a1111":
             return [items]
-        pipe = self.pipes[first["mode"]]
+        failed = [item for item in items if item.get("status") == "failed"]  # rows only
+        pipe = self.pipes[ok[0]["mode"]]
         by_length: dict[int, list[dict[str, Any]]] = defaultdict(list)
         try:
-            self.adapters.activate(pipe, first.get("loras"))
-            for item in items:
+            self.adapters.activate(pipe, ok[0].get("loras"))
+            for item in ok:
                 by_length[self.args.prompt_length(pipe, item)].append(item)
         except Exception:  # noqa: BLE001 - _render_call isolates and reports the item
             return [items]
-        return list(by_length.values())
+        return [*by_length.values(), *([failed] if failed else [])]
 
     def _render_call(
         self, items: list[dict[str, Any]], position: int | None
