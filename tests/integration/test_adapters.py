@@ -8,20 +8,26 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from sdbatch.errors import RunError
 from sdbatch.runner import read_metadata, run_job
+from tests.helpers import (
+    SDBATCH,
+    plain_pipeline,
+    plain_render,
+    rendered,
+    work_item,
+    write_manifest,
+    write_spec,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-SDBATCH = [sys.executable, "-m", "sdbatch.cli"]
 ROUND_ROBIN = ("sd-style", "sd-light", "sd-dark", "sd-ink")
 
 
@@ -37,33 +43,7 @@ def sd_loras(tiny_models) -> dict[str, str]:
     return {n: f for n, f in loras.items() if n.startswith("sd-")}
 
 
-def image(row) -> np.ndarray:
-    return np.asarray(Image.open(row.image_uri), dtype=np.int16)
-
-
-def plain(pipe, row, prompt: str, **extra) -> np.ndarray:
-    """One plain diffusers call for a metadata row (its seed, steps, size, scheduler)."""
-    import diffusers
-
-    pipe.set_progress_bar_config(disable=True)
-    assert row.scheduler == "ddim"  # tests.helpers.write_spec's default
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
-    out = pipe(
-        prompt=prompt,
-        negative_prompt=row.negative_prompt or None,
-        num_inference_steps=int(row.steps),
-        guidance_scale=float(row.guidance_scale),
-        width=int(row.width),
-        height=int(row.height),
-        generator=torch.Generator("cpu").manual_seed(int(row.seed)),
-        **extra,
-    ).images[0]
-    return np.asarray(out, dtype=np.int16)
-
-
 def test_lora_tags_embeddings_and_syntax_match_plain_diffusers(make_job, tiny_models) -> None:
-    import diffusers
-
     loras, embeddings = adapter_files(tiny_models)
     rows = [
         {"id": "tag", "prompt": "a red fox <lora:sd-style:0.7> in snow"},
@@ -87,13 +67,13 @@ def test_lora_tags_embeddings_and_syntax_match_plain_diffusers(make_job, tiny_mo
     assert (meta["status"] == "ok").all()
     model = str(tiny_models["base"])
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
-    base = plain(pipe, meta.loc["base"], "a red fox in snow")
-    assert np.abs(image(meta.loc["base"]) - base).max() <= 1
+    pipe = plain_pipeline("StableDiffusionPipeline", model)
+    base = plain_render(pipe, meta.loc["base"], "a red fox in snow")
+    assert np.abs(rendered(meta.loc["base"]) - base).max() <= 1
     # A1111 syntax with every weight 1.0 is the plain prompt (each row has its own seed).
     for name in ("unweighted", "ones", "weighted"):
         row = meta.loc[name]
-        diff = np.abs(image(row) - plain(pipe, row, "a red fox in snow")).max()
+        diff = np.abs(rendered(row) - plain_render(pipe, row, "a red fox in snow")).max()
         assert (diff > 1) if name == "weighted" else (diff <= 1), (name, diff)
     assert not meta.loc["weighted", "prompt_truncated"]
 
@@ -101,25 +81,25 @@ def test_lora_tags_embeddings_and_syntax_match_plain_diffusers(make_job, tiny_mo
     pipe.set_adapters(["style"], [0.7])
     row = meta.loc["tag"]
     assert row.prompt == "a red fox in snow" and row.loras == "sd-style:0.7"
-    theirs = plain(pipe, row, "a red fox in snow")
-    assert np.abs(image(row) - theirs).max() <= 1
-    assert np.abs(image(row) - base).max() > 1, "the LoRA changed nothing"
+    theirs = plain_render(pipe, row, "a red fox in snow")
+    assert np.abs(rendered(row) - theirs).max() <= 1
+    assert np.abs(rendered(row) - base).max() > 1, "the LoRA changed nothing"
 
     pipe.load_lora_weights(loras["sd-light"], adapter_name="light")
     pipe.load_lora_weights(loras["sd-detail-kohya"], adapter_name="detail")
     pipe.set_adapters(["detail", "light"], [0.8, 0.5])
     row = meta.loc["two"]
     assert row.loras == "sd-detail-kohya:0.8,sd-light:0.5"
-    assert np.abs(image(row) - plain(pipe, row, "a lighthouse")).max() <= 1
+    assert np.abs(rendered(row) - plain_render(pipe, row, "a lighthouse")).max() <= 1
 
-    fresh = diffusers.StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
+    fresh = plain_pipeline("StableDiffusionPipeline", model)
     from safetensors.torch import load_file
 
     vectors = load_file(embeddings["sd-token"])["emb_params"]
     fresh.load_textual_inversion(vectors, token="sd-token")
     row = meta.loc["ti"]
     assert row.embeddings == "sd-token"
-    assert np.abs(image(row) - plain(fresh, row, row.prompt)).max() <= 1
+    assert np.abs(rendered(row) - plain_render(fresh, row, row.prompt)).max() <= 1
 
     # Metadata and infotext name each adapter with its weight and hash, as A1111 does.
     recorded = json.loads(meta.loc["two", "adapters"])
@@ -134,8 +114,6 @@ def test_lora_tags_embeddings_and_syntax_match_plain_diffusers(make_job, tiny_mo
 
 
 def test_sdxl_lora_and_a1111_prompts(make_job, tiny_models) -> None:
-    import diffusers
-
     loras, embeddings = adapter_files(tiny_models)
     long = ", ".join(f"detail {i}" for i in range(60))  # well over 75 tokens
     rows = [
@@ -157,21 +135,17 @@ def test_sdxl_lora_and_a1111_prompts(make_job, tiny_models) -> None:
     run_job(spec)
     meta = read_metadata(spec.output).to_pandas().set_index("id")
     assert (meta["status"] == "ok").all()
-    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
-        str(tiny_models["sdxl"]), local_files_only=True
-    )
-    base = plain(pipe, meta.loc["plain"], "a castle")
-    assert np.abs(image(meta.loc["plain"]) - base).max() <= 1
+    pipe = plain_pipeline("StableDiffusionXLPipeline", tiny_models["sdxl"])
+    base = plain_render(pipe, meta.loc["plain"], "a castle")
+    assert np.abs(rendered(meta.loc["plain"]) - base).max() <= 1
     same, weighted = meta.loc["same"], meta.loc["weighted"]
-    assert np.abs(image(same) - plain(pipe, same, "a castle")).max() <= 1
-    assert np.abs(image(weighted) - plain(pipe, weighted, "a castle")).max() > 1
+    assert np.abs(rendered(same) - plain_render(pipe, same, "a castle")).max() <= 1
+    assert np.abs(rendered(weighted) - plain_render(pipe, weighted, "a castle")).max() > 1
     assert not meta.loc["long", "prompt_truncated"]
     from safetensors.torch import load_file
 
     vectors = load_file(embeddings["sdxl-token"])
-    with_token = diffusers.StableDiffusionXLPipeline.from_pretrained(
-        str(tiny_models["sdxl"]), local_files_only=True
-    )
+    with_token = plain_pipeline("StableDiffusionXLPipeline", tiny_models["sdxl"])
     for key, encoder, tokenizer in (
         ("clip_l", "text_encoder", "tokenizer"),
         ("clip_g", "text_encoder_2", "tokenizer_2"),
@@ -183,13 +157,13 @@ def test_sdxl_lora_and_a1111_prompts(make_job, tiny_models) -> None:
             tokenizer=getattr(with_token, tokenizer),
         )
     row = meta.loc["ti"]
-    assert np.abs(image(row) - plain(with_token, row, row.prompt)).max() <= 1
-    assert np.abs(image(row) - plain(pipe, row, row.prompt)).max() > 1
+    assert np.abs(rendered(row) - plain_render(with_token, row, row.prompt)).max() <= 1
+    assert np.abs(rendered(row) - plain_render(pipe, row, row.prompt)).max() > 1
     pipe.load_lora_weights(loras["sdxl-style"], adapter_name="style")
     pipe.set_adapters(["style"], [0.6])
     row = meta.loc["lora"]
-    assert np.abs(image(row) - plain(pipe, row, "a castle")).max() <= 1
-    assert np.abs(image(row) - base).max() > 1
+    assert np.abs(rendered(row) - plain_render(pipe, row, "a castle")).max() <= 1
+    assert np.abs(rendered(row) - base).max() > 1
 
 
 def test_round_robin_adapters_never_share_a_call_and_rerun_bit_exact(
@@ -241,7 +215,6 @@ def test_renderer_loads_each_adapter_once_and_switches(tiny_models) -> None:
 
     from sdbatch.plan import batch_key
     from sdbatch.render import Renderer
-    from tests.helpers import work_item
 
     loras = sd_loras(tiny_models)
     renderer = Renderer(
@@ -283,8 +256,6 @@ def test_renderer_loads_each_adapter_once_and_switches(tiny_models) -> None:
 def test_bad_adapter_input_is_refused_before_rendering(
     tmp_path, tiny_models, fields, rows, expected
 ) -> None:
-    from tests.helpers import write_manifest, write_spec
-
     loras, embeddings = adapter_files(tiny_models)
     swap = {"EMB": embeddings["sd-token"], "SDXL": loras["sdxl-style"]}
     swap["SDXLEMB"] = embeddings["sdxl-token"]
@@ -319,7 +290,6 @@ def test_a_lora_only_an_actor_can_refuse_fails_its_items_only(tiny_models, tmp_p
 
     from sdbatch.plan import batch_key
     from sdbatch.render import Renderer
-    from tests.helpers import work_item
 
     good = sd_loras(tiny_models)["sd-style"]
     tensors = load_file(good)

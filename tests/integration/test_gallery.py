@@ -15,8 +15,7 @@ import pytest
 
 from sdbatch.gallery import build_gallery
 from sdbatch.runner import read_metadata, run_job
-from tests.unit.test_gallery import fake_output, sweep_items
-from tests.unit.test_inspect import check_png
+from tests.helpers import check_png, fake_output, sweep_items
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from sdbatch.checks import models_for
 from sdbatch.runner import read_metadata, run_job
-from tests.helpers import make_inputs
+from tests.helpers import make_inputs, plain_pipeline, plain_render, rendered
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -118,34 +118,8 @@ def mixed(tmp_path_factory, tiny_models, ray_session):
 
 
 def plain(pipeline: str, model: Path, row, **inputs) -> np.ndarray:
-    """What a plain diffusers call renders for a metadata row (independent of sdbatch)."""
-    import diffusers
-
-    cls = getattr(diffusers, pipeline)
-    pipe = cls.from_pretrained(
-        str(model), local_files_only=True, safety_checker=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
-    if row.scheduler == "euler_a":
-        pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(
-            pipe.scheduler.config
-        )
-    else:
-        assert row.scheduler == "ddim"
-        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
-    image = pipe(
-        prompt=row.prompt,
-        negative_prompt=row.negative_prompt or None,
-        num_inference_steps=int(row.steps),
-        guidance_scale=float(row.guidance_scale),
-        generator=torch.Generator("cpu").manual_seed(int(row.seed)),
-        **inputs,
-    ).images[0]
-    return np.asarray(image, dtype=np.int16)
-
-
-def ours(row) -> np.ndarray:
-    return np.asarray(Image.open(row.image_uri), dtype=np.int16)
+    pipe = plain_pipeline(pipeline, model, safety_checker=None, requires_safety_checker=False)
+    return plain_render(pipe, row, **inputs)
 
 
 def test_mixed_job_is_complete_and_batched_by_parameters(mixed) -> None:
@@ -202,7 +176,7 @@ def test_img2img_matches_diffusers(mixed, tiny_models) -> None:
             image=Image.open(init).convert("RGB"),
             strength=float(row.strength),
         )
-        assert np.abs(ours(row) - theirs).max() <= 1, item_id
+        assert np.abs(rendered(row) - theirs).max() <= 1, item_id
 
 
 def test_inpaint_matches_diffusers(mixed, tiny_models) -> None:
@@ -218,7 +192,7 @@ def test_inpaint_matches_diffusers(mixed, tiny_models) -> None:
         width=64,
         height=64,
     )
-    assert np.abs(ours(row) - theirs).max() <= 1
+    assert np.abs(rendered(row) - theirs).max() <= 1
 
 
 def test_depth2img_matches_diffusers(mixed, tiny_models) -> None:
@@ -231,7 +205,7 @@ def test_depth2img_matches_diffusers(mixed, tiny_models) -> None:
         image=Image.open(img["init_jpg"]).convert("RGB"),
         strength=float(row.strength),
     )
-    assert np.abs(ours(row) - theirs).max() <= 1
+    assert np.abs(rendered(row) - theirs).max() <= 1
     row = next(meta.loc[["d-map"]].itertuples())
     depth = torch.from_numpy(np.asarray(Image.open(img["depth"]).convert("F"), dtype=np.float32))[
         None
@@ -244,7 +218,7 @@ def test_depth2img_matches_diffusers(mixed, tiny_models) -> None:
         depth_map=depth,
         strength=float(row.strength),
     )
-    assert np.abs(ours(row) - theirs).max() <= 1
+    assert np.abs(rendered(row) - theirs).max() <= 1
 
 
 def test_strength_zero_returns_input_and_one_is_what_diffusers_does(mixed, tiny_models) -> None:
@@ -253,7 +227,7 @@ def test_strength_zero_returns_input_and_one_is_what_diffusers_does(mixed, tiny_
     # diffusers refuses strength 0 (0 denoising steps); sdbatch returns the input
     # itself: no VAE round trip, so the tolerance is exactly 0.
     assert np.array_equal(
-        ours(zero), np.asarray(Image.open(img["init"]).convert("RGB"), dtype=np.int16)
+        rendered(zero), np.asarray(Image.open(img["init"]).convert("RGB"), dtype=np.int16)
     )
     assert "strength 0" in zero.notes
 
@@ -266,11 +240,11 @@ def test_strength_zero_returns_input_and_one_is_what_diffusers_does(mixed, tiny_
         image=Image.open(img["init"]).convert("RGB"),
         strength=1.0,
     )
-    assert np.abs(ours(one) - theirs).max() <= 1
+    assert np.abs(rendered(one) - theirs).max() <= 1
     # What diffusers actually does at strength 1: it starts from the last training
     # timestep, where SD's scaled_linear schedule still keeps sqrt(alpha_bar) ≈ 0.07 of
     # the init latents, so the result is NOT the txt2img image of the same seed.
-    assert np.abs(ours(one) - ours(txt)).max() > 1
+    assert np.abs(rendered(one) - rendered(txt)).max() > 1
 
 
 def test_bad_inputs_are_failure_rows_and_inpaint_works_on_the_base_model(
@@ -366,7 +340,7 @@ def test_bad_inputs_are_failure_rows_and_inpaint_works_on_the_base_model(
         width=64,
         height=64,
     )
-    assert np.abs(ours(row) - theirs).max() <= 1
+    assert np.abs(rendered(row) - theirs).max() <= 1
 
     spec2 = load_spec(
         write_spec(

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from sdbatch.runner import read_metadata, run_job
+from sdbatch.runner import run_job
 from sdbatch.spec import load_spec
-from tests.helpers import prompts, write_manifest, write_spec
-from tests.integration.test_cluster import isolated_env
+from tests.helpers import COMMIT_OFTEN, isolated_env, sha_by_item, write_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 HERE = Path(__file__).parent
@@ -24,15 +23,14 @@ ITEMS = 160
 
 
 def job(tmp_path: Path, model: Path, name: str, **execution) -> Path:
-    manifest = write_manifest(tmp_path / "m.parquet", prompts(ITEMS))
-    return write_spec(
-        tmp_path / f"{name}.yaml",
-        manifest=str(manifest),
-        output=str(tmp_path / f"out-{name}"),
-        model=str(model),
-        defaults={"steps": 2},
+    return write_job(
+        tmp_path,
+        model,
+        ITEMS,
+        name=name,
+        steps=2,
         compute={"actors": 2, "cpus_per_actor": 1, "resources": {"render_node": 1}},
-        execution={"commit_rows": 8, "commit_seconds": 1, **execution},
+        execution={**COMMIT_OFTEN, **execution},
     )
 
 
@@ -49,12 +47,6 @@ def on_cluster(spec: Path, *args: str) -> dict:
     assert "(raylet)" not in proc.stdout + proc.stderr, (proc.stdout + proc.stderr)[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     return json.loads(line.removeprefix("RESULT "))
-
-
-def sha_by_item(output: str) -> dict[tuple[str, int], str]:
-    meta = read_metadata(output).to_pandas()
-    assert not meta.duplicated(["id", "image_index"]).any(), "an item committed twice"
-    return {(r.id, r.image_index): r.sha256 for r in meta.itertuples()}
 
 
 @pytest.fixture(scope="module")

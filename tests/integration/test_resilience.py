@@ -22,35 +22,18 @@ import yaml
 from sdbatch.runner import RunError, read_metadata, run_job
 from sdbatch.spec import dump_spec, load_spec
 from sdbatch.status import job_status
-from tests.helpers import prompts, work_item, write_manifest, write_spec
+from tests.helpers import (
+    COMMIT_OFTEN,
+    SDBATCH,
+    isolated_env,
+    load_job,
+    sha_by_item,
+    start_run,
+    work_item,
+    write_job,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-
-SDBATCH = [sys.executable, "-m", "sdbatch.cli"]
-
-
-def cli_job(tmp_path: Path, model: Path, n: int, name: str = "job", **fields) -> Path:
-    manifest = write_manifest(tmp_path / f"{name}.parquet", prompts(n))
-    fields.setdefault("compute", {"actors": 1, "cpus_per_actor": 1})
-    fields.setdefault("execution", {"commit_rows": 8, "commit_seconds": 1})
-    return write_spec(
-        tmp_path / f"{name}.yaml",
-        manifest=str(manifest),
-        output=str(tmp_path / f"out-{name}"),
-        model=str(model),
-        **{"defaults": {"steps": 2}, **fields},
-    )
-
-
-def start(spec: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
-        [*SDBATCH, "run", str(spec), "--progress", "none"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, **(env or {})},
-        start_new_session=True,  # its own process group: the local Ray it starts dies with it
-    )
 
 
 def kill_when(proc: subprocess.Popen, images: Path, count: int, timeout: float = 240) -> int:
@@ -71,23 +54,17 @@ def kill_when(proc: subprocess.Popen, images: Path, count: int, timeout: float =
     pytest.fail(f"no {count} images within {timeout} s")
 
 
-def sha_by_item(output: str) -> dict[tuple[str, int], str]:
-    meta = read_metadata(output).to_pandas()
-    assert not meta.duplicated(["id", "image_index"]).any(), "an item was recorded twice"
-    return {(r.id, r.image_index): r.sha256 for r in meta.itertuples()}
-
-
 def test_driver_killed_twice_then_resumes_exactly_once(
     tmp_path: Path, tiny_models, ray_session
 ) -> None:
-    spec_path = cli_job(tmp_path, tiny_models["base"], 200)
+    spec_path = write_job(tmp_path, tiny_models["base"], 200, steps=2, execution=COMMIT_OFTEN)
     spec = load_spec(spec_path)
     images = Path(spec.output, "images")
-    first = kill_when(start(spec_path), images, 60)
+    first = kill_when(start_run(spec_path), images, 60)
     assert not Path(spec.output, "_SUCCESS").exists()
-    second = kill_when(start(spec_path), images, 140)
+    second = kill_when(start_run(spec_path), images, 140)
     assert first < second < 200
-    done = start(spec_path)
+    done = start_run(spec_path)
     out, err = done.communicate(timeout=300)
     assert done.returncode == 0, err[-3000:]
     assert "already done" in out
@@ -95,7 +72,9 @@ def test_driver_killed_twice_then_resumes_exactly_once(
     got = sha_by_item(spec.output)
     assert len(got) == 200 and len(list(images.glob("*/*.png"))) == 200
     # An uninterrupted run of the same job, for comparison.
-    reference = load_spec(cli_job(tmp_path, tiny_models["base"], 200, name="reference"))
+    reference = load_job(
+        tmp_path, tiny_models["base"], 200, name="reference", steps=2, execution=COMMIT_OFTEN
+    )
     run_job(reference)
     assert got == sha_by_item(reference.output)
     status = job_status(spec.output)
@@ -114,8 +93,6 @@ def readme_restart_loop(spec: Path, pause: int = 1) -> str:
 def test_the_documented_restart_loop_brings_a_killed_driver_back(tmp_path, tiny_models) -> None:
     """A `ray start` head, the README's loop around `sdbatch run --address auto`, the
     driver SIGKILLed mid-job: the loop's next run resumes and ends it, each item once."""
-    from tests.integration.test_cluster import isolated_env
-
     env = isolated_env()  # its RAY_TMPDIR is where `--address auto` finds this head
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -123,8 +100,12 @@ def test_the_documented_restart_loop_brings_a_killed_driver_back(tmp_path, tiny_
     shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m sdbatch.cli "$@"\n')
     shim.chmod(0o755)
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    spec_path = cli_job(
-        tmp_path, tiny_models["base"], 12, execution={"commit_rows": 4, "commit_seconds": 1}
+    spec_path = write_job(
+        tmp_path,
+        tiny_models["base"],
+        12,
+        execution={"commit_rows": 4, "commit_seconds": 1},
+        steps=2,
     )
     images = Path(load_spec(spec_path).output, "images")
     # --block in a process group of its own, killed at the end (`ray stop` would stop
@@ -170,10 +151,10 @@ def test_the_documented_restart_loop_brings_a_killed_driver_back(tmp_path, tiny_
 
 
 def test_two_runs_on_one_output_never_commit_an_item_twice(tmp_path, tiny_models) -> None:
-    spec_path = cli_job(tmp_path, tiny_models["base"], 40)
+    spec_path = write_job(tmp_path, tiny_models["base"], 40, steps=2, execution=COMMIT_OFTEN)
     spec = load_spec(spec_path)
     lease = Path(spec.output, "_LEASE.json")
-    first = start(spec_path)
+    first = start_run(spec_path)
     deadline = time.monotonic() + 120
     while not lease.exists() and time.monotonic() < deadline and first.poll() is None:
         time.sleep(0.1)
@@ -198,7 +179,7 @@ def test_actor_crash_mid_batch_recovers_without_losing_items(
 ) -> None:
     marker = tmp_path / "crashed-once"
     monkeypatch.setenv("SDBATCH_FAULT", f"crash:item-013:{marker}")
-    spec = load_spec(cli_job(tmp_path, tiny_models["base"], 24))
+    spec = load_job(tmp_path, tiny_models["base"], 24, steps=2, execution=COMMIT_OFTEN)
     result = run_job(spec)
     assert marker.exists(), "the fault hook never fired"
     assert (result.done, result.failed) == (24, 0)
@@ -211,10 +192,12 @@ def test_an_item_that_kills_its_actor_every_time_is_one_failure_row(
     """An item is never the reason a job dies twice: its block is lost, its items are
     rendered alone, and the one that still kills the actor gets a failure row."""
     monkeypatch.setenv("SDBATCH_FAULT", "crashloop:item-003")
-    spec = load_spec(
-        cli_job(
-            tmp_path, tiny_models["base"], 8, execution={"max_actor_restarts": 0, "commit_rows": 4}
-        )
+    spec = load_job(
+        tmp_path,
+        tiny_models["base"],
+        8,
+        execution={"max_actor_restarts": 0, "commit_rows": 4},
+        steps=2,
     )
     notes: list[str] = []
     result = run_job(spec, on_note=notes.append)
@@ -234,13 +217,12 @@ def test_crash_loops_beyond_max_job_retries_fail_with_a_message(
     tmp_path, tiny_models, ray_session, monkeypatch
 ) -> None:
     monkeypatch.setenv("SDBATCH_FAULT", "crashloop:item-003")
-    spec = load_spec(
-        cli_job(
-            tmp_path,
-            tiny_models["base"],
-            8,
-            execution={"max_actor_restarts": 0, "max_job_retries": 0, "commit_rows": 4},
-        )
+    spec = load_job(
+        tmp_path,
+        tiny_models["base"],
+        8,
+        execution={"max_actor_restarts": 0, "max_job_retries": 0, "commit_rows": 4},
+        steps=2,
     )
     with pytest.raises(
         RunError, match=r"(lost|died) .*max_job_retries=0 .*the same command resumes"
@@ -254,7 +236,9 @@ def test_render_actor_sigkilled_twice_the_job_completes(tmp_path, tiny_models, r
 
     from ray._private.state import actors as actor_table
 
-    spec = load_spec(cli_job(tmp_path, tiny_models["base"], 96, compute={"actors": 1}))
+    spec = load_job(
+        tmp_path, tiny_models["base"], 96, compute={"actors": 1}, steps=2, execution=COMMIT_OFTEN
+    )
     killed: list[int] = []
 
     def renderer_pid() -> int | None:
@@ -294,9 +278,9 @@ def test_a_model_that_does_not_load_stops_the_run_at_once(tmp_path, tiny_models)
     weights = model / "unet" / "diffusion_pytorch_model.safetensors"
     with weights.open("r+b") as f:
         f.truncate(weights.stat().st_size // 2)
-    spec_path = cli_job(tmp_path, model, 8)
+    spec_path = write_job(tmp_path, model, 8, steps=2, execution=COMMIT_OFTEN)
     started = time.monotonic()
-    proc = start(spec_path)
+    proc = start_run(spec_path)
     try:
         out, err = proc.communicate(timeout=180)
     finally:
@@ -314,10 +298,14 @@ def test_a_model_that_does_not_load_stops_the_run_at_once(tmp_path, tiny_models)
 
 
 def test_watchdog_names_stuck_actors_instead_of_hanging(tmp_path, tiny_models) -> None:
-    spec_path = cli_job(
-        tmp_path, tiny_models["base"], 12, execution={"watchdog_seconds": 20, "commit_rows": 4}
+    spec_path = write_job(
+        tmp_path,
+        tiny_models["base"],
+        12,
+        execution={"watchdog_seconds": 20, "commit_rows": 4},
+        steps=2,
     )
-    proc = start(spec_path, {"SDBATCH_FAULT": "hang:item-005"})
+    proc = start_run(spec_path, {"SDBATCH_FAULT": "hang:item-005"})
     try:
         _, err = proc.communicate(timeout=240)
     finally:
@@ -333,7 +321,7 @@ def test_failing_item_is_isolated_then_retried_alone(
     tmp_path, tiny_models, ray_session, monkeypatch
 ) -> None:
     monkeypatch.setenv("SDBATCH_FAULT", "raise:item-006")
-    spec = load_spec(cli_job(tmp_path, tiny_models["base"], 12))
+    spec = load_job(tmp_path, tiny_models["base"], 12, steps=2, execution=COMMIT_OFTEN)
     result = run_job(spec)
     assert (result.done, result.failed) == (11, 1)
     fails = pd.read_parquet(Path(spec.output, "failures"))
@@ -352,7 +340,7 @@ def test_failing_item_is_isolated_then_retried_alone(
 
 
 def test_changed_spec_is_refused_with_the_differences(tmp_path, tiny_models) -> None:
-    spec = load_spec(cli_job(tmp_path, tiny_models["base"], 4))
+    spec = load_job(tmp_path, tiny_models["base"], 4, steps=2, execution=COMMIT_OFTEN)
     Path(spec.output).mkdir()
     Path(spec.output, "job.yaml").write_text(dump_spec(spec))
     changed = spec.model_copy(
@@ -371,7 +359,7 @@ def test_resume_ignores_unused_files_and_refuses_changed_weights(
 ) -> None:
     model = tmp_path / "model"
     shutil.copytree(tiny_models["base"], model)
-    spec = load_spec(cli_job(tmp_path, model, 4))
+    spec = load_job(tmp_path, model, 4, steps=2, execution=COMMIT_OFTEN)
     assert run_job(spec).done == 4
     recorded = json.loads(Path(spec.output, "_MODELS.json").read_text())[str(model)]
     assert set(recorded["components"]) >= {"unet", "vae", "text_encoder", "tokenizer"}
@@ -403,7 +391,14 @@ def test_rerun_verifies_bit_exact_and_detects_changed_weights(
     model = tmp_path / "model"
     shutil.copytree(tiny_models["base"], model)
     # 22 items in batches of 4: five full batches and a final partial one.
-    spec_path = cli_job(tmp_path, model, 22, compute={"actors": 2, "cpus_per_actor": 1})
+    spec_path = write_job(
+        tmp_path,
+        model,
+        22,
+        compute={"actors": 2, "cpus_per_actor": 1},
+        steps=2,
+        execution=COMMIT_OFTEN,
+    )
     spec = load_spec(spec_path)
     run_job(spec)
     meta = read_metadata(spec.output).to_pandas()
@@ -472,12 +467,12 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, tiny_models) -> None:
     grace period."""
     from sdbatch.cli import STOP_GRACE_SECONDS
 
-    spec_path = cli_job(tmp_path, tiny_models["base"], 120)
+    spec_path = write_job(tmp_path, tiny_models["base"], 120, steps=2, execution=COMMIT_OFTEN)
     spec = load_spec(spec_path)
     # Its own Ray temp dir, where every Ray session it starts shows (short: Ray's socket
     # paths must stay under 108 bytes).
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-    proc = start(spec_path, {"SDBATCH_FAULT": "hang:item-119", "RAY_TMPDIR": str(ray_tmp)})
+    proc = start_run(spec_path, {"SDBATCH_FAULT": "hang:item-119", "RAY_TMPDIR": str(ray_tmp)})
     deadline = time.monotonic() + 240
     # Interrupt once some work is committed, so resuming has something to skip.
     while time.monotonic() < deadline and job_status(spec.output).done < 16:
@@ -505,7 +500,7 @@ def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, tiny_models) -> None:
     assert 16 <= committed < 120
     assert not Path(spec.output, "_SUCCESS").exists()
 
-    resumed = start(spec_path)
+    resumed = start_run(spec_path)
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err[-2000:]
     assert re.search(rf"already done\W+{committed}\b", out), out
@@ -521,7 +516,7 @@ def test_stop_event_interrupts_in_process_and_leaves_the_callers_ray_running(
     import threading
 
     stop = threading.Event()
-    spec = load_spec(cli_job(tmp_path, tiny_models["base"], 64))
+    spec = load_job(tmp_path, tiny_models["base"], 64, steps=2, execution=COMMIT_OFTEN)
 
     def on_progress(p) -> None:
         if p.done >= 8:
