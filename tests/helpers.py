@@ -65,6 +65,10 @@ def write_spec(path: Path, **fields: Any) -> Path:
     return path
 
 
+# Well over CLIP's 77 tokens.
+LONG_PROMPT = "a very detailed photo of " + "a red fox and a lighthouse " * 20
+
+
 def work_item(model: str, **fields: Any) -> dict[str, Any]:
     """A planned txt2img work item, for tests that drive a Renderer directly."""
     item = {
@@ -166,6 +170,26 @@ def isolated_env() -> dict[str, str]:
     env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
     env.pop("RAY_ADDRESS", None)
     return env
+
+
+# ------------------------------------------------------------------ adapters
+
+# Four LoRAs of the tiny base model, taken in turn by round-robin adapter tests.
+ROUND_ROBIN = ("sd-style", "sd-light", "sd-dark", "sd-ink")
+
+
+def adapter_files(tiny_models) -> tuple[dict[str, str], dict[str, str]]:
+    """({lora name: file}, {embedding name: file}) the tiny build wrote beside the models."""
+    root = Path(tiny_models["base"]).parent
+    loras = {p.stem: str(p) for p in sorted((root / "loras").glob("*.safetensors"))}
+    embeddings = {p.stem: str(p) for p in sorted((root / "embeddings").glob("*.safetensors"))}
+    return loras, embeddings
+
+
+def sd_loras(tiny_models) -> dict[str, str]:
+    """The SD 1.x LoRAs of the tiny build."""
+    loras, _ = adapter_files(tiny_models)
+    return {n: f for n, f in loras.items() if n.startswith("sd-")}
 
 
 # ------------------------------------------------------------------ plain diffusers

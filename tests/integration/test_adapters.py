@@ -17,30 +17,18 @@ from PIL import Image
 from sdbatch.errors import RunError
 from sdbatch.runner import read_metadata, run_job
 from tests.helpers import (
+    ROUND_ROBIN,
     SDBATCH,
+    adapter_files,
     plain_pipeline,
     plain_render,
     rendered,
-    work_item,
+    sd_loras,
     write_manifest,
     write_spec,
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-
-ROUND_ROBIN = ("sd-style", "sd-light", "sd-dark", "sd-ink")
-
-
-def adapter_files(tiny_models) -> tuple[dict[str, str], dict[str, str]]:
-    root = Path(tiny_models["base"]).parent
-    loras = {p.stem: str(p) for p in sorted((root / "loras").glob("*.safetensors"))}
-    embeddings = {p.stem: str(p) for p in sorted((root / "embeddings").glob("*.safetensors"))}
-    return loras, embeddings
-
-
-def sd_loras(tiny_models) -> dict[str, str]:
-    loras, _ = adapter_files(tiny_models)
-    return {n: f for n, f in loras.items() if n.startswith("sd-")}
 
 
 def test_lora_tags_embeddings_and_syntax_match_plain_diffusers(make_job, tiny_models) -> None:
@@ -209,37 +197,6 @@ def test_round_robin_adapters_never_share_a_call_and_rerun_bit_exact(
     assert proc.returncode == 1 and "weights-changed" in proc.stdout, proc.stdout
 
 
-def test_renderer_loads_each_adapter_once_and_switches(tiny_models) -> None:
-    """Without Ray: one actor's Renderer over a round-robin block of items."""
-    import pyarrow as pa
-
-    from sdbatch.plan import batch_key
-    from sdbatch.render import Renderer
-
-    loras = sd_loras(tiny_models)
-    renderer = Renderer(
-        models={"txt2img": str(tiny_models["base"])},
-        model_hashes={},
-        batch_size=2,
-        loras=loras,
-    )
-    assert renderer.adapters.loads == len(loras)
-    items = []
-    for i in range(8):
-        item = work_item(tiny_models["base"], id=f"i{i}", seed=i, prompt_syntax="plain")
-        item["loras"] = f"{ROUND_ROBIN[i % 4]}:0.7"
-        item["batch_key"] = batch_key(item)
-        items.append(item)
-    out = renderer(pa.Table.from_pylist(items)).to_pylist()
-    assert [r["status"] for r in out] == ["ok"] * 8
-    assert renderer.adapters.loads == len(loras)  # switching never reloads
-    assert renderer.pipeline_calls == 4
-    calls: dict[str, set] = {}
-    for row in out:
-        calls.setdefault(row["call_id"], set()).add(row["loras"])
-    assert all(len(v) == 1 for v in calls.values())
-
-
 @pytest.mark.parametrize(
     "fields, rows, expected",
     [
@@ -280,36 +237,3 @@ def test_bad_adapter_input_is_refused_before_rendering(
     assert "Traceback" not in proc.stdout + proc.stderr
     if rows:  # a row problem names the row and its id
         assert "row 0 (id 'x')" in proc.stdout + proc.stderr
-
-
-def test_a_lora_only_an_actor_can_refuse_fails_its_items_only(tiny_models, tmp_path) -> None:
-    """A file whose header passes the checks but whose tensors do not load: the items
-    naming it are failure rows, every other item renders."""
-    import pyarrow as pa
-    from safetensors.numpy import load_file, save_file
-
-    from sdbatch.plan import batch_key
-    from sdbatch.render import Renderer
-
-    good = sd_loras(tiny_models)["sd-style"]
-    tensors = load_file(good)
-    up = sorted(k for k in tensors if "lora.up" in k or "lora_B" in k)[0]
-    tensors[up] = np.concatenate([tensors[up], tensors[up]], axis=1)  # rank 4 -> 8
-    broken = tmp_path / "broken.safetensors"
-    save_file(tensors, broken)
-    renderer = Renderer(
-        models={"txt2img": str(tiny_models["base"])},
-        model_hashes={},
-        batch_size=2,
-        loras={"broken": str(broken), "style": good},
-    )
-    items = []
-    for i, lora in enumerate(["broken:1", "style:0.5", None]):
-        item = work_item(tiny_models["base"], id=f"i{i}", seed=i, prompt_syntax="plain")
-        item["loras"] = lora
-        item["batch_key"] = batch_key(item)
-        items.append(item)
-    out = {r["id"]: r for r in renderer(pa.Table.from_pylist(items)).to_pylist()}
-    assert out["i0"]["status"] == "failed" and out["i0"]["error_type"] == "AdapterError"
-    assert "broken" in out["i0"]["error_message"]
-    assert out["i1"]["status"] == out["i2"]["status"] == "ok"

@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from sdbatch.checks import models_for
 from sdbatch.runner import read_metadata, run_job
 from tests.helpers import make_inputs, plain_pipeline, plain_render, rendered
 
@@ -357,41 +356,3 @@ def test_bad_inputs_are_failure_rows_and_inpaint_works_on_the_base_model(
     assert fails.loc["missing-file", "error_type"] == "MissingInput"
     assert str(tmp_path / "inputs/nope.png") in fails.loc["missing-file", "error_message"]
     assert fails.loc["corrupt-file", "error_type"] == "CorruptImage"
-
-
-def test_txt2img_actor_loads_only_the_base_model(tiny_models) -> None:
-    from sdbatch.models import loaded_modules
-    from sdbatch.render import Renderer
-    from sdbatch.spec import parse_spec
-
-    spec = parse_spec(
-        {
-            "name": "t",
-            "manifest": "/m",
-            "output": "/o",
-            "models": {
-                "base": str(tiny_models["base"]),
-                "inpaint": str(tiny_models["inpaint"]),
-                "depth": str(tiny_models["depth"]),
-            },
-        }
-    )
-    needed = models_for(spec, {"txt2img"})
-    assert needed == {"txt2img": str(tiny_models["base"])}
-    renderer = Renderer(models=needed, model_hashes={}, batch_size=2)
-    modules = loaded_modules(renderer.pipes)
-    assert set(modules) == {"txt2img.unet", "txt2img.vae", "txt2img.text_encoder"}
-    assert renderer.pipes["txt2img"].unet.config.in_channels == 4
-
-    both = Renderer(
-        models=models_for(spec, {"txt2img", "img2img", "inpaint"}), model_hashes={}, batch_size=2
-    )
-    mods = loaded_modules(both.pipes)
-    # txt2img and img2img share every module; inpaint shares VAE + text encoder, has its own UNet.
-    assert mods["txt2img.unet"] == mods["img2img.unet"]
-    assert (
-        mods["inpaint.vae"] == mods["txt2img.vae"]
-        and mods["inpaint.text_encoder"] == mods["txt2img.text_encoder"]
-    )
-    assert mods["inpaint.unet"] != mods["txt2img.unet"]
-    assert both.pipes["inpaint"].unet.config.in_channels == 9
