@@ -20,8 +20,7 @@ from typer.testing import CliRunner
 
 from sdbatch.cli import app
 from sdbatch.runner import read_metadata, run_job
-from sdbatch.spec import load_spec
-from tests.helpers import LONG_PROMPT, write_manifest, write_spec
+from tests.helpers import LONG_PROMPT, load_job, write_manifest, write_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -346,17 +345,7 @@ def per_item_job(tmp_path_factory, tiny_models, ray_session):
     (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     rows = [{"id": name, "prompt": "x", "strength": 0.5, **cells} for name, cells, _, _ in PER_ITEM]
     rows += [{"id": "long-prompt", "prompt": LONG_PROMPT}, {"id": "fine", "prompt": "a cat"}]
-    manifest = write_manifest(root / "m.parquet", rows)
-    spec = load_spec(
-        write_spec(
-            root / "job.yaml",
-            manifest=str(manifest),
-            output=str(root / "out"),
-            model=str(tiny_models["base"]),
-            defaults={"steps": 2},
-            compute={"actors": 1, "cpus_per_actor": 1},
-        )
-    )
+    spec = load_job(root, tiny_models["base"], rows, steps=2)
     result = run_job(spec)
     failures = pd.read_parquet(Path(spec.output, "failures")).set_index("id")
     return result, failures, read_metadata(spec.output).to_pandas().set_index("id")

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from sdbatch.runner import read_metadata, run_job
-from tests.helpers import make_inputs, plain_pipeline, plain_render, rendered
+from tests.helpers import load_job, make_inputs, plain_pipeline, plain_render, rendered
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -20,9 +20,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory, tiny_models, ray_session):
     """One job mixing all four modes, two sizes, two schedulers (run once per module)."""
-    from sdbatch.spec import load_spec
-    from tests.helpers import write_manifest, write_spec
-
     root = tmp_path_factory.mktemp("mixed")
     img = make_inputs(root / "inputs")
     rows = []
@@ -98,19 +95,18 @@ def mixed(tmp_path_factory, tiny_models, ray_session):
         },
         {"id": "t-one", "prompt": "a cat 0", "mode": "txt2img", "seed": 11},
     ]
-    manifest = write_manifest(root / "manifest.parquet", rows)
-    spec_path = write_spec(
-        root / "job.yaml",
-        manifest=str(manifest),
+    spec = load_job(
+        root,
+        None,
+        rows,
         output=str(root / "out"),
         models={
             "base": str(tiny_models["base"]),
             "inpaint": str(tiny_models["inpaint"]),
             "depth": str(tiny_models["depth"]),
         },
-        defaults={"steps": 4},
+        steps=4,
     )
-    spec = load_spec(spec_path)
     result = run_job(spec)
     meta = read_metadata(spec.output).to_pandas().set_index("id")
     return {"spec": spec, "result": result, "meta": meta, "rows": rows, "inputs": img, "root": root}
@@ -251,9 +247,6 @@ def test_bad_inputs_are_failure_rows_and_inpaint_works_on_the_base_model(
 ) -> None:
     import pyarrow as pa
 
-    from sdbatch.spec import load_spec
-    from tests.helpers import write_manifest, write_spec
-
     img = make_inputs(tmp_path / "inputs")
     init_bytes = img["init"].read_bytes()
     rows = [
@@ -287,7 +280,6 @@ def test_bad_inputs_are_failure_rows_and_inpaint_works_on_the_base_model(
             ("prompt", pa.string()),
         ]
     )
-    manifest = write_manifest(tmp_path / "bytes.parquet", rows, schema)
     uri_rows = [
         {
             "id": "missing-file",
@@ -306,15 +298,7 @@ def test_bad_inputs_are_failure_rows_and_inpaint_works_on_the_base_model(
     ]
     # Two manifests → two jobs would cost two start-ups; the URI cases go in the same
     # output through a second manifest run (resume keeps the first's results).
-    spec = load_spec(
-        write_spec(
-            tmp_path / "job.yaml",
-            manifest=str(manifest),
-            output=str(tmp_path / "out"),
-            model=str(tiny_models["base"]),
-            defaults={"steps": 4},
-        )
-    )
+    spec = load_job(tmp_path, tiny_models["base"], rows, schema=schema, steps=4)
     result = run_job(spec)
     assert (result.done, result.failed) == (3, 2)
     meta = read_metadata(spec.output).to_pandas().set_index("id")
@@ -341,14 +325,13 @@ def test_bad_inputs_are_failure_rows_and_inpaint_works_on_the_base_model(
     )
     assert np.abs(rendered(row) - theirs).max() <= 1
 
-    spec2 = load_spec(
-        write_spec(
-            tmp_path / "job2.yaml",
-            manifest=str(write_manifest(tmp_path / "uris.parquet", uri_rows)),
-            output=str(tmp_path / "out2"),
-            models={"base": str(tiny_models["base"]), "depth": str(tiny_models["depth"])},
-            defaults={"steps": 4},
-        )
+    spec2 = load_job(
+        tmp_path,
+        None,
+        uri_rows,
+        name="uris",
+        models={"base": str(tiny_models["base"]), "depth": str(tiny_models["depth"])},
+        steps=4,
     )
     result = run_job(spec2)
     assert (result.done, result.failed) == (0, 2)
