@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -57,9 +58,33 @@ def tiny_models() -> dict[str, Path]:
         return build_tiny(folder)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests without Ray first (quick failures), then those that start a Ray of their own
+    (marked own_ray: `sdbatch run` processes, clusters), then those on the session's Ray,
+    which the first of them starts: a test's own Ray never runs beside the session's,
+    whose idle workers would share the two cores with it. Stable: files keep their order."""
+
+    def group(item: pytest.Item) -> tuple[int, bool]:
+        if item.get_closest_marker("own_ray"):
+            return 1, True
+        if "ray_session" in getattr(item, "fixturenames", ()):
+            return 2, True
+        return 0, item.get_closest_marker("integration") is not None  # tests/unit first
+
+    items.sort(key=group)
+
+
+@pytest.fixture(autouse=True)
+def _own_ray_runs_alone(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("own_ray"):
+        ray = sys.modules.get("ray")
+        assert ray is None or not ray.is_initialized(), "a Ray is running in the test process"
+
+
 @pytest.fixture(scope="session")
 def ray_session():
-    """One local Ray for the whole session (dashboard off), shut down at the end."""
+    """One local Ray for the whole session (dashboard off), shut down at the end; started
+    by the first test that needs it, after every own_ray test (see above)."""
     import ray
 
     from sdbatch.session import init_ray

@@ -122,13 +122,14 @@ def write_job(
     *,
     name: str = "job",
     steps: int | None = None,
+    schema: pa.Schema | None = None,
     **fields: Any,
 ) -> Path:
-    """The one job builder: `rows` (or that many `prompts`) as folder/NAME.parquet, a
-    spec as folder/NAME.yaml writing to folder/out-NAME; `model` unless `models` is
-    given, `steps` as the default steps, other fields as in write_spec."""
+    """The one job builder: `rows` (or that many `prompts`) as folder/NAME.parquet (with
+    `schema`, if given), a spec as folder/NAME.yaml writing to folder/out-NAME; `model`
+    unless `models` is given, `steps` as the default steps, other fields as in write_spec."""
     rows = prompts(rows) if isinstance(rows, int) else rows
-    manifest = write_manifest(folder / f"{name}.parquet", rows)
+    manifest = write_manifest(folder / f"{name}.parquet", rows, schema)
     fields.setdefault("output", str(folder / f"out-{name}"))
     if model is not None:
         fields["model"] = str(model)
@@ -163,6 +164,21 @@ def start_run(spec: Path, env: dict[str, str] | None = None) -> subprocess.Popen
         env={**os.environ, **(env or {})},
         start_new_session=True,  # its own process group: the local Ray it starts dies with it
     )
+
+
+def sdbatch_cli(*args: str | Path) -> Any:
+    """`sdbatch ARGS` in this process (typer's CliRunner): what a command prints (stdout and
+    stderr, in `.output`) and its `.exit_code`, where the process itself is not what is
+    tested. An exception the command did not turn into a message is raised here, as the
+    traceback a user would see."""
+    from typer.testing import CliRunner
+
+    from sdbatch.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
 
 
 def isolated_env() -> dict[str, str]:

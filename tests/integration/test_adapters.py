@@ -7,7 +7,6 @@ Images are compared with plain diffusers built here (`load_lora_weights` +
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,12 +17,12 @@ from sdbatch.errors import RunError
 from sdbatch.runner import read_metadata, run_job
 from tests.helpers import (
     ROUND_ROBIN,
-    SDBATCH,
     adapter_files,
     plain_pipeline,
     plain_render,
     rendered,
     sd_loras,
+    sdbatch_cli,
     write_manifest,
     write_spec,
 )
@@ -174,10 +173,9 @@ def test_round_robin_adapters_never_share_a_call_and_rerun_bit_exact(
     assert meta.groupby("call_id")["loras"].nunique(dropna=False).max() == 1
 
     ids = ["r00", "r05", "r10", "none"]
-    args = [*SDBATCH, "rerun", spec.output, "--verify", *[a for i in ids for a in ("--ids", i)]]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "reproduced 4/4 bit-exact" in proc.stdout
+    proc = sdbatch_cli("rerun", spec.output, "--verify", *[a for i in ids for a in ("--ids", i)])
+    assert proc.exit_code == 0, proc.output
+    assert "reproduced 4/4 bit-exact" in proc.output
 
     # A changed adapter file is a changed render: resume refuses, rerun says so.
     from safetensors.numpy import load_file, save_file
@@ -188,13 +186,8 @@ def test_round_robin_adapters_never_share_a_call_and_rerun_bit_exact(
     save_file(tensors, loras["sd-style"])
     with pytest.raises(RunError, match="weights differ"):
         run_job(spec)
-    proc = subprocess.run(
-        [*SDBATCH, "rerun", spec.output, "--verify", "--ids", "r00"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 1 and "weights-changed" in proc.stdout, proc.stdout
+    proc = sdbatch_cli("rerun", spec.output, "--verify", "--ids", "r00")
+    assert proc.exit_code == 1 and "weights-changed" in proc.output, proc.output
 
 
 @pytest.mark.parametrize(
@@ -229,11 +222,9 @@ def test_bad_adapter_input_is_refused_before_rendering(
         output=str(tmp_path / "out"),
         **fields,
     )
-    proc = subprocess.run(
-        [*SDBATCH, "validate", str(spec)], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode != 0
-    assert expected in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
+    proc = sdbatch_cli("validate", spec)  # raises what it did not turn into a message
+    assert proc.exit_code != 0
+    assert expected in proc.output, proc.output
+    assert "Traceback" not in proc.output
     if rows:  # a row problem names the row and its id
-        assert "row 0 (id 'x')" in proc.stdout + proc.stderr
+        assert "row 0 (id 'x')" in proc.output

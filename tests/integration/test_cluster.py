@@ -26,9 +26,8 @@ def job(tmp_path: Path, model: Path, name: str, **compute) -> Path:
     return write_job(tmp_path, model, 16, name=name, steps=2, compute=compute)
 
 
-def test_multi_node_spreads_work_and_matches_single_node(
-    tmp_path, tiny_models, ray_session
-) -> None:
+@pytest.mark.own_ray
+def test_multi_node_spreads_work_and_matches_single_node(tmp_path, tiny_models) -> None:
     spec_path = job(tmp_path, tiny_models["base"], "cluster", resources={"render_node": 1})
     proc = subprocess.run(
         [sys.executable, str(HERE / "cluster_job.py"), str(spec_path)],
@@ -50,6 +49,7 @@ def test_multi_node_spreads_work_and_matches_single_node(
     assert sha_by_item(load_spec(spec_path).output) == sha_by_item(single.output)
 
 
+@pytest.mark.own_ray
 def test_run_against_an_existing_ray_start_cluster(tmp_path, tiny_models) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -17,7 +17,7 @@ from sdbatch.runner import run_job
 from sdbatch.spec import load_spec
 from tests.helpers import COMMIT_OFTEN, isolated_env, sha_by_item, write_job
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.own_ray, pytest.mark.timeout(600)]
 HERE = Path(__file__).parent
 ITEMS = 160
 
@@ -50,8 +50,8 @@ def on_cluster(spec: Path, *args: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_models, ray_session) -> dict:
-    """The same job on the session's one-node Ray, nothing lost."""
+def reference(tmp_path_factory, tiny_models) -> dict:
+    """The same job on a one-node Ray of its own (run_job starts and stops it), nothing lost."""
     tmp = tmp_path_factory.mktemp("reference")
     spec = load_spec(job(tmp, tiny_models["base"], "reference"))
     spec = spec.model_copy(update={"compute": spec.compute.model_copy(update={"resources": {}})})

@@ -96,6 +96,7 @@ def test_jpeg_files_carry_a1111_parameters(make_job) -> None:
             assert f"Seed: {row.seed}" in user_comment(im)
 
 
+@pytest.mark.own_ray
 def test_webdataset_resume_after_kill_is_exactly_once(tmp_path, tiny_models) -> None:
     spec_path = write_job(
         tmp_path,

@@ -27,6 +27,7 @@ from tests.helpers import (
     SDBATCH,
     isolated_env,
     load_job,
+    sdbatch_cli,
     sha_by_item,
     start_run,
     write_job,
@@ -53,9 +54,8 @@ def kill_when(proc: subprocess.Popen, images: Path, count: int, timeout: float =
     pytest.fail(f"no {count} images within {timeout} s")
 
 
-def test_driver_killed_twice_then_resumes_exactly_once(
-    tmp_path: Path, tiny_models, ray_session
-) -> None:
+@pytest.mark.own_ray
+def test_driver_killed_twice_then_resumes_exactly_once(tmp_path: Path, tiny_models) -> None:
     spec_path = write_job(tmp_path, tiny_models["base"], 200, steps=2, execution=COMMIT_OFTEN)
     spec = load_spec(spec_path)
     images = Path(spec.output, "images")
@@ -70,7 +70,8 @@ def test_driver_killed_twice_then_resumes_exactly_once(
 
     got = sha_by_item(spec.output)
     assert len(got) == 200 and len(list(images.glob("*/*.png"))) == 200
-    # An uninterrupted run of the same job, for comparison.
+    # An uninterrupted run of the same job, for comparison (in this process, on a Ray
+    # run_job starts and stops: the killed runs' Rays are gone).
     reference = load_job(
         tmp_path, tiny_models["base"], 200, name="reference", steps=2, execution=COMMIT_OFTEN
     )
@@ -89,6 +90,7 @@ def readme_restart_loop(spec: Path, pause: int = 1) -> str:
     return loop[1].replace(" job.yaml ", f" {spec} ").replace("sleep 30", f"sleep {pause}")
 
 
+@pytest.mark.own_ray
 def test_the_documented_restart_loop_brings_a_killed_driver_back(tmp_path, tiny_models) -> None:
     """A `ray start` head, the README's loop around `sdbatch run --address auto`, the
     driver SIGKILLed mid-job: the loop's next run resumes and ends it, each item once."""
@@ -149,6 +151,7 @@ def test_the_documented_restart_loop_brings_a_killed_driver_back(tmp_path, tiny_
     assert Path(images.parent, "_SUCCESS").exists()
 
 
+@pytest.mark.own_ray
 def test_two_runs_on_one_output_never_commit_an_item_twice(tmp_path, tiny_models) -> None:
     spec_path = write_job(tmp_path, tiny_models["base"], 40, steps=2, execution=COMMIT_OFTEN)
     spec = load_spec(spec_path)
@@ -269,6 +272,7 @@ def test_render_actor_sigkilled_twice_the_job_completes(tmp_path, tiny_models, r
     assert events["actors_restarted"] + events["replans"] >= 2, events
 
 
+@pytest.mark.own_ray
 def test_a_model_that_does_not_load_stops_the_run_at_once(tmp_path, tiny_models) -> None:
     """A truncated UNet file: the render actor's constructor fails. That is not lost
     capacity (no retry mends it): one message with the cause, no re-plans, exit 1."""
@@ -296,6 +300,7 @@ def test_a_model_that_does_not_load_stops_the_run_at_once(tmp_path, tiny_models)
     assert took < 90, took
 
 
+@pytest.mark.own_ray
 def test_watchdog_names_stuck_actors_instead_of_hanging(tmp_path, tiny_models) -> None:
     spec_path = write_job(
         tmp_path,
@@ -403,20 +408,14 @@ def test_rerun_verifies_bit_exact_and_detects_changed_weights(
     meta = read_metadata(spec.output).to_pandas()
     ids = sorted(meta["id"])[:20]
     assert (meta.set_index("id").loc[ids, "batch_position"] != meta["batch_position"].max()).any()
-    args = [*SDBATCH, "rerun", spec.output, "--verify", *[a for i in ids for a in ("--ids", i)]]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "reproduced 20/20 bit-exact" in proc.stdout
+    proc = sdbatch_cli("rerun", spec.output, "--verify", *[a for i in ids for a in ("--ids", i)])
+    assert proc.exit_code == 0, proc.output
+    assert "reproduced 20/20 bit-exact" in proc.output
 
     # Regenerate two items into a new output: same bytes.
     to = tmp_path / "again"
-    proc = subprocess.run(
-        [*SDBATCH, "rerun", str(spec_path), "--ids", ids[0], "--ids", ids[-1], "--to", str(to)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr
+    proc = sdbatch_cli("rerun", spec_path, "--ids", ids[0], "--ids", ids[-1], "--to", to)
+    assert proc.exit_code == 0, proc.output
     for item_id in (ids[0], ids[-1]):
         key = meta.set_index("id").loc[item_id, "key"]
         assert Path(to, key).read_bytes() == Path(spec.output, key).read_bytes()
@@ -429,16 +428,12 @@ def test_rerun_verifies_bit_exact_and_detects_changed_weights(
     name = sorted(tensors)[0]
     tensors[name] = tensors[name] + np.float32(0.01)
     save_file(tensors, weights)
-    proc = subprocess.run(
-        [*SDBATCH, "rerun", spec.output, "--verify", "--ids", ids[0]],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 1
-    assert "weights-changed" in proc.stdout and "reproduced 0/1 bit-exact" in proc.stdout
+    proc = sdbatch_cli("rerun", spec.output, "--verify", "--ids", ids[0])
+    assert proc.exit_code == 1
+    assert "weights-changed" in proc.output and "reproduced 0/1 bit-exact" in proc.output
 
 
+@pytest.mark.own_ray
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, tiny_models) -> None:
     """Ctrl-C mid-job (the last item hangs the actor, so the job can never finish before
     the signal lands): the driver commits, stops its Ray, and exits 130 well within the

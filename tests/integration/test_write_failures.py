@@ -14,7 +14,7 @@ import pytest
 
 from tests.helpers import prompts, write_manifest, write_spec
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.own_ray, pytest.mark.timeout(600)]
 
 SDBATCH = [sys.executable, "-m", "sdbatch.cli"]
 
