@@ -4,6 +4,7 @@ reference renders."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -179,6 +180,22 @@ def sdbatch_cli(*args: str | Path) -> Any:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         raise result.exception
     return result
+
+
+@contextlib.contextmanager
+def local_ray() -> Any:
+    """A local Ray in this process for an own_ray test's in-process runs (resume,
+    reference), once its `sdbatch run` processes are gone; shut down on leaving, so the
+    runs inside share one start."""
+    import ray
+
+    from sdbatch.session import init_ray
+
+    init_ray()
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
 
 
 def isolated_env() -> dict[str, str]:

@@ -16,6 +16,7 @@ from sdbatch.cli import app
 from sdbatch.runner import RunError, read_metadata, run_job
 from sdbatch.spec import load_spec
 from tests.helpers import (
+    load_job,
     plain_pipeline,
     plain_render,
     prompts,
@@ -82,19 +83,11 @@ def test_single_file_on_s3_is_downloaded_once_and_renders_the_same(
     s3_server.client.put_object(Bucket=bucket, Key="sd/base.safetensors.bak", Body=b"x" * 10)
     cache = tmp_path / "node-cache"
     monkeypatch.setenv("SDBATCH_CACHE_DIR", str(cache))
-    manifest = write_manifest(tmp_path / "m.parquet", prompts(2))
 
     def job(name: str, model: str):
-        return load_spec(
-            write_spec(
-                tmp_path / f"{name}.yaml",
-                manifest=str(manifest),
-                output=str(tmp_path / name),
-                models={"base": model, "config": {"base": str(tiny_models["base"])}},
-                storage=s3_server.storage(),
-                defaults={"steps": 2},
-            )
-        )
+        models = {"base": model, "config": {"base": str(tiny_models["base"])}}
+        storage = s3_server.storage()
+        return load_job(tmp_path, None, 2, name=name, models=models, storage=storage, steps=2)
 
     remote, local = job("remote", f"s3://{bucket}/sd/base.safetensors"), job("local", str(file))
     run_job(remote)
