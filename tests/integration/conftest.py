@@ -14,7 +14,7 @@ def make_job(tmp_path: Path, tiny_models, ray_session):
     session's Ray; returns (spec_path, loaded spec)."""
 
     def make(rows=None, name="job", **spec_fields):
-        model = None if "models" in spec_fields else spec_fields.pop("model", tiny_models["base"])
+        model = spec_fields.pop("model", None if "models" in spec_fields else tiny_models["base"])
         path = write_job(tmp_path, model, 18 if rows is None else rows, name=name, **spec_fields)
         return path, load_spec(path)
 
