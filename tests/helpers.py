@@ -185,8 +185,9 @@ def sdbatch_cli(*args: str | Path) -> Any:
 @contextlib.contextmanager
 def local_ray() -> Any:
     """A local Ray in this process for an own_ray test's in-process runs (resume,
-    reference), once its `sdbatch run` processes are gone; shut down on leaving, so the
-    runs inside share one start."""
+    reference), once its `sdbatch run` processes are gone: the runs inside share one
+    start, and it is shut down on leaving (run_job leaves a Ray it started running, as
+    the CLI's ends with its process), so none is left beside the next own_ray test."""
     import ray
 
     from sdbatch.session import init_ray

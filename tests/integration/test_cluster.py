@@ -15,7 +15,7 @@ import pytest
 
 from sdbatch.runner import run_job
 from sdbatch.spec import load_spec
-from tests.helpers import isolated_env, sha_by_item, write_job
+from tests.helpers import isolated_env, local_ray, sha_by_item, write_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 HERE = Path(__file__).parent
@@ -45,7 +45,8 @@ def test_multi_node_spreads_work_and_matches_single_node(tmp_path, tiny_models) 
     assert set(report["rendered_on"]) == workers, report
 
     single = load_spec(job(tmp_path, tiny_models["base"], "single", actors=1))
-    run_job(single)
+    with local_ray():  # the cluster is gone; a one-node Ray of this test's own
+        run_job(single)
     assert sha_by_item(load_spec(spec_path).output) == sha_by_item(single.output)
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from sdbatch.runner import run_job
 from sdbatch.spec import load_spec
-from tests.helpers import COMMIT_OFTEN, isolated_env, sha_by_item, write_job
+from tests.helpers import COMMIT_OFTEN, isolated_env, local_ray, sha_by_item, write_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_ray, pytest.mark.timeout(600)]
 HERE = Path(__file__).parent
@@ -51,11 +51,12 @@ def on_cluster(spec: Path, *args: str) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, tiny_models) -> dict:
-    """The same job on a one-node Ray of its own (run_job starts and stops it), nothing lost."""
+    """The same job on a one-node Ray of its own, nothing lost."""
     tmp = tmp_path_factory.mktemp("reference")
     spec = load_spec(job(tmp, tiny_models["base"], "reference"))
     spec = spec.model_copy(update={"compute": spec.compute.model_copy(update={"resources": {}})})
-    run_job(spec)
+    with local_ray():
+        run_job(spec)
     return sha_by_item(spec.output)
 
 

@@ -66,6 +66,8 @@ def test_driver_killed_twice_then_resumes_exactly_once(tmp_path: Path, tiny_mode
     assert first < second < 200
     # The resume and an uninterrupted run of the same job, for comparison, in this
     # process (the killed runs' Rays are gone; ctrl-c's test reads the CLI's resume line).
+    # run_job leaves a Ray it started running (the CLI's ends with the process):
+    # local_ray() shuts it down, so no Ray is left beside the next own_ray test.
     committed = len(sha_by_item(spec.output))
     reference = load_job(
         tmp_path, tiny_models["base"], 200, name="reference", steps=2, execution=COMMIT_OFTEN
