@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
 
-.PHONY: help install models demo test test-unit test-integration lint format bench clean browser
+.PHONY: help install models demo test test-fast test-integration lint format bench clean browser
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "} {printf "  %-18s %s\n", $$1, $$2}'
@@ -52,11 +52,11 @@ browser: ## Install chromium + chromedriver (Debian packages) if missing, for th
 		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver </dev/null; \
 	fi
 
-test-unit: install ## Fast tests without Ray
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/unit
+test-fast: install ## The tests without Ray (tests/unit), in under a minute
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/unit
 
 test-integration: install ## Ray + tiny-model tests
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q tests/integration
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/integration
 
 lint: install ## ruff (lint + format check) and mypy on the pure modules
 	$(VENV)/bin/ruff check sdbatch tests benchmarks jobs

@@ -7,63 +7,30 @@ Images are compared with plain diffusers built here (`load_lora_weights` +
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from sdbatch.errors import UserError
 from sdbatch.runner import read_metadata, run_job
+from tests.helpers import (
+    ROUND_ROBIN,
+    adapter_files,
+    plain_pipeline,
+    plain_render,
+    rendered,
+    sd_loras,
+    sdbatch_cli,
+    write_manifest,
+    write_spec,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-SDBATCH = [sys.executable, "-m", "sdbatch.cli"]
-ROUND_ROBIN = ("sd-style", "sd-light", "sd-dark", "sd-ink")
-
-
-def adapter_files(tiny_models) -> tuple[dict[str, str], dict[str, str]]:
-    root = Path(tiny_models["base"]).parent
-    loras = {p.stem: str(p) for p in sorted((root / "loras").glob("*.safetensors"))}
-    embeddings = {p.stem: str(p) for p in sorted((root / "embeddings").glob("*.safetensors"))}
-    return loras, embeddings
-
-
-def sd_loras(tiny_models) -> dict[str, str]:
-    loras, _ = adapter_files(tiny_models)
-    return {n: f for n, f in loras.items() if n.startswith("sd-")}
-
-
-def image(row) -> np.ndarray:
-    return np.asarray(Image.open(row.image_uri), dtype=np.int16)
-
-
-def plain(pipe, row, prompt: str, **extra) -> np.ndarray:
-    """One plain diffusers call for a metadata row (its seed, steps, size, scheduler)."""
-    import diffusers
-
-    pipe.set_progress_bar_config(disable=True)
-    assert row.scheduler == "ddim"  # tests.helpers.write_spec's default
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
-    out = pipe(
-        prompt=prompt,
-        negative_prompt=row.negative_prompt or None,
-        num_inference_steps=int(row.steps),
-        guidance_scale=float(row.guidance_scale),
-        width=int(row.width),
-        height=int(row.height),
-        generator=torch.Generator("cpu").manual_seed(int(row.seed)),
-        **extra,
-    ).images[0]
-    return np.asarray(out, dtype=np.int16)
-
 
 def test_lora_tags_embeddings_and_syntax_match_plain_diffusers(make_job, tiny_models) -> None:
-    import diffusers
-
     loras, embeddings = adapter_files(tiny_models)
     rows = [
         {"id": "tag", "prompt": "a red fox <lora:sd-style:0.7> in snow"},
@@ -87,13 +54,13 @@ def test_lora_tags_embeddings_and_syntax_match_plain_diffusers(make_job, tiny_mo
     assert (meta["status"] == "ok").all()
     model = str(tiny_models["base"])
 
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
-    base = plain(pipe, meta.loc["base"], "a red fox in snow")
-    assert np.abs(image(meta.loc["base"]) - base).max() <= 1
+    pipe = plain_pipeline("StableDiffusionPipeline", model)
+    base = plain_render(pipe, meta.loc["base"], "a red fox in snow")
+    assert np.abs(rendered(meta.loc["base"]) - base).max() <= 1
     # A1111 syntax with every weight 1.0 is the plain prompt (each row has its own seed).
     for name in ("unweighted", "ones", "weighted"):
         row = meta.loc[name]
-        diff = np.abs(image(row) - plain(pipe, row, "a red fox in snow")).max()
+        diff = np.abs(rendered(row) - plain_render(pipe, row, "a red fox in snow")).max()
         assert (diff > 1) if name == "weighted" else (diff <= 1), (name, diff)
     assert not meta.loc["weighted", "prompt_truncated"]
 
@@ -101,25 +68,25 @@ def test_lora_tags_embeddings_and_syntax_match_plain_diffusers(make_job, tiny_mo
     pipe.set_adapters(["style"], [0.7])
     row = meta.loc["tag"]
     assert row.prompt == "a red fox in snow" and row.loras == "sd-style:0.7"
-    theirs = plain(pipe, row, "a red fox in snow")
-    assert np.abs(image(row) - theirs).max() <= 1
-    assert np.abs(image(row) - base).max() > 1, "the LoRA changed nothing"
+    theirs = plain_render(pipe, row, "a red fox in snow")
+    assert np.abs(rendered(row) - theirs).max() <= 1
+    assert np.abs(rendered(row) - base).max() > 1, "the LoRA changed nothing"
 
     pipe.load_lora_weights(loras["sd-light"], adapter_name="light")
     pipe.load_lora_weights(loras["sd-detail-kohya"], adapter_name="detail")
     pipe.set_adapters(["detail", "light"], [0.8, 0.5])
     row = meta.loc["two"]
     assert row.loras == "sd-detail-kohya:0.8,sd-light:0.5"
-    assert np.abs(image(row) - plain(pipe, row, "a lighthouse")).max() <= 1
+    assert np.abs(rendered(row) - plain_render(pipe, row, "a lighthouse")).max() <= 1
 
-    fresh = diffusers.StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
+    fresh = plain_pipeline("StableDiffusionPipeline", model)
     from safetensors.torch import load_file
 
     vectors = load_file(embeddings["sd-token"])["emb_params"]
     fresh.load_textual_inversion(vectors, token="sd-token")
     row = meta.loc["ti"]
     assert row.embeddings == "sd-token"
-    assert np.abs(image(row) - plain(fresh, row, row.prompt)).max() <= 1
+    assert np.abs(rendered(row) - plain_render(fresh, row, row.prompt)).max() <= 1
 
     # Metadata and infotext name each adapter with its weight and hash, as A1111 does.
     recorded = json.loads(meta.loc["two", "adapters"])
@@ -134,8 +101,6 @@ def test_lora_tags_embeddings_and_syntax_match_plain_diffusers(make_job, tiny_mo
 
 
 def test_sdxl_lora_and_a1111_prompts(make_job, tiny_models) -> None:
-    import diffusers
-
     loras, embeddings = adapter_files(tiny_models)
     long = ", ".join(f"detail {i}" for i in range(60))  # well over 75 tokens
     rows = [
@@ -157,21 +122,17 @@ def test_sdxl_lora_and_a1111_prompts(make_job, tiny_models) -> None:
     run_job(spec)
     meta = read_metadata(spec.output).to_pandas().set_index("id")
     assert (meta["status"] == "ok").all()
-    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
-        str(tiny_models["sdxl"]), local_files_only=True
-    )
-    base = plain(pipe, meta.loc["plain"], "a castle")
-    assert np.abs(image(meta.loc["plain"]) - base).max() <= 1
+    pipe = plain_pipeline("StableDiffusionXLPipeline", tiny_models["sdxl"])
+    base = plain_render(pipe, meta.loc["plain"], "a castle")
+    assert np.abs(rendered(meta.loc["plain"]) - base).max() <= 1
     same, weighted = meta.loc["same"], meta.loc["weighted"]
-    assert np.abs(image(same) - plain(pipe, same, "a castle")).max() <= 1
-    assert np.abs(image(weighted) - plain(pipe, weighted, "a castle")).max() > 1
+    assert np.abs(rendered(same) - plain_render(pipe, same, "a castle")).max() <= 1
+    assert np.abs(rendered(weighted) - plain_render(pipe, weighted, "a castle")).max() > 1
     assert not meta.loc["long", "prompt_truncated"]
     from safetensors.torch import load_file
 
     vectors = load_file(embeddings["sdxl-token"])
-    with_token = diffusers.StableDiffusionXLPipeline.from_pretrained(
-        str(tiny_models["sdxl"]), local_files_only=True
-    )
+    with_token = plain_pipeline("StableDiffusionXLPipeline", tiny_models["sdxl"])
     for key, encoder, tokenizer in (
         ("clip_l", "text_encoder", "tokenizer"),
         ("clip_g", "text_encoder_2", "tokenizer_2"),
@@ -183,13 +144,13 @@ def test_sdxl_lora_and_a1111_prompts(make_job, tiny_models) -> None:
             tokenizer=getattr(with_token, tokenizer),
         )
     row = meta.loc["ti"]
-    assert np.abs(image(row) - plain(with_token, row, row.prompt)).max() <= 1
-    assert np.abs(image(row) - plain(pipe, row, row.prompt)).max() > 1
+    assert np.abs(rendered(row) - plain_render(with_token, row, row.prompt)).max() <= 1
+    assert np.abs(rendered(row) - plain_render(pipe, row, row.prompt)).max() > 1
     pipe.load_lora_weights(loras["sdxl-style"], adapter_name="style")
     pipe.set_adapters(["style"], [0.6])
     row = meta.loc["lora"]
-    assert np.abs(image(row) - plain(pipe, row, "a castle")).max() <= 1
-    assert np.abs(image(row) - base).max() > 1
+    assert np.abs(rendered(row) - plain_render(pipe, row, "a castle")).max() <= 1
+    assert np.abs(rendered(row) - base).max() > 1
 
 
 def test_round_robin_adapters_never_share_a_call_and_rerun_bit_exact(
@@ -212,10 +173,9 @@ def test_round_robin_adapters_never_share_a_call_and_rerun_bit_exact(
     assert meta.groupby("call_id")["loras"].nunique(dropna=False).max() == 1
 
     ids = ["r00", "r05", "r10", "none"]
-    args = [*SDBATCH, "rerun", spec.output, "--verify", *[a for i in ids for a in ("--ids", i)]]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "reproduced 4/4 bit-exact" in proc.stdout
+    proc = sdbatch_cli("rerun", spec.output, "--verify", *[a for i in ids for a in ("--ids", i)])
+    assert proc.exit_code == 0, proc.output
+    assert "reproduced 4/4 bit-exact" in proc.output
 
     # A changed adapter file is a changed render: resume refuses, rerun says so.
     from safetensors.numpy import load_file, save_file
@@ -226,43 +186,8 @@ def test_round_robin_adapters_never_share_a_call_and_rerun_bit_exact(
     save_file(tensors, loras["sd-style"])
     with pytest.raises(UserError, match="weights differ"):
         run_job(spec)
-    proc = subprocess.run(
-        [*SDBATCH, "rerun", spec.output, "--verify", "--ids", "r00"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 1 and "weights-changed" in proc.stdout, proc.stdout
-
-
-def test_renderer_loads_each_adapter_once_and_switches(tiny_models) -> None:
-    """Without Ray: one actor's Renderer over the planned blocks of round-robin items."""
-    from sdbatch.plan import batch_key, homogeneous_blocks
-    from sdbatch.render import Renderer
-    from tests.helpers import work_item
-
-    loras = sd_loras(tiny_models)
-    renderer = Renderer(
-        models={"txt2img": str(tiny_models["base"])},
-        model_hashes={},
-        batch_size=2,
-        loras=loras,
-    )
-    assert renderer.adapters.loads == len(loras)
-    items = []
-    for i in range(8):
-        item = work_item(tiny_models["base"], id=f"i{i}", seed=i, prompt_syntax="plain")
-        item["loras"] = f"{ROUND_ROBIN[i % 4]}:0.7"
-        item["batch_key"] = batch_key(item)
-        items.append(item)
-    out = [row for block in homogeneous_blocks(items, 8) for row in renderer.render(block)]
-    assert [r["status"] for r in out] == ["ok"] * 8
-    assert renderer.adapters.loads == len(loras)  # switching never reloads
-    assert renderer.pipeline_calls == 4
-    calls: dict[str, set] = {}
-    for row in out:
-        calls.setdefault(row["call_id"], set()).add(row["loras"])
-    assert all(len(v) == 1 for v in calls.values())
+    proc = sdbatch_cli("rerun", spec.output, "--verify", "--ids", "r00")
+    assert proc.exit_code == 1 and "weights-changed" in proc.output, proc.output
 
 
 @pytest.mark.parametrize(
@@ -281,8 +206,6 @@ def test_renderer_loads_each_adapter_once_and_switches(tiny_models) -> None:
 def test_bad_adapter_input_is_refused_before_rendering(
     tmp_path, tiny_models, fields, rows, expected
 ) -> None:
-    from tests.helpers import write_manifest, write_spec
-
     loras, embeddings = adapter_files(tiny_models)
     swap = {"EMB": embeddings["sd-token"], "SDXL": loras["sdxl-style"]}
     swap["SDXLEMB"] = embeddings["sdxl-token"]
@@ -299,44 +222,9 @@ def test_bad_adapter_input_is_refused_before_rendering(
         output=str(tmp_path / "out"),
         **fields,
     )
-    proc = subprocess.run(
-        [*SDBATCH, "validate", str(spec)], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode != 0
-    assert expected in proc.stdout + proc.stderr, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stdout + proc.stderr
+    proc = sdbatch_cli("validate", spec)  # raises what it did not turn into a message
+    assert proc.exit_code != 0
+    assert expected in proc.output, proc.output
+    assert "Traceback" not in proc.output
     if rows:  # a row problem names the row and its id
-        assert "row 0 (id 'x')" in proc.stdout + proc.stderr
-
-
-def test_a_lora_only_an_actor_can_refuse_fails_its_items_only(tiny_models, tmp_path) -> None:
-    """A file whose header passes the checks but whose tensors do not load: the items
-    naming it are failure rows, every other item renders."""
-    from safetensors.numpy import load_file, save_file
-
-    from sdbatch.plan import batch_key, homogeneous_blocks
-    from sdbatch.render import Renderer
-    from tests.helpers import work_item
-
-    good = sd_loras(tiny_models)["sd-style"]
-    tensors = load_file(good)
-    up = sorted(k for k in tensors if "lora.up" in k or "lora_B" in k)[0]
-    tensors[up] = np.concatenate([tensors[up], tensors[up]], axis=1)  # rank 4 -> 8
-    broken = tmp_path / "broken.safetensors"
-    save_file(tensors, broken)
-    renderer = Renderer(
-        models={"txt2img": str(tiny_models["base"])},
-        model_hashes={},
-        batch_size=2,
-        loras={"broken": str(broken), "style": good},
-    )
-    items = []
-    for i, lora in enumerate(["broken:1", "style:0.5", None]):
-        item = work_item(tiny_models["base"], id=f"i{i}", seed=i, prompt_syntax="plain")
-        item["loras"] = lora
-        item["batch_key"] = batch_key(item)
-        items.append(item)
-    out = {r["id"]: r for block in homogeneous_blocks(items, 3) for r in renderer.render(block)}
-    assert out["i0"]["status"] == "failed" and out["i0"]["error_type"] == "AdapterError"
-    assert "broken" in out["i0"]["error_message"]
-    assert out["i1"]["status"] == out["i2"]["status"] == "ok"
+        assert "row 0 (id 'x')" in proc.output

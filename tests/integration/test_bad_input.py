@@ -20,11 +20,9 @@ from typer.testing import CliRunner
 
 from sdbatch.cli import app
 from sdbatch.runner import read_metadata, run_job
-from sdbatch.spec import load_spec
-from tests.helpers import work_item, write_manifest, write_spec
+from tests.helpers import LONG_PROMPT, load_job, write_manifest, write_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-LONG_PROMPT = "a very detailed photo of " + "a red fox and a lighthouse " * 20
 
 GOOD_ROWS = [{"id": "a", "prompt": "a cat"}, {"id": "b", "prompt": "a dog"}]
 ID_PROMPT = pa.schema([("id", pa.string()), ("prompt", pa.string())])
@@ -347,17 +345,7 @@ def per_item_job(tmp_path_factory, tiny_models, ray_session):
     (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
     rows = [{"id": name, "prompt": "x", "strength": 0.5, **cells} for name, cells, _, _ in PER_ITEM]
     rows += [{"id": "long-prompt", "prompt": LONG_PROMPT}, {"id": "fine", "prompt": "a cat"}]
-    manifest = write_manifest(root / "m.parquet", rows)
-    spec = load_spec(
-        write_spec(
-            root / "job.yaml",
-            manifest=str(manifest),
-            output=str(root / "out"),
-            model=str(tiny_models["base"]),
-            defaults={"steps": 2},
-            compute={"actors": 1, "cpus_per_actor": 1},
-        )
-    )
+    spec = load_job(root, tiny_models["base"], rows, steps=2)
     result = run_job(spec)
     failures = pd.read_parquet(Path(spec.output, "failures")).set_index("id")
     return result, failures, read_metadata(spec.output).to_pandas().set_index("id")
@@ -378,21 +366,6 @@ def test_long_prompt_truncated_and_recorded(per_item_job) -> None:
     _, _, meta = per_item_job
     assert bool(meta.loc["long-prompt", "prompt_truncated"]) is True
     assert bool(meta.loc["fine", "prompt_truncated"]) is False
-
-
-def test_long_prompt_fails_when_asked(tiny_models) -> None:
-    from sdbatch.render import Renderer
-
-    renderer = Renderer(
-        models={"txt2img": str(tiny_models["base"])},
-        model_hashes={},
-        batch_size=1,
-        prompt_overflow="fail",
-    )
-    item = work_item(str(tiny_models["base"]), id="x", seed=1, prompt=LONG_PROMPT, steps=2)
-    row = renderer.render([item])[0]
-    assert (row["status"], row["error_type"]) == ("failed", "PromptTooLong")
-    assert "CLIP tokens, limit 77" in row["error_message"]
 
 
 def test_unreachable_ray_address_fails_fast_with_the_address(case, tmp_path) -> None:

@@ -8,47 +8,26 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from sdbatch.runner import read_metadata, run_job
+from sdbatch.runner import run_job
 from sdbatch.spec import load_spec
-from tests.helpers import prompts, write_manifest, write_spec
+from tests.helpers import isolated_env, local_ray, sha_by_item, write_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 HERE = Path(__file__).parent
 
 
 def job(tmp_path: Path, model: Path, name: str, **compute) -> Path:
-    manifest = write_manifest(tmp_path / "m.parquet", prompts(16))
-    return write_spec(
-        tmp_path / f"{name}.yaml",
-        manifest=str(manifest),
-        output=str(tmp_path / f"out-{name}"),
-        model=str(model),
-        defaults={"steps": 2},
-        compute={"actors": 2, "cpus_per_actor": 1, **compute},
-    )
+    compute = {"actors": 2, "cpus_per_actor": 1, **compute}
+    return write_job(tmp_path, model, 16, name=name, steps=2, compute=compute)
 
 
-def isolated_env() -> dict[str, str]:
-    """A Ray temp dir of its own, so no `ray_current_cluster` file leaks to other tests."""
-    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="rt", dir="/tmp")}
-    env.pop("RAY_ADDRESS", None)
-    return env
-
-
-def sha256s(output: str) -> dict:
-    meta = read_metadata(output).to_pandas()
-    return {(r.id, r.image_index): r.sha256 for r in meta.itertuples()}
-
-
-def test_multi_node_spreads_work_and_matches_single_node(
-    tmp_path, tiny_models, ray_session
-) -> None:
+@pytest.mark.own_ray
+def test_multi_node_spreads_work_and_matches_single_node(tmp_path, tiny_models) -> None:
     spec_path = job(tmp_path, tiny_models["base"], "cluster", resources={"render_node": 1})
     proc = subprocess.run(
         [sys.executable, str(HERE / "cluster_job.py"), str(spec_path)],
@@ -66,10 +45,12 @@ def test_multi_node_spreads_work_and_matches_single_node(
     assert set(report["rendered_on"]) == workers, report
 
     single = load_spec(job(tmp_path, tiny_models["base"], "single", actors=1))
-    run_job(single)
-    assert sha256s(load_spec(spec_path).output) == sha256s(single.output)
+    with local_ray():  # the cluster is gone; a one-node Ray of this test's own
+        run_job(single)
+    assert sha_by_item(load_spec(spec_path).output) == sha_by_item(single.output)
 
 
+@pytest.mark.own_ray
 def test_run_against_an_existing_ray_start_cluster(tmp_path, tiny_models) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -133,7 +114,7 @@ def test_run_against_an_existing_ray_start_cluster(tmp_path, tiny_models) -> Non
         assert (
             "16 rendered" in proc.stdout.replace("\n", " ") or "16 images rendered" in proc.stdout
         )
-        assert len(sha256s(load_spec(spec_path).output)) == 16
+        assert len(sha_by_item(load_spec(spec_path).output)) == 16
     finally:
         os.killpg(head.pid, signal.SIGKILL)
         head.wait()

@@ -9,40 +9,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from sdbatch.runner import read_metadata, run_job
+from tests.helpers import SCHEDULERS, plain_pipeline, plain_render, rendered
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-# Written out by hand on purpose: this is the contract, not a copy of sdbatch's table.
-SCHEDULERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
 
-
-def plain_diffusers_txt2img(model: str, row) -> np.ndarray:
-    import diffusers
-
-    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model, local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    if row.scheduler != "default":  # 'default': the checkpoint's own scheduler, untouched
-        cls_name, extra = SCHEDULERS[row.scheduler]
-        pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **extra)
-    image = pipe(
-        prompt=row.prompt,
-        negative_prompt=row.negative_prompt or None,
-        num_inference_steps=int(row.steps),
-        guidance_scale=float(row.guidance_scale),
-        width=int(row.width),
-        height=int(row.height),
-        generator=torch.Generator("cpu").manual_seed(int(row.seed)),
-    ).images[0]
-    return np.asarray(image, dtype=np.int16)
+def plain_txt2img(model, row) -> np.ndarray:
+    # A fresh pipeline per row: 'default' must find the checkpoint's own scheduler.
+    return plain_render(plain_pipeline("StableDiffusionPipeline", model), row)
 
 
 def test_txt2img_matches_plain_diffusers(make_job, tiny_models) -> None:
@@ -69,8 +45,8 @@ def test_txt2img_matches_plain_diffusers(make_job, tiny_models) -> None:
     run_job(spec)
     meta = read_metadata(spec.output).to_pandas().set_index("id")
     for row in meta.itertuples():
-        ours = np.asarray(Image.open(row.image_uri), dtype=np.int16)
-        theirs = plain_diffusers_txt2img(str(tiny_models["base"]), row)
+        ours = rendered(row)
+        theirs = plain_txt2img(tiny_models["base"], row)
         assert ours.shape == theirs.shape == (row.height, row.width, 3)
         diff = np.abs(ours - theirs).max()
         assert diff <= 1, f"{row.Index} ({row.scheduler}): max diff {diff}"
@@ -96,7 +72,7 @@ def test_sd2_v_prediction_matches_plain_diffusers_with_every_scheduler(
     meta = read_metadata(spec.output).to_pandas().set_index("id")
     assert set(meta.model_family) == {"sd2"} and len(meta) == len(names)
     for row in meta.itertuples():
-        ours = np.asarray(Image.open(row.image_uri), dtype=np.int16)
-        theirs = plain_diffusers_txt2img(str(model), row)
+        ours = rendered(row)
+        theirs = plain_txt2img(model, row)
         diff = np.abs(ours - theirs).max()
         assert diff <= 1, f"{row.Index} ({row.scheduler}): max diff {diff}"

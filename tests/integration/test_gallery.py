@@ -15,8 +15,7 @@ import pytest
 
 from sdbatch.gallery import build_gallery
 from sdbatch.runner import read_metadata, run_job
-from tests.unit.test_gallery import fake_output, sweep_items
-from tests.unit.test_inspect import check_png
+from tests.helpers import check_png, fake_output, load_job, sweep_items
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -41,9 +40,6 @@ def job(tmp_path_factory, tiny_models, ray_session):
     once per module; the same spec as the `make_job` fixture builds)."""
     import numpy as np
     from PIL import Image
-
-    from sdbatch.spec import load_spec
-    from tests.helpers import write_manifest, write_spec
 
     root = tmp_path_factory.mktemp("gallery")
     (root / "inputs").mkdir()
@@ -72,15 +68,7 @@ def job(tmp_path_factory, tiny_models, ray_session):
         },  # fmt: skip
         {"id": "missing", "prompt": "never drawn", **img2img, "init_image": "inputs/nope.png"},
     ]
-    spec = load_spec(
-        write_spec(
-            root / "job.yaml",
-            manifest=str(write_manifest(root / "job.parquet", rows)),
-            output=str(root / "out"),
-            model=str(tiny_models["base"]),
-            defaults={"steps": 2},
-        )
-    )
+    spec = load_job(root, tiny_models["base"], rows, output=str(root / "out"), steps=2)
     result = run_job(spec)
     assert (result.done, result.failed) == (8, 1)
     return spec, read_metadata(spec.output).to_pylist()

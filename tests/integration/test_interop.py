@@ -17,22 +17,19 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def output(tmp_path_factory, tiny_models, ray_session) -> tuple[Path, list[dict]]:
-    from sdbatch.spec import load_spec
-    from tests.helpers import prompts, write_manifest, write_spec
+    from tests.helpers import load_job, prompts
 
     root = tmp_path_factory.mktemp("interop")
     rows = prompts(4)
     rows[0]["num_images"] = 2
-    spec = load_spec(
-        write_spec(
-            root / "job.yaml",
-            manifest=str(write_manifest(root / "job.parquet", rows)),
-            output=str(root / "out"),
-            model=str(tiny_models["base"]),
-            defaults={"steps": 2},
-            batch_size=2,
-            execution={"commit_rows": 2},  # several parts, as any long job has, ...
-        )
+    spec = load_job(
+        root,
+        tiny_models["base"],
+        rows,
+        output=str(root / "out"),
+        steps=2,
+        batch_size=2,
+        execution={"commit_rows": 2},  # several parts, as any long job has, ...
     )
     result = run_job(spec)
     assert (result.done, result.failed) == (5, 0)

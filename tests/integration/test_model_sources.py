@@ -12,7 +12,7 @@ from PIL import Image
 
 from sdbatch.runner import read_metadata, run_job
 from sdbatch.spec import load_spec
-from tests.helpers import prompts, write_manifest, write_spec
+from tests.helpers import load_job, prompts, write_manifest, write_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -51,20 +51,8 @@ def test_model_from_s3_renders_as_the_local_folder_and_downloads_once(
     s3_model, s3_server, tiny_models, tmp_path, ray_session
 ) -> None:
     # The actors get this test's SDBATCH_CACHE_DIR through the job's runtime env.
-    rows = prompts(4)
-    manifest = write_manifest(tmp_path / "m.parquet", rows)
-
     def job(name: str, model: str):
-        return load_spec(
-            write_spec(
-                tmp_path / f"{name}.yaml",
-                manifest=str(manifest),
-                output=str(tmp_path / name),
-                model=model,
-                storage=s3_server.storage(),
-                defaults={"steps": 2},
-            )
-        )
+        return load_job(tmp_path, model, 4, name=name, storage=s3_server.storage(), steps=2)
 
     from_s3, local = job("from-s3", s3_model["uri"]), job("local", str(tiny_models["base"]))
     run_job(from_s3)

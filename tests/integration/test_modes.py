@@ -11,9 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sdbatch.checks import models_for
 from sdbatch.runner import read_metadata, run_job
-from tests.helpers import make_inputs
+from tests.helpers import load_job, make_inputs, plain_pipeline, plain_render, rendered
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
@@ -21,9 +20,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory, tiny_models, ray_session):
     """One job mixing all four modes, two sizes, two schedulers (run once per module)."""
-    from sdbatch.spec import load_spec
-    from tests.helpers import write_manifest, write_spec
-
     root = tmp_path_factory.mktemp("mixed")
     img = make_inputs(root / "inputs")
     rows = []
@@ -99,53 +95,26 @@ def mixed(tmp_path_factory, tiny_models, ray_session):
         },
         {"id": "t-one", "prompt": "a cat 0", "mode": "txt2img", "seed": 11},
     ]
-    manifest = write_manifest(root / "manifest.parquet", rows)
-    spec_path = write_spec(
-        root / "job.yaml",
-        manifest=str(manifest),
+    spec = load_job(
+        root,
+        None,
+        rows,
         output=str(root / "out"),
         models={
             "base": str(tiny_models["base"]),
             "inpaint": str(tiny_models["inpaint"]),
             "depth": str(tiny_models["depth"]),
         },
-        defaults={"steps": 4},
+        steps=4,
     )
-    spec = load_spec(spec_path)
     result = run_job(spec)
     meta = read_metadata(spec.output).to_pandas().set_index("id")
     return {"spec": spec, "result": result, "meta": meta, "rows": rows, "inputs": img, "root": root}
 
 
 def plain(pipeline: str, model: Path, row, **inputs) -> np.ndarray:
-    """What a plain diffusers call renders for a metadata row (independent of sdbatch)."""
-    import diffusers
-
-    cls = getattr(diffusers, pipeline)
-    pipe = cls.from_pretrained(
-        str(model), local_files_only=True, safety_checker=None, requires_safety_checker=False
-    )
-    pipe.set_progress_bar_config(disable=True)
-    if row.scheduler == "euler_a":
-        pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(
-            pipe.scheduler.config
-        )
-    else:
-        assert row.scheduler == "ddim"
-        pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
-    image = pipe(
-        prompt=row.prompt,
-        negative_prompt=row.negative_prompt or None,
-        num_inference_steps=int(row.steps),
-        guidance_scale=float(row.guidance_scale),
-        generator=torch.Generator("cpu").manual_seed(int(row.seed)),
-        **inputs,
-    ).images[0]
-    return np.asarray(image, dtype=np.int16)
-
-
-def ours(row) -> np.ndarray:
-    return np.asarray(Image.open(row.image_uri), dtype=np.int16)
+    pipe = plain_pipeline(pipeline, model, safety_checker=None, requires_safety_checker=False)
+    return plain_render(pipe, row, **inputs)
 
 
 def test_mixed_job_is_complete_and_batched_by_parameters(mixed) -> None:
@@ -202,7 +171,7 @@ def test_img2img_matches_diffusers(mixed, tiny_models) -> None:
             image=Image.open(init).convert("RGB"),
             strength=float(row.strength),
         )
-        assert np.abs(ours(row) - theirs).max() <= 1, item_id
+        assert np.abs(rendered(row) - theirs).max() <= 1, item_id
 
 
 def test_inpaint_matches_diffusers(mixed, tiny_models) -> None:
@@ -218,7 +187,7 @@ def test_inpaint_matches_diffusers(mixed, tiny_models) -> None:
         width=64,
         height=64,
     )
-    assert np.abs(ours(row) - theirs).max() <= 1
+    assert np.abs(rendered(row) - theirs).max() <= 1
 
 
 def test_depth2img_matches_diffusers(mixed, tiny_models) -> None:
@@ -231,7 +200,7 @@ def test_depth2img_matches_diffusers(mixed, tiny_models) -> None:
         image=Image.open(img["init_jpg"]).convert("RGB"),
         strength=float(row.strength),
     )
-    assert np.abs(ours(row) - theirs).max() <= 1
+    assert np.abs(rendered(row) - theirs).max() <= 1
     row = next(meta.loc[["d-map"]].itertuples())
     depth = torch.from_numpy(np.asarray(Image.open(img["depth"]).convert("F"), dtype=np.float32))[
         None
@@ -244,7 +213,7 @@ def test_depth2img_matches_diffusers(mixed, tiny_models) -> None:
         depth_map=depth,
         strength=float(row.strength),
     )
-    assert np.abs(ours(row) - theirs).max() <= 1
+    assert np.abs(rendered(row) - theirs).max() <= 1
 
 
 def test_strength_zero_returns_input_and_one_is_what_diffusers_does(mixed, tiny_models) -> None:
@@ -253,7 +222,7 @@ def test_strength_zero_returns_input_and_one_is_what_diffusers_does(mixed, tiny_
     # diffusers refuses strength 0 (0 denoising steps); sdbatch returns the input
     # itself: no VAE round trip, so the tolerance is exactly 0.
     assert np.array_equal(
-        ours(zero), np.asarray(Image.open(img["init"]).convert("RGB"), dtype=np.int16)
+        rendered(zero), np.asarray(Image.open(img["init"]).convert("RGB"), dtype=np.int16)
     )
     assert "strength 0" in zero.notes
 
@@ -266,20 +235,17 @@ def test_strength_zero_returns_input_and_one_is_what_diffusers_does(mixed, tiny_
         image=Image.open(img["init"]).convert("RGB"),
         strength=1.0,
     )
-    assert np.abs(ours(one) - theirs).max() <= 1
+    assert np.abs(rendered(one) - theirs).max() <= 1
     # What diffusers actually does at strength 1: it starts from the last training
     # timestep, where SD's scaled_linear schedule still keeps sqrt(alpha_bar) ≈ 0.07 of
     # the init latents, so the result is NOT the txt2img image of the same seed.
-    assert np.abs(ours(one) - ours(txt)).max() > 1
+    assert np.abs(rendered(one) - rendered(txt)).max() > 1
 
 
 def test_bad_inputs_are_failure_rows_and_inpaint_works_on_the_base_model(
     tmp_path, tiny_models, ray_session
 ) -> None:
     import pyarrow as pa
-
-    from sdbatch.spec import load_spec
-    from tests.helpers import write_manifest, write_spec
 
     img = make_inputs(tmp_path / "inputs")
     init_bytes = img["init"].read_bytes()
@@ -314,7 +280,6 @@ def test_bad_inputs_are_failure_rows_and_inpaint_works_on_the_base_model(
             ("prompt", pa.string()),
         ]
     )
-    manifest = write_manifest(tmp_path / "bytes.parquet", rows, schema)
     uri_rows = [
         {
             "id": "missing-file",
@@ -333,15 +298,7 @@ def test_bad_inputs_are_failure_rows_and_inpaint_works_on_the_base_model(
     ]
     # Two manifests → two jobs would cost two start-ups; the URI cases go in the same
     # output through a second manifest run (resume keeps the first's results).
-    spec = load_spec(
-        write_spec(
-            tmp_path / "job.yaml",
-            manifest=str(manifest),
-            output=str(tmp_path / "out"),
-            model=str(tiny_models["base"]),
-            defaults={"steps": 4},
-        )
-    )
+    spec = load_job(tmp_path, tiny_models["base"], rows, schema=schema, steps=4)
     result = run_job(spec)
     assert (result.done, result.failed) == (3, 2)
     meta = read_metadata(spec.output).to_pandas().set_index("id")
@@ -366,16 +323,15 @@ def test_bad_inputs_are_failure_rows_and_inpaint_works_on_the_base_model(
         width=64,
         height=64,
     )
-    assert np.abs(ours(row) - theirs).max() <= 1
+    assert np.abs(rendered(row) - theirs).max() <= 1
 
-    spec2 = load_spec(
-        write_spec(
-            tmp_path / "job2.yaml",
-            manifest=str(write_manifest(tmp_path / "uris.parquet", uri_rows)),
-            output=str(tmp_path / "out2"),
-            models={"base": str(tiny_models["base"]), "depth": str(tiny_models["depth"])},
-            defaults={"steps": 4},
-        )
+    spec2 = load_job(
+        tmp_path,
+        None,
+        uri_rows,
+        name="uris",
+        models={"base": str(tiny_models["base"]), "depth": str(tiny_models["depth"])},
+        steps=4,
     )
     result = run_job(spec2)
     assert (result.done, result.failed) == (0, 2)
@@ -383,41 +339,3 @@ def test_bad_inputs_are_failure_rows_and_inpaint_works_on_the_base_model(
     assert fails.loc["missing-file", "error_type"] == "MissingInput"
     assert str(tmp_path / "inputs/nope.png") in fails.loc["missing-file", "error_message"]
     assert fails.loc["corrupt-file", "error_type"] == "CorruptImage"
-
-
-def test_txt2img_actor_loads_only_the_base_model(tiny_models) -> None:
-    from sdbatch.models import loaded_modules
-    from sdbatch.render import Renderer
-    from sdbatch.spec import parse_spec
-
-    spec = parse_spec(
-        {
-            "name": "t",
-            "manifest": "/m",
-            "output": "/o",
-            "models": {
-                "base": str(tiny_models["base"]),
-                "inpaint": str(tiny_models["inpaint"]),
-                "depth": str(tiny_models["depth"]),
-            },
-        }
-    )
-    needed = models_for(spec, {"txt2img"})
-    assert needed == {"txt2img": str(tiny_models["base"])}
-    renderer = Renderer(models=needed, model_hashes={}, batch_size=2)
-    modules = loaded_modules(renderer.pipes)
-    assert set(modules) == {"txt2img.unet", "txt2img.vae", "txt2img.text_encoder"}
-    assert renderer.pipes["txt2img"].unet.config.in_channels == 4
-
-    both = Renderer(
-        models=models_for(spec, {"txt2img", "img2img", "inpaint"}), model_hashes={}, batch_size=2
-    )
-    mods = loaded_modules(both.pipes)
-    # txt2img and img2img share every module; inpaint shares VAE + text encoder, has its own UNet.
-    assert mods["txt2img.unet"] == mods["img2img.unet"]
-    assert (
-        mods["inpaint.vae"] == mods["txt2img.vae"]
-        and mods["inpaint.text_encoder"] == mods["txt2img.text_encoder"]
-    )
-    assert mods["inpaint.unet"] != mods["txt2img.unet"]
-    assert both.pipes["inpaint"].unet.config.in_channels == 9

@@ -13,26 +13,24 @@ from pathlib import Path
 
 import pytest
 
-from sdbatch.runner import read_metadata, run_job
+from sdbatch.runner import run_job
 from sdbatch.spec import load_spec
-from tests.helpers import prompts, write_manifest, write_spec
-from tests.integration.test_cluster import isolated_env
+from tests.helpers import COMMIT_OFTEN, isolated_env, local_ray, sha_by_item, write_job
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.own_ray, pytest.mark.timeout(600)]
 HERE = Path(__file__).parent
 ITEMS = 160
 
 
 def job(tmp_path: Path, model: Path, name: str, **execution) -> Path:
-    manifest = write_manifest(tmp_path / "m.parquet", prompts(ITEMS))
-    return write_spec(
-        tmp_path / f"{name}.yaml",
-        manifest=str(manifest),
-        output=str(tmp_path / f"out-{name}"),
-        model=str(model),
-        defaults={"steps": 2},
+    return write_job(
+        tmp_path,
+        model,
+        ITEMS,
+        name=name,
+        steps=2,
         compute={"actors": 2, "cpus_per_actor": 1, "resources": {"render_node": 1}},
-        execution={"commit_rows": 8, "commit_seconds": 1, **execution},
+        execution={**COMMIT_OFTEN, **execution},
     )
 
 
@@ -51,19 +49,14 @@ def on_cluster(spec: Path, *args: str) -> dict:
     return json.loads(line.removeprefix("RESULT "))
 
 
-def sha_by_item(output: str) -> dict[tuple[str, int], str]:
-    meta = read_metadata(output).to_pandas()
-    assert not meta.duplicated(["id", "image_index"]).any(), "an item committed twice"
-    return {(r.id, r.image_index): r.sha256 for r in meta.itertuples()}
-
-
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_models, ray_session) -> dict:
-    """The same job on the session's one-node Ray, nothing lost."""
+def reference(tmp_path_factory, tiny_models) -> dict:
+    """The same job on a one-node Ray of its own, nothing lost."""
     tmp = tmp_path_factory.mktemp("reference")
     spec = load_spec(job(tmp, tiny_models["base"], "reference"))
     spec = spec.model_copy(update={"compute": spec.compute.model_copy(update={"resources": {}})})
-    run_job(spec)
+    with local_ray():
+        run_job(spec)
     return sha_by_item(spec.output)
 
 

@@ -17,8 +17,7 @@ from PIL import Image
 
 from sdbatch.runner import read_metadata, run_job
 from sdbatch.spec import load_spec
-from tests.helpers import prompts, write_manifest, write_spec
-from tests.integration.test_resilience import start
+from tests.helpers import COMMIT_OFTEN, local_ray, prompts, start_run, write_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -97,20 +96,19 @@ def test_jpeg_files_carry_a1111_parameters(make_job) -> None:
             assert f"Seed: {row.seed}" in user_comment(im)
 
 
+@pytest.mark.own_ray
 def test_webdataset_resume_after_kill_is_exactly_once(tmp_path, tiny_models) -> None:
-    manifest = write_manifest(tmp_path / "m.parquet", prompts(120))
-    spec_path = write_spec(
-        tmp_path / "job.yaml",
-        manifest=str(manifest),
+    spec_path = write_job(
+        tmp_path,
+        tiny_models["base"],
+        120,
         output={"uri": str(tmp_path / "out"), "layout": "webdataset", "shard_size": 8},
-        model=str(tiny_models["base"]),
-        defaults={"steps": 2},
-        compute={"actors": 1, "cpus_per_actor": 1},
-        execution={"commit_rows": 8, "commit_seconds": 1},
+        steps=2,
+        execution=COMMIT_OFTEN,
     )
     spec = load_spec(spec_path)
     shards = Path(spec.output, "shards")
-    proc = start(spec_path)
+    proc = start_run(spec_path)
     # Kill once a few shards exist (some committed, maybe one uploaded but not committed).
     t0 = time.monotonic()
     while time.monotonic() - t0 < 240 and len(list(shards.glob("*.tar"))) < 5:
@@ -118,9 +116,9 @@ def test_webdataset_resume_after_kill_is_exactly_once(tmp_path, tiny_models) -> 
     proc.kill()
     proc.wait()
     os.killpg(proc.pid, signal.SIGKILL)
-    resumed = start(spec_path)
-    _, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err[-2000:]
+    with local_ray():  # the resume, in this process: the killed run's Ray is gone
+        resumed = run_job(spec)
+    assert resumed.done + resumed.skipped == 120 and resumed.failed == 0
     meta = read_metadata(spec.output).to_pandas()
     assert len(meta) == 120 and not meta.duplicated(["id", "image_index"]).any()
     names = [

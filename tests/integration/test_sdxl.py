@@ -19,7 +19,7 @@ from PIL import Image
 
 from sdbatch.manifest import ManifestInfo
 from sdbatch.runner import read_metadata, run_job
-from tests.helpers import make_inputs, write_manifest, write_spec
+from tests.helpers import load_job, make_inputs, sdbatch_cli, write_manifest, write_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -131,8 +131,6 @@ def sdxl_mixed(tmp_path_factory, tiny_models, ray_session):
     and per-item bad inputs in one SDXL job, first stopped part-way, then resumed."""
     import threading
 
-    from sdbatch.spec import load_spec
-
     root = tmp_path_factory.mktemp("sdxl-mixed")
     img = make_inputs(root / "inputs")
     rows = []
@@ -195,21 +193,20 @@ def sdxl_mixed(tmp_path_factory, tiny_models, ray_session):
             "strength": 0.8,
         },
     ]
-    spec = load_spec(
-        write_spec(
-            root / "job.yaml",
-            manifest=str(write_manifest(root / "manifest.parquet", rows)),
-            output=str(root / "out"),
-            models={
-                "base": str(tiny_models["sdxl"]),
-                "inpaint": str(tiny_models["sdxl-inpaint"]),
-                "depth_controlnet": str(tiny_models["sdxl-controlnet-depth"]),
-                "depth_estimator": str(tiny_models["depth"]),
-            },
-            defaults={"scheduler": "default", "steps": 4, "guidance_scale": 5.0},
-            batch_size=2,
-            execution={"commit_rows": 2, "commit_seconds": 1},
-        )
+    spec = load_job(
+        root,
+        None,
+        rows,
+        output=str(root / "out"),
+        models={
+            "base": str(tiny_models["sdxl"]),
+            "inpaint": str(tiny_models["sdxl-inpaint"]),
+            "depth_controlnet": str(tiny_models["sdxl-controlnet-depth"]),
+            "depth_estimator": str(tiny_models["depth"]),
+        },
+        defaults={"scheduler": "default", "steps": 4, "guidance_scale": 5.0},
+        batch_size=2,
+        execution={"commit_rows": 2, "commit_seconds": 1},
     )
     stop = threading.Event()
 
@@ -364,15 +361,9 @@ def test_sdxl_depth_controlnet_matches_plain_diffusers(sdxl_mixed, tiny_models) 
 def test_sdxl_rerun_verifies_bit_exact(sdxl_mixed) -> None:
     ids = ["t0", "i1", "p0", "d0", "d-map"]
     out = sdxl_mixed["spec"].output
-    args = [sys.executable, "-m", "sdbatch.cli", "rerun", out, "--verify"]
-    proc = subprocess.run(
-        [*args, *[a for i in ids for a in ("--ids", i)]],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert f"reproduced {len(ids)}/{len(ids)} bit-exact" in proc.stdout
+    proc = sdbatch_cli("rerun", out, "--verify", *[a for i in ids for a in ("--ids", i)])
+    assert proc.exit_code == 0, proc.output
+    assert f"reproduced {len(ids)}/{len(ids)} bit-exact" in proc.output
 
 
 def test_sdxl_actor_holds_each_module_once(tiny_models) -> None:

@@ -10,44 +10,27 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-from PIL import Image
 from typer.testing import CliRunner
 
 from sdbatch.cli import app
 from sdbatch.errors import UserError
 from sdbatch.runner import read_metadata, run_job
 from sdbatch.spec import load_spec
-from tests.helpers import prompts, write_manifest, write_spec
+from tests.helpers import (
+    load_job,
+    plain_pipeline,
+    plain_render,
+    prompts,
+    rendered,
+    write_manifest,
+    write_spec,
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
 
 def single(tiny_models, variant: str) -> Path:
     return tiny_models[variant].with_suffix(".safetensors")
-
-
-def plain(pipeline: str, folder: Path, row) -> np.ndarray:
-    """A plain diffusers call on the model's *folder* (from_pretrained), independent of sdbatch."""
-    import diffusers
-
-    pipe = getattr(diffusers, pipeline).from_pretrained(str(folder), local_files_only=True)
-    pipe.set_progress_bar_config(disable=True)
-    assert row.scheduler == "ddim"  # tests.helpers.write_spec's default
-    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
-    image = pipe(
-        prompt=row.prompt,
-        num_inference_steps=int(row.steps),
-        guidance_scale=float(row.guidance_scale),
-        width=int(row.width),
-        height=int(row.height),
-        generator=torch.Generator("cpu").manual_seed(int(row.seed)),
-    ).images[0]
-    return np.asarray(image, dtype=np.int16)
-
-
-def ours(row) -> np.ndarray:
-    return np.asarray(Image.open(row.image_uri), dtype=np.int16)
 
 
 @pytest.mark.parametrize(
@@ -76,8 +59,10 @@ def test_single_file_renders_as_plain_diffusers_on_its_folder(
     run_job(spec)
     meta = read_metadata(spec.output).to_pandas()
     assert set(meta.status) == {"ok"} and len(meta) == 3
+    pipe = plain_pipeline(pipeline, tiny_models[variant])
     for row in meta.itertuples():
-        diff = np.abs(ours(row) - plain(pipeline, tiny_models[variant], row)).max()
+        theirs = plain_render(pipe, row)
+        diff = np.abs(rendered(row) - theirs).max()
         assert diff <= 1, f"{row.id}: max diff {diff}"
     assert set(meta.model) == {str(single(tiny_models, variant))}
     models = json.loads(Path(spec.output, "_MODELS.json").read_text())
@@ -99,19 +84,11 @@ def test_single_file_on_s3_is_downloaded_once_and_renders_the_same(
     s3_server.client.put_object(Bucket=bucket, Key="sd/base.safetensors.bak", Body=b"x" * 10)
     cache = tmp_path / "node-cache"
     monkeypatch.setenv("SDBATCH_CACHE_DIR", str(cache))
-    manifest = write_manifest(tmp_path / "m.parquet", prompts(2))
 
     def job(name: str, model: str):
-        return load_spec(
-            write_spec(
-                tmp_path / f"{name}.yaml",
-                manifest=str(manifest),
-                output=str(tmp_path / name),
-                models={"base": model, "config": {"base": str(tiny_models["base"])}},
-                storage=s3_server.storage(),
-                defaults={"steps": 2},
-            )
-        )
+        models = {"base": model, "config": {"base": str(tiny_models["base"])}}
+        storage = s3_server.storage()
+        return load_job(tmp_path, None, 2, name=name, models=models, storage=storage, steps=2)
 
     remote, local = job("remote", f"s3://{bucket}/sd/base.safetensors"), job("local", str(file))
     run_job(remote)
@@ -120,7 +97,7 @@ def test_single_file_on_s3_is_downloaded_once_and_renders_the_same(
     b = read_metadata(local.output).to_pandas().set_index("id")
     assert set(a.status) == {"ok"} and len(a) == 2
     for item_id, row in a.iterrows():
-        assert np.array_equal(ours(row), ours(b.loc[item_id]))
+        assert np.array_equal(rendered(row), rendered(b.loc[item_id]))
     assert (a.model_sha256 == b.model_sha256.iloc[0]).all()
     log = [
         json.loads(line) for line in (cache / "models" / "downloads.log").read_text().splitlines()

@@ -11,17 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from sdbatch import pipeline, stream
-from sdbatch.runner import read_metadata, run_job
+from sdbatch.runner import run_job
 from sdbatch.spec import load_spec
-from tests.helpers import prompts, write_spec
+from tests.helpers import prompts, sha_by_item, write_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-
-
-def sha_by_item(output: str) -> dict[tuple[str, int], str]:
-    meta = read_metadata(output).to_pandas()
-    assert not meta.duplicated(["id", "image_index"]).any()
-    return {(r.id, r.image_index): r.sha256 for r in meta.itertuples()}
 
 
 def test_streamed_plan_renders_like_the_driver_plan_and_resumes_exactly_once(

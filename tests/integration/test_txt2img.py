@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from sdbatch.runner import read_metadata, run_job
+from tests.helpers import load_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -60,12 +61,19 @@ def rows_with_variety() -> list[dict]:
     return rows
 
 
-def test_job_end_to_end_and_rerun_identical(make_job, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def job(tmp_path_factory, tiny_models, ray_session):
+    """rows_with_variety on two actors, rendered once for the module's tests."""
+    root = tmp_path_factory.mktemp("txt2img")
     rows = rows_with_variety()
-    expected = {(r["id"], k) for r in rows for k in range(r.get("num_images", 1))}
     # Two actors: images must not depend on which actor rendered them.
-    _, spec = make_job(rows, compute={"actors": 2, "cpus_per_actor": 1})
-    result = run_job(spec)
+    spec = load_job(root, tiny_models["base"], rows, compute={"actors": 2, "cpus_per_actor": 1})
+    return spec, rows, run_job(spec)
+
+
+def test_job_end_to_end_and_rerun_identical(job, make_job) -> None:
+    spec, rows, result = job
+    expected = {(r["id"], k) for r in rows for k in range(r.get("num_images", 1))}
     assert (result.done, result.failed, result.total) == (len(expected), 0, len(expected))
     # Setup (checks, hashing, planning) is reported apart from rendering, never hidden.
     assert result.setup_seconds > 0 and result.wall_seconds > 0
@@ -99,21 +107,15 @@ def test_job_end_to_end_and_rerun_identical(make_job, tmp_path: Path) -> None:
     assert (merged["sha256"] == merged["sha256_2"]).all()
 
 
-def test_finished_job_is_not_rendered_again(make_job) -> None:
-    _, spec = make_job(name="resume")
-    first = run_job(spec)
+def test_finished_job_is_not_rendered_again(job) -> None:
+    spec, _, first = job
     parts = sorted(Path(spec.output, "metadata").iterdir())
     second = run_job(spec)
     assert (second.done, second.skipped) == (0, first.done)
     assert sorted(Path(spec.output, "metadata").iterdir()) == parts
 
 
-def test_small_job_spreads_over_all_actors(make_job) -> None:
-    _, spec = make_job(
-        rows=[{"id": str(i), "prompt": "p"} for i in range(16)],
-        name="spread",
-        compute={"actors": 2, "cpus_per_actor": 1},
-    )
-    run_job(spec)
+def test_small_job_spreads_over_all_actors(job) -> None:
+    spec, _, _ = job
     meta = pd.read_parquet(Path(spec.output, "metadata"))
     assert meta["worker"].nunique() == 2, meta["worker"].value_counts()

@@ -6,17 +6,16 @@ from __future__ import annotations
 import contextlib
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from tests.helpers import prompts, write_manifest, write_spec
+from sdbatch.runner import run_job
+from sdbatch.spec import load_spec
+from tests.helpers import SDBATCH, local_ray, write_job
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-
-SDBATCH = [sys.executable, "-m", "sdbatch.cli"]
+pytestmark = [pytest.mark.integration, pytest.mark.own_ray, pytest.mark.timeout(600)]
 
 
 @contextlib.contextmanager
@@ -38,13 +37,12 @@ def tiny_disk(path: Path, size: str):
 
 def test_full_disk_stops_with_one_message_then_resumes_exactly_once(tmp_path, tiny_models) -> None:
     out = tmp_path / "out"
-    manifest = write_manifest(tmp_path / "m.parquet", prompts(96))
-    spec = write_spec(
-        tmp_path / "job.yaml",
-        manifest=str(manifest),
+    spec = write_job(
+        tmp_path,
+        tiny_models["base"],
+        96,
         output=str(out),
-        model=str(tiny_models["base"]),
-        defaults={"steps": 2},
+        steps=2,
         execution={"commit_rows": 4, "commit_seconds": 1},
     )
     run = [*SDBATCH, "run", str(spec), "--progress", "none"]
@@ -62,8 +60,9 @@ def test_full_disk_stops_with_one_message_then_resumes_exactly_once(tmp_path, ti
         assert kept < 96
 
         resize("64m")
-        second = subprocess.run(run, capture_output=True, text=True, timeout=300)
-        assert second.returncode == 0, second.stderr
+        with local_ray():  # the resume, in this process (the CLI's exit was checked above)
+            second = run_job(load_spec(spec))
+        assert (second.skipped, second.done, second.failed) == (kept, 96 - kept, 0)
         meta = pd.read_parquet(out / "metadata")
         assert len(meta) == 96 and not meta.duplicated(["id", "image_index"]).any()
         assert all((out / key).is_file() for key in meta["key"])

@@ -181,17 +181,6 @@ def test_files_are_checked_for_kind_and_family(tiny_models, tmp_path: Path) -> N
         resolve(str(pickled))
 
 
-def test_tiny_adapters_are_byte_identical_on_rebuild(tmp_path: Path) -> None:
-    from sdbatch.tiny import _write_adapters
-
-    _write_adapters(tmp_path / "a", force=True)
-    _write_adapters(tmp_path / "b", force=True)
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.safetensors"))
-    assert len(files) == 8
-    for rel in files:
-        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes(), rel
-
-
 def test_a_hub_id_is_read_from_the_local_cache(tiny_models, tmp_path: Path, monkeypatch) -> None:
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hub" / "models--org--style-lora"

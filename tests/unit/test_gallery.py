@@ -3,130 +3,21 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
-from typing import Any
 from urllib.parse import unquote
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 from typer.testing import CliRunner
 
 from sdbatch.cli import app
 from sdbatch.errors import UserError
 from sdbatch.gallery import build_gallery, sweep_grids
-from sdbatch.plan import image_key
-from sdbatch.store import open_store
-from sdbatch.write import METADATA_SCHEMA, encode_image
-
-T0 = datetime(2026, 11, 1, tzinfo=timezone.utc)
-SCHEMA = METADATA_SCHEMA
-for _name in ("row_id", "sweep"):  # outputs written before sweeps existed lack them
-    if _name not in SCHEMA.names:
-        SCHEMA = SCHEMA.append(pa.field(_name, pa.string()))
-
-
-def item(item_id: str, k: int = 0, *, sweep: dict | None = None, **fields: Any) -> dict[str, Any]:
-    row_id = fields.pop("row_id", item_id.split("@")[0])
-    params = {
-        "mode": "txt2img",
-        "prompt": f"prompt of {row_id}",
-        "negative_prompt": None,
-        "seed": 1000 + k,
-        "steps": 20,
-        "guidance_scale": 7.5,
-        "scheduler": "ddim",
-        "scheduler_class": "DDIMScheduler",
-        "width": 64,
-        "height": 64,
-        "strength": 1.0,
-        **(sweep or {}),
-    }
-    return {
-        "id": item_id,
-        "row_id": row_id,
-        "sweep": json.dumps(sweep, sort_keys=True) if sweep else None,
-        "image_index": k,
-        "status": "ok",
-        "model": "/models/tiny/base",
-        "model_sha256": "ab" * 32,
-        "job_name": "handmade",
-        "created_at": T0,
-        **params,
-        **fields,
-    }
-
-
-def failure(item_id: str, k: int = 0, *, error: str = "MissingInput", **fields: Any) -> dict:
-    return item(
-        item_id,
-        k,
-        status="failed",
-        error_type=error,
-        error_message=f"{item_id}: init image not found",
-        **fields,
-    )
-
-
-def _pixels(r: dict[str, Any]) -> Any:
-    """A flat colour from the row's parameters, labelled, so a grid screenshot is legible."""
-    h = hashlib.sha256(f"{r['guidance_scale']}/{r['steps']}/{r['scheduler']}".encode()).digest()
-    im = Image.new("RGB", (r["width"], r["height"]), tuple(h[:3]))
-    label = f"{r['guidance_scale']:g}/{r['steps']}\n{r['scheduler']}"
-    ImageDraw.Draw(im).multiline_text((3, 3), label, fill=(255, 255, 255))
-    return im
-
-
-def fake_output(
-    uri: str,
-    images: list[dict],
-    failures: list[dict] = (),  # type: ignore[assignment]
-    *,
-    storage: dict | None = None,
-    drop: tuple[str, ...] = (),
-    parts: int = 2,
-    webdataset: bool = False,
-) -> str:
-    """A job output written by hand through the store: PNGs (as files, or in one
-    WebDataset shard), metadata and failure parts."""
-    import tarfile
-
-    import numpy as np
-
-    store = open_store(uri, storage)
-    shard, tar = "shards/run-00000.tar", io.BytesIO()
-    with tarfile.open(fileobj=tar, mode="w") as members:
-        for r in images:
-            r["key"] = image_key(r["id"], r["image_index"])
-            data = encode_image(np.asarray(_pixels(r)), r)
-            r.update(image_uri=store.uri_of(r["key"]), sha256=hashlib.sha256(data).hexdigest())
-            if not webdataset:
-                store.write_bytes(r["key"], data)
-                continue
-            member = r["key"].rsplit("/", 1)[-1]
-            info = tarfile.TarInfo(member)
-            info.size = len(data)
-            members.addfile(info, io.BytesIO(data))
-            r.update(key=shard, image_uri=f"{store.uri_of(shard)}#{member}")
-    if webdataset:
-        store.write_bytes(shard, tar.getvalue())
-    schema = pa.schema([f for f in SCHEMA if f.name not in drop])
-    for prefix, rows in (("metadata", images), ("failures", failures)):
-        chunks = [rows[i::parts] for i in range(parts)]
-        for n, chunk in enumerate(c for c in chunks if c):
-            table = pa.Table.from_pylist(
-                [{c: r.get(c) for c in schema.names} for r in chunk], schema=schema
-            )
-            buf = io.BytesIO()
-            pq.write_table(table, buf)
-            store.write_bytes(f"{prefix}/part-run{n}-00000.parquet", buf.getvalue())
-    return store.uri
+from tests.helpers import T0, failure, fake_output, item, sweep_items
 
 
 def records(page: str) -> list[dict]:
@@ -137,19 +28,6 @@ def records(page: str) -> list[dict]:
 
 def links(page: str) -> list[str]:
     return [unquote(s) for s in re.findall(r'<img [^>]*src="([^"]+)"', page)]
-
-
-def sweep_items() -> list[dict]:
-    rows = []
-    for g in (10.0, 5.0, 7.5):  # out of order on purpose: grids sort numerically
-        for steps in (30, 20):
-            for sched in ("euler_a", "ddim"):
-                cell = {"guidance_scale": g, "scheduler": sched, "steps": steps}
-                label = ",".join(
-                    f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in cell.items()
-                )
-                rows.append(item(f"cat@{label}", sweep=cell, prompt="a cat"))
-    return rows
 
 
 # ---------------------------------------------------------------- sweeps

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 from pathlib import Path
 from typing import Any
 
@@ -17,68 +16,7 @@ from typer.testing import CliRunner
 
 from sdbatch.cli import app
 from sdbatch.write import REPRODUCIBLE_FIELDS, encode_image
-
-# A1111's own pattern (modules/infotext_utils.py): `Key: value` pairs, a value either
-# JSON-quoted (may hold commas, colons, newlines) or running to the next comma.
-PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
-# What A1111 calls our schedulers; written out here, not imported from sdbatch.write.
-SAMPLERS = {"ddim": "DDIM", "euler_a": "Euler a", "dpmpp_2m_karras": "DPM++ 2M Karras"}
-
-
-def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
-    """(prompt, negative prompt, {key: value}) the way A1111's PNG Info reads them."""
-    *lines, last = text.strip().split("\n")
-    if len(PARAM.findall(last)) < 3:  # no parameters line
-        lines.append(last)
-        last = ""
-    prompt: list[str] = []
-    negative: list[str] = []
-    target = prompt
-    for line in lines:
-        if line.startswith("Negative prompt:"):
-            target = negative
-            line = line[len("Negative prompt:") :].strip()
-        target.append(line)
-    params = {}
-    for key, value in PARAM.findall(last):
-        params[key] = json.loads(value) if value.startswith('"') else value
-    return "\n".join(prompt), "\n".join(negative), params
-
-
-def check_infotext(text: str, row: dict[str, Any]) -> None:
-    """Every field of the infotext against the metadata row it was written from."""
-    prompt, negative, params = parse_infotext(text)
-    assert prompt == row["prompt"]
-    assert negative == (row.get("negative_prompt") or "")
-    expected = {
-        "Steps": str(row["steps"]),
-        "Sampler": SAMPLERS[row["scheduler"]],
-        "CFG scale": row["guidance_scale"],
-        "Seed": str(row["seed"]),
-        "Size": f"{row['width']}x{row['height']}",
-        "Model hash": row["model_sha256"][:10],
-        "Model": Path(str(row["model"]).rstrip("/")).name,
-    }
-    if row["mode"] != "txt2img":
-        expected["Denoising strength"] = row["strength"]
-    assert set(params) == set(expected), params
-    for key, want in expected.items():
-        got = params[key]
-        if isinstance(want, float):
-            assert float(got) == pytest.approx(want), key
-        else:
-            assert got == want, key
-
-
-def check_png(data: bytes, row: dict[str, Any]) -> None:
-    """The PNG's `parameters` and `sdbatch` chunks against a metadata row."""
-    with Image.open(io.BytesIO(data)) as im:
-        text = dict(im.text)
-    check_infotext(text["parameters"], row)
-    record = json.loads(text["sdbatch"])
-    assert set(record) == set(REPRODUCIBLE_FIELDS)
-    for key in REPRODUCIBLE_FIELDS:
-        assert record[key] == row.get(key), key
+from tests.helpers import check_infotext, check_png, parse_infotext
 
 
 def row(**fields: Any) -> dict[str, Any]:

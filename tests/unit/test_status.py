@@ -1,10 +1,16 @@
-"""`sdbatch status` on outputs written by hand (no Ray): the run record's events."""
+"""`sdbatch status` on outputs written by hand (no Ray): counts, failures, rate, and the
+run record's events."""
 
 from __future__ import annotations
 
 import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
 
 from sdbatch.status import job_status
+from tests.helpers import T0, failure, fake_output, item
 
 
 def status_with(tmp_path, events: dict) -> object:
@@ -47,3 +53,38 @@ def test_an_older_run_record_still_reads(tmp_path) -> None:
 
 def test_a_run_that_lost_nothing_says_nothing(tmp_path) -> None:
     assert status_with(tmp_path, {}).events_line() is None
+
+
+def test_counts_failures_once_each_and_only_while_unresolved(tmp_path) -> None:
+    """Each item counts once: done if it has an image, else failed with its newest reason
+    (output.unresolved_failures, the rule rerun --failed and the gallery use too); the
+    rate is the latest run's rows over its time so far."""
+    # fake_output deals rows to its parts in turn: part-run0 holds a and e, part-run1 b.
+    images = [item("a"), item("b"), item("e")]
+    failures = [
+        failure("a"),  # failed, then rendered on a retry: resolved
+        failure("d", error="CorruptImage"),
+        failure("c"),
+        failure("d", error="FlatDepthMap"),  # a later attempt: its reason is shown
+    ]
+    output = fake_output(str(tmp_path / "out"), images, failures)
+    started = T0 - timedelta(seconds=10)
+    run = {"run_id": "run1", "total": 6, "started_at": started.isoformat(), "events": {}}
+    (Path(output) / "_RUN.json").write_text(json.dumps(run))
+    st = job_status(output)
+    assert (st.done, st.failed, st.remaining, st.complete) == (3, 2, 1, False)
+    assert sorted(st.top_failures) == [
+        ("FlatDepthMap: d: init image not found", 1),
+        ("MissingInput: c: init image not found", 1),
+    ]
+    assert st.images_per_second == pytest.approx(0.1)  # part-run1: 1 row in 10 s
+    assert st.lease is None and st.events_line() is None
+
+    (Path(output) / "_SUCCESS").write_text(json.dumps({"images_per_second": 2.5}))
+    assert job_status(output).complete
+
+
+def test_an_output_with_no_run_record_yet(tmp_path) -> None:
+    st = job_status(fake_output(str(tmp_path / "out"), [item("a")]))
+    assert (st.total, st.remaining, st.done, st.failed) == (None, None, 1, 0)
+    assert st.images_per_second is None

@@ -43,8 +43,9 @@ def loaded(pipeline_class, path: Path):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_tiny(tmp_path_factory.mktemp("tiny"))
+def tiny(tiny_models) -> dict[str, Path]:
+    """The session's build (kept between sessions); test_rebuild builds afresh beside it."""
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +72,14 @@ def test_rebuild_gives_byte_identical_files(tiny, tmp_path) -> None:
         first, second = file_hashes(tiny[name]), file_hashes(again[name])
         assert first, f"{name}: no files"
         assert first == second, name
+    # The LoRAs and embeddings the build writes beside them, too.
+    root = tiny["base"].parent
+    adapters = sorted(
+        p.relative_to(root) for folder in ("loras", "embeddings") for p in root.glob(f"{folder}/*")
+    )
+    assert len([p for p in adapters if p.suffix == ".safetensors"]) == 8
+    for rel in adapters:
+        assert (root / rel).read_bytes() == (tmp_path / rel).read_bytes(), rel
 
 
 def test_complete_folders_are_kept_pipeline_or_lone_model(tiny) -> None:
