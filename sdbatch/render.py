@@ -30,6 +30,7 @@ from .adapters import recorded as recorded_adapters
 from .decode import UPCAST_NOTE, call_decoding_in_fp32_on_overflow, checked_pixels
 from .errors import ItemFailure, UserError
 from .fingerprint import environment_fingerprint, worker_name
+from .write import failed_fields
 
 # Decoded inputs from the prepare stage; consumed here, never copied into metadata.
 IMAGE_INPUTS = (
@@ -437,19 +438,7 @@ class Renderer:
     def _failed(
         self, item: dict[str, Any], error_type: str, message: str, attempts: int = 1
     ) -> dict[str, Any]:
-        row = self._common(item)
-        row.update(
-            status="failed",
-            pixels=None,
-            batch_position=None,
-            render_seconds=None,
-            scheduler_class=None,
-            call_id=None,
-            error_type=error_type,
-            error_message=message,
-            attempts=attempts,
-        )
-        return row
+        return {**self._common(item), **failed_fields(error_type, message, attempts)}
 
 
 def _error_type(err: BaseException) -> str:

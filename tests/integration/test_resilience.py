@@ -149,7 +149,9 @@ def test_the_documented_restart_loop_brings_a_killed_driver_back(tmp_path, tiny_
     assert loop.returncode == 0, err[-3000:]
     # Two runs: the killed one, then the one that resumed mid-job and finished it.
     starts = re.findall(r"12 images, (\d+) already done", err)
-    assert len(starts) == 2 and 0 < int(starts[1]) < 12, err
+    # The second run resumes what the killed one committed: at least the 4 seen, and all
+    # 12 when the kill landed after the last commit (it then only marks success).
+    assert len(starts) == 2 and 4 <= int(starts[1]) <= 12, err
     assert "Traceback" not in err and "logging.cc" not in err, err
     assert len(sha_by_item(str(images.parent))) == 12  # each item once
     assert Path(images.parent, "_SUCCESS").exists()
