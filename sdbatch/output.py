@@ -62,17 +62,6 @@ def union_done(*tables: pa.Table) -> pa.Table:
     return unique(pa.concat_tables(parts)) if parts else DONE_SCHEMA.empty_table()
 
 
-def failed_table(store: Store) -> pa.Table:
-    """`stream.DONE_SCHEMA` rows of items with a failure row (they may have succeeded since)."""
-    from .stream import DONE_SCHEMA, unique
-
-    parts = [
-        t.cast(DONE_SCHEMA)
-        for t in read_parts(store, FAILURES_PREFIX, columns=["id", "image_index", "row_id"])
-    ]
-    return unique(pa.concat_tables(parts)) if parts else DONE_SCHEMA.empty_table()
-
-
 def unresolved_failures(store: Store, done: pa.Table, columns: list[str] | None = None) -> pa.Table:
     """The failures still to fix: for each item with no image in `done` (`done_table`),
     its newest failure row (latest `created_at`, then the later part), with `columns`

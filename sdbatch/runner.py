@@ -45,7 +45,7 @@ from .session import (
 )
 from .spec import JobSpec
 from .store import Store, open_store
-from .stream import InFlight, anti_join
+from .stream import DONE_SCHEMA, InFlight, anti_join
 from .write import crash_failures
 
 __all__ = ["Placement", "Progress", "RunResult", "read_metadata", "run_job"]
@@ -435,7 +435,10 @@ class _Job:
             self.note(f"resuming: scanning {parts_before:,} metadata file(s) for done items")
         scan_started = time.monotonic()
         done = output.done_table(store)
-        only = anti_join(output.failed_table(store), done) if retry_failed else None
+        only = None
+        if retry_failed:  # the items `status` counts as failed: the same rule
+            failed = output.unresolved_failures(store, done, ["row_id"])
+            only = failed.select(DONE_SCHEMA.names).cast(DONE_SCHEMA)
         if parts_before:
             self.note(
                 f"{done.num_rows:,} item(s) already done"
