@@ -30,12 +30,14 @@ import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .store import Store
+
+T = TypeVar("T")
 
 RECORD = "_COMPACTED.json"
 ROWS_PER_FILE = 1_000_000
@@ -67,6 +69,25 @@ def live_files(store: Store, prefix: str) -> list[str]:
             continue  # written by a compaction that never committed
         live.append(key)
     return live
+
+
+def read_live(
+    store: Store, prefix: str, read: Callable[[str], T], keep: Callable[[str], bool] | None = None
+) -> list[T]:
+    """`read(key)` of each of `prefix`'s live files (those `keep` accepts), as one
+    consistent set while a compaction may be running (`status` or the gallery beside a
+    run that is finishing): when a file vanishes between the listing and its read, or the
+    record changed meanwhile (the listing may mix both sides of step 1), read again from
+    a fresh listing."""
+    for _ in range(10):
+        record = _record(store, prefix)
+        try:
+            results = [read(k) for k in live_files(store, prefix) if keep is None or keep(k)]
+        except FileNotFoundError:
+            continue
+        if _record(store, prefix) == record:
+            return results
+    raise RuntimeError(f"{store.uri_of(prefix)}: files kept changing while being read")
 
 
 def repair(store: Store, prefix: str) -> int:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -23,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .compact import compact, live_files
+from .compact import compact, live_files, read_live
 from .compact import repair as repair_compaction
 from .errors import UserError
 from .lease import LEASE_KEY
@@ -114,11 +113,12 @@ def drop_orphan_shards(store: Store) -> None:
         store.delete(key)
 
 
-def read_parts(store: Store, prefix: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
-    """The tables of `prefix`'s live files (`compact.live_files`: each row exactly once,
-    whatever state a compaction was interrupted in)."""
-    for key in live_files(store, prefix):
-        yield pq.read_table(io.BytesIO(store.read_bytes(key)), columns=columns)
+def read_parts(store: Store, prefix: str, columns: list[str] | None = None) -> list[pa.Table]:
+    """The tables of `prefix`'s live files (`compact.read_live`: each row exactly once,
+    whatever state a compaction was interrupted in or is running in)."""
+    return read_live(
+        store, prefix, lambda key: pq.read_table(io.BytesIO(store.read_bytes(key)), columns=columns)
+    )
 
 
 def read_metadata(output: str, storage: dict[str, Any] | None = None) -> pa.Table:

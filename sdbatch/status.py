@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .compact import live_files, repair
+from .compact import read_live, repair
 from .errors import StoreError
 from .lease import describe, live_lease
 from .output import (
@@ -108,12 +108,11 @@ def _latest_rate(store: Any, run: dict[str, Any]) -> float | None:
     if not run_id or not started:
         return None
     count, latest = 0, None
-    for key in live_files(store, METADATA_PREFIX):
-        if run_id in key:
-            table = pq.read_table(store.open_input(key), columns=["created_at"])
-            stamp = pc.max(table["created_at"]).as_py()
-            count += table.num_rows
-            latest = stamp if latest is None or (stamp and stamp > latest) else latest
+    read = lambda key: pq.read_table(store.open_input(key), columns=["created_at"])  # noqa: E731
+    for table in read_live(store, METADATA_PREFIX, read, keep=lambda key: run_id in key):
+        stamp = pc.max(table["created_at"]).as_py()
+        count += table.num_rows
+        latest = stamp if latest is None or (stamp and stamp > latest) else latest
     if not count or latest is None:  # compacted (a finished job): the run's own figure
         if store.exists(SUCCESS_KEY):
             with contextlib.suppress(ValueError):

@@ -302,7 +302,7 @@ def _wanted(
 def done_table(store: Any, metadata_prefix: str, listed: tuple[str, ...]) -> pa.Table:
     """(id, image_index, row_id) of every item with a metadata row whose image exists,
     once each, as Arrow: one listing of `listed` prefixes, no Python object per item."""
-    from .compact import live_files
+    from .compact import read_live
 
     chunks: list[pa.Array] = []
     names: list[str] = []
@@ -315,11 +315,13 @@ def done_table(store: Any, metadata_prefix: str, listed: tuple[str, ...]) -> pa.
     chunks.append(pa.array(names, pa.string()))
     stored = pa.chunked_array(chunks, pa.string()).combine_chunks()
     del chunks, names
-    parts = []
-    for key in live_files(store, metadata_prefix):
+
+    def read(key: str) -> pa.Table:
         t = pq.read_table(store.open_input(key), columns=["id", "image_index", "row_id", "key"])
         t = t.filter(pc.is_in(t["key"], value_set=stored))
-        parts.append(t.select(["id", "image_index", "row_id"]).cast(DONE_SCHEMA))
+        return t.select(["id", "image_index", "row_id"]).cast(DONE_SCHEMA)
+
+    parts = read_live(store, metadata_prefix, read)
     if not parts:
         return DONE_SCHEMA.empty_table()
     return unique(pa.concat_tables(parts))

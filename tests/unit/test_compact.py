@@ -148,3 +148,43 @@ def test_prefixes_are_independent(tmp_path, prefix) -> None:
     store = make_output(tmp_path)
     compact(store, PREFIX, rows_per_file=100)
     assert live_files(store, prefix) == []
+
+
+class CompactedMeanwhile(LocalStore):
+    """A reader's view of an output that another process compacts (up to its `steps`-th
+    write or delete) just before the reader's `at`-th read or listing."""
+
+    def __init__(self, root, at: int, steps: int | None):
+        super().__init__(str(root))
+        self.root, self.at, self.steps, self.reads = root, at, steps, 0
+
+    def _read(self) -> None:
+        self.reads += 1
+        if self.reads == self.at:
+            try:
+                compact(CrashingStore(self.root, self.steps), PREFIX, rows_per_file=4)
+            except Crash:
+                pass
+
+    def read_bytes(self, key):
+        self._read()
+        return super().read_bytes(key)
+
+    def open_input(self, key):
+        self._read()
+        return super().open_input(key)
+
+    def list(self, prefix=""):
+        self._read()
+        return super().list(prefix)
+
+
+def test_a_reader_beside_a_running_compaction_reads_every_row_once(tmp_path) -> None:
+    """`status` or the gallery read while a finishing run compacts: whichever read the
+    compaction lands before, and however far it gets, the reader sees each row once."""
+    for steps in (1, 2, 4, 6, 7, 8, 10, None):  # None: the compaction completes
+        for at in range(1, 12):
+            root = tmp_path / f"s{steps}-a{at}"
+            make_output(root)
+            store = CompactedMeanwhile(root, at, steps)
+            assert rows(store) == EXPECTED, f"compaction up to op {steps} before read {at}"
