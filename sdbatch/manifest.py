@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import StoreError, UserError
+from .errors import Problem, StoreError, UserError
 from .plan import IMAGE_COLUMNS, OVERRIDES, schema
 from .spec import MODES, JobSpec
 from .values import VALUE_CHECKS, Loras, LoraTags, any_of
@@ -169,41 +169,46 @@ def _suspects(
 
 def _row_problems(
     uri: str, row_no: int, row: dict[str, Any], checks: dict[str, Any], spec: JobSpec
-) -> list[str]:
+) -> list[Problem]:
     """One row's problems in the order they are listed (the duplicate id line, found
     later, goes before them)."""
     found = []
     item_id = row["id"]
     where = f"{uri}: row {row_no} (id {item_id!r})"
+
+    def add(field: str, text: str, head: str = where) -> None:
+        found.append(Problem(f"{head}: {text}", file=uri, field=field, value=row.get(field)))
+
     bad_id = _id_problem(item_id)
     if bad_id:
-        found.append(f"{uri}: row {row_no}: {bad_id}")
+        add("id", bad_id, head=f"{uri}: row {row_no}")
     if row["prompt"] is None:
-        found.append(f"{where}: prompt is null")
+        add("prompt", "prompt is null")
     for name, check in checks.items():
         value = row[name]
         if value is not None:
             msg = check(value)
             if msg:
-                found.append(f"{where}: {name} {msg}")
+                add(name, f"{name} {msg}")
     if row.get("refiner_switch") == 0:
-        found.append(f"{where}: refiner_switch must be > 0 (1 = base model only), got 0")
+        add("refiner_switch", "refiner_switch must be > 0 (1 = base model only), got 0")
     if row.get("refiner_switch") is not None and not (spec.models and spec.models.refiner):
-        found.append(f"{where}: refiner_switch is set but the spec has no models.refiner")
+        add("refiner_switch", "refiner_switch is set but the spec has no models.refiner")
     mode = row.get("mode") or spec.defaults.mode
     if mode != "txt2img" and mode in MODES:
         if row.get("init_image") is None:
-            found.append(f"{where}: mode {mode} needs an init_image, got none")
+            add("init_image", f"mode {mode} needs an init_image, got none")
         if mode == "inpaint" and row.get("mask_image") is None:
-            found.append(f"{where}: mode inpaint needs a mask_image, got none")
+            add("mask_image", "mode inpaint needs a mask_image, got none")
         steps = row.get("steps") or spec.defaults.steps
         strength = row.get("strength")
         strength = spec.defaults.strength if strength is None else strength
         if 0 < strength <= 1 and int(steps * strength) < 1:
-            found.append(
-                f"{where}: strength {strength:g} × steps {steps} rounds to 0 denoising "
+            add(
+                "strength",
+                f"strength {strength:g} × steps {steps} rounds to 0 denoising "
                 "steps (diffusers refuses it); raise steps or strength, or use strength 0 "
-                "to keep the input unchanged"
+                "to keep the input unchanged",
             )
     return found
 
@@ -277,7 +282,11 @@ def _check_schema(uri: str, pf: pq.ParquetFile) -> list[str]:
     if missing:
         raise UserError(
             [
-                f"{uri}: missing required column {c!r} (columns: {', '.join(schema.names)})"
+                Problem(
+                    f"{uri}: missing required column {c!r} (columns: {', '.join(schema.names)})",
+                    file=uri,
+                    field=c,
+                )
                 for c in missing
             ]
         )
@@ -287,7 +296,14 @@ def _check_schema(uri: str, pf: pq.ParquetFile) -> list[str]:
             ok, expected = COLUMN_TYPES[name]
             t = schema.field(name).type
             if not ok(t):
-                problems.append(f"{uri}: column {name!r} must be {expected}, got {t}")
+                problems.append(
+                    Problem(
+                        f"{uri}: column {name!r} must be {expected}, got {t}",
+                        file=uri,
+                        field=name,
+                        value=str(t),
+                    )
+                )
     if problems:
         raise UserError(problems)
     if pf.metadata.num_rows == 0:
@@ -347,7 +363,10 @@ def validate_manifest(
     del hashes
     if len(repeated):
         for dup_row, item_id in _duplicates(pf, repeated, con):
-            found.add(dup_row, -1, f"{uri}: row {dup_row} (id {item_id!r}): duplicate id")
+            where = f"{uri}: row {dup_row} (id {item_id!r})"
+            found.add(
+                dup_row, -1, Problem(f"{where}: duplicate id", file=uri, field="id", value=item_id)
+            )
     con.close()
     if on_progress and row_no >= PROGRESS_ROWS:  # a small manifest: no line at all
         on_progress(row_no)

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import UserError
+from .errors import Problem, UserError
 from .schedulers import SCHEDULERS
 
 MODES = ("txt2img", "img2img", "inpaint", "depth2img")
@@ -601,12 +601,19 @@ def _bounds(model: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
 _RANGE_ERRORS = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
-def format_errors(source: str, err: ValidationError, model: type[BaseModel] = JobSpec) -> list[str]:
-    """One line per problem: `FILE: field.path: what is wrong, got VALUE`."""
+def format_errors(
+    source: str, err: ValidationError, model: type[BaseModel] = JobSpec
+) -> list[Problem]:
+    """One problem per line: `FILE: field.path: what is wrong, got VALUE`."""
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         where = _loc(loc)
+        value = None if e["type"] == "missing" else e.get("input")
+
+        def problem(text: str) -> Problem:
+            return Problem(f"{source}: {where}: {text}", file=source, field=where, value=value)  # noqa: B023
+
         if e["type"] == "extra_forbidden":
             key = str(loc[-1])
             sub = _model_at(model, loc[:-1])
@@ -618,18 +625,18 @@ def format_errors(source: str, err: ValidationError, model: type[BaseModel] = Jo
                 tip = f" (valid: {', '.join(valid)})"
             else:
                 tip = ""
-            lines.append(f"{source}: {where}: unknown key{tip}")
+            lines.append(problem(f"unknown key{tip}"))
             continue
         msg = e["msg"].removeprefix("Value error, ")
         bounds = _bounds(model, loc) if e["type"] in _RANGE_ERRORS else None
         if bounds:
-            lines.append(f"{source}: {where}: must be {bounds}, got {e.get('input')!r}")
+            lines.append(problem(f"must be {bounds}, got {value!r}"))
         elif e["type"] == "missing":
-            lines.append(f"{source}: {where}: required field is missing")
+            lines.append(problem("required field is missing"))
         elif "got" in msg:
-            lines.append(f"{source}: {where}: {msg}")
+            lines.append(problem(msg))
         else:
-            lines.append(f"{source}: {where}: {msg}, got {e.get('input')!r}")
+            lines.append(problem(f"{msg}, got {value!r}"))
     return lines
 
 

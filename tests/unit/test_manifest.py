@@ -75,6 +75,17 @@ def test_bad_values(tmp_path: Path, rows, expected: str) -> None:
     assert all(str(tmp_path / "m.parquet") in p for p in found)
 
 
+def test_problems_carry_file_field_and_value(tmp_path: Path) -> None:
+    found = problems(
+        tmp_path,
+        [{"id": "a", "prompt": "p", "strength": 1.5}, {"id": "a", "prompt": None, "strength": 0.5}],
+    )
+    assert {(p.field, p.value) for p in found} == {("strength", 1.5), ("prompt", None), ("id", "a")}
+    assert {p.file for p in found} == {str(tmp_path / "m.parquet")}
+    typed = problems(tmp_path, [{"id": "a", "prompt": "p", "steps": "many"}])
+    assert [(p.field, p.value) for p in typed] == [("steps", "string")]
+
+
 def test_missing_prompt_column(tmp_path: Path) -> None:
     found = problems(tmp_path, [{"id": "a", "text": "p"}])
     assert found == [

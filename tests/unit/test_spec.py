@@ -79,6 +79,13 @@ def test_bad_values_name_field_and_value(tmp_path: Path, extra: str, expected: s
     assert all(line.startswith(str(tmp_path / "job.yaml")) for line in found)
 
 
+def test_problems_carry_file_field_and_value(tmp_path: Path) -> None:
+    found = problems(tmp_path, BASE + "defaults: {steps: 0}\nbatch_sise: 3\n")
+    where = {(p.field, p.value) for p in found}
+    assert where == {("defaults.steps", 0), ("batch_sise", 3)}, found
+    assert {p.file for p in found} == {str(tmp_path / "job.yaml")}
+
+
 def test_every_problem_reported_once(tmp_path: Path) -> None:
     found = problems(tmp_path, BASE + "defaults: {steps: 0, width: 7}\nbatch_size: 0\n")
     assert len(found) == 3, found
