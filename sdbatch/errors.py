@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -37,7 +38,7 @@ class Problem(str):
 class UserError(Exception):
     """Something the user must fix; `problems` holds one readable line per problem."""
 
-    def __init__(self, problems: str | list[str]):
+    def __init__(self, problems: str | Sequence[str]):
         lines = [problems] if isinstance(problems, str) else problems
         self.problems: list[Problem] = []
         for line in lines:
