@@ -470,7 +470,11 @@ def models_tiny(
     """Build tiny random-weight pipelines (SD 1.x base, inpaint, depth; SD 2 v; SDXL base, inpaint, refiner, depth ControlNet) and single-file .safetensors exports of them, for tests and demos, offline."""
     from .tiny import build_tiny
 
-    paths = build_tiny(out_dir, force=force)
+    try:
+        paths = build_tiny(out_dir, force=force)
+    except OSError as err:  # an unwritable or full folder: a line, not a traceback
+        where = err.filename or out_dir
+        raise UserError([f"{where}: cannot write the tiny models: {err.strerror or err}"]) from None
     for variant, path in paths.items():
         out.print(f"{variant}: {path}")
 

@@ -215,3 +215,14 @@ def test_controlnet_control_image_changes_the_picture(tiny, sdxl, init_image) ->
     assert_picture(near_right)
     # Visibly different, not just float noise: more than one level of 255 on average.
     assert np.abs(near_left - near_right).mean() * 255 > 1
+
+
+def test_an_unwritable_folder_is_a_message_not_a_traceback(tmp_path) -> None:
+    from tests.helpers import sdbatch_cli
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = sdbatch_cli("models", "tiny", blocker / "models")
+    assert result.exit_code == 1
+    assert result.output.startswith(f"error: {blocker / 'models'}"), result.output
+    assert "cannot write the tiny models" in result.output and "Traceback" not in result.output
