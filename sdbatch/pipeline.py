@@ -92,7 +92,9 @@ def plan_stage(
         # the actors (tiny models) would feed one idle actor at a time.
         rows = list(plan_fragment(pa.Table.from_pylist(parts), done=done, only=only, **kwargs))
         planned = sum(b.num_rows for row in rows for b, _ in unpack(row) if b is not None)
-        return (ray.data.from_arrow(rows), planned, None) if planned else (None, 0, None)
+        # from_blocks: metadata computed here (from_arrow asks a remote task for it, and
+        # on a fresh Ray that task waits ~2 s for a worker process before any actor starts).
+        return (ray.data.from_blocks(rows), planned, None) if planned else (None, 0, None)
     kwargs.update(
         done=ray.put(done) if done.num_rows else None,
         only=ray.put(only) if only is not None else None,

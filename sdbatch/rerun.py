@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -111,7 +112,7 @@ def rerun(
     rows = [row for row in rows if not _weights_changed(row, hashes, report)]
     written: list[dict[str, Any]] = []
     for group in _by_actor(rows):
-        # 3. One renderer per actor configuration: models, batch size, threads, device, dtype.
+        # 3. One renderer per actor configuration (`_by_actor`).
         first = group[0]
         renderer = Renderer(
             **models_of(first),
@@ -120,6 +121,9 @@ def rerun(
             device=first["device"] or "auto",
             dtype=first["dtype"] or "auto",
             torch_threads=int(first["torch_threads"] or 1),
+            # VAE tiling and the like shape pixels: the options the job rendered with.
+            render_options=json.loads(first.get("render_options") or "{}"),
+            prompt_overflow=stored.prompt_overflow if stored else "truncate",
             storage=storage,
             layouts=layouts,
         )
@@ -182,7 +186,7 @@ def _weights_changed(row: dict[str, Any], hashes: dict[str, Any], report: RerunR
 
 def _by_actor(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """Rows grouped by what an actor is built with: models, batch size, threads, device,
-    dtype and adapter files."""
+    dtype, render options and adapter files."""
     from .adapters import recorded as recorded_adapters
     from .render import MODEL_COLUMNS
 
@@ -195,6 +199,7 @@ def _by_actor(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
             row["torch_threads"],
             row["device"],
             row["dtype"],
+            row.get("render_options"),
             tuple(sorted(recorded_adapters(row)["adapter_files"])),
         )
         groups[key].append(row)

@@ -438,6 +438,21 @@ def test_rerun_verifies_bit_exact_and_detects_changed_weights(
     assert "weights-changed" in proc.output and "reproduced 0/1 bit-exact" in proc.output
 
 
+def test_rerun_renders_with_the_jobs_render_options(tmp_path, tiny_models, ray_session) -> None:
+    """VAE tiling changes pixels (the tiny VAE tiles above 64 px): a rerun decodes the way
+    the job did, so it reproduces the job's bytes."""
+    spec = load_job(
+        write_job(
+            tmp_path, tiny_models["base"], 2, steps=2, defaults={"width": 128, "height": 128},
+            compute={"actors": 1, "cpus_per_actor": 1, "vae_tiling": True},
+        )
+    )  # fmt: skip
+    run_job(spec)
+    ids = sorted(read_metadata(spec.output)["id"].to_pylist())
+    proc = sdbatch_cli("rerun", spec.output, "--verify", *[a for i in ids for a in ("--ids", i)])
+    assert proc.exit_code == 0 and "reproduced 2/2 bit-exact" in proc.output, proc.output
+
+
 @pytest.mark.own_ray
 def test_ctrl_c_stops_cleanly_and_resumes(tmp_path, tiny_models) -> None:
     """Ctrl-C mid-job (the last item hangs the actor, so the job can never finish before
