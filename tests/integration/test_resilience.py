@@ -442,10 +442,8 @@ def test_rerun_renders_with_the_jobs_render_options(tmp_path, tiny_models, ray_s
     """VAE tiling changes pixels (the tiny VAE tiles above 64 px): a rerun decodes the way
     the job did, so it reproduces the job's bytes."""
     spec = load_job(
-        write_job(
-            tmp_path, tiny_models["base"], 2, steps=2, defaults={"width": 128, "height": 128},
-            compute={"actors": 1, "cpus_per_actor": 1, "vae_tiling": True},
-        )
+        tmp_path, tiny_models["base"], 2, steps=2, defaults={"width": 128, "height": 128},
+        compute={"actors": 1, "cpus_per_actor": 1, "vae_tiling": True},
     )  # fmt: skip
     run_job(spec)
     ids = sorted(read_metadata(spec.output)["id"].to_pylist())
