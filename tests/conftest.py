@@ -61,8 +61,9 @@ def tiny_models() -> dict[str, Path]:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Tests without Ray first (quick failures), then those that start a Ray of their own
     (marked own_ray: `sdbatch run` processes, clusters), then those on the session's Ray,
-    which the first of them starts: a test's own Ray never runs beside the session's,
-    whose idle workers would share the two cores with it. Stable: files keep their order."""
+    which the first of them starts: in one pytest process, a test's own Ray (whose
+    `--address auto` must find it alone) never runs beside the session's. Stable: files
+    keep their order."""
 
     def group(item: pytest.Item) -> tuple[int, bool]:
         if item.get_closest_marker("own_ray"):
@@ -72,6 +73,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return 0, item.get_closest_marker("integration") is not None  # tests/unit first
 
     items.sort(key=group)
+    # Under xdist (`make test`: -n 2 --dist loadgroup) the own-Ray tests go to one worker,
+    # one after another, before that worker's session Ray starts; the other worker starts
+    # its session Ray at once. Each worker is a process of its own, with its own Ray.
+    for item in items:
+        if item.get_closest_marker("own_ray"):
+            item.add_marker(pytest.mark.xdist_group("own_ray"))
 
 
 @pytest.fixture(autouse=True)
