@@ -29,7 +29,6 @@ from tests.helpers import (
     SDBATCH,
     isolated_env,
     load_job,
-    local_ray,
     sdbatch_cli,
     sha_by_item,
     start_run,
@@ -37,52 +36,6 @@ from tests.helpers import (
 )
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
-
-
-def kill_when(proc: subprocess.Popen, images: Path, count: int, timeout: float = 240) -> int:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        n = len(list(images.glob("*/*.png"))) if images.exists() else 0
-        if n >= count:
-            proc.kill()  # SIGKILL the driver: no cleanup, no final commit
-            proc.wait()
-            # Then whatever it started (raylet, GCS, actors); the group may already be empty.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            return n
-        if proc.poll() is not None:
-            pytest.fail(f"job ended before {count} images: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.1)
-    proc.kill()
-    pytest.fail(f"no {count} images within {timeout} s")
-
-
-@pytest.mark.own_ray
-def test_driver_killed_twice_then_resumes_exactly_once(tmp_path: Path, tiny_models) -> None:
-    spec_path = write_job(tmp_path, tiny_models["base"], 200, steps=2, execution=COMMIT_OFTEN)
-    spec = load_spec(spec_path)
-    images = Path(spec.output, "images")
-    first = kill_when(start_run(spec_path), images, 60)
-    assert not Path(spec.output, "_SUCCESS").exists()
-    second = kill_when(start_run(spec_path), images, 140)
-    assert first < second < 200
-    # The resume and an uninterrupted run of the same job, for comparison, in this
-    # process (the killed runs' Rays are gone; ctrl-c's test reads the CLI's resume line).
-    # run_job leaves a Ray it started running (the CLI's ends with the process):
-    # local_ray() shuts it down, so no Ray is left beside the next own_ray test.
-    committed = len(sha_by_item(spec.output))
-    reference = load_job(
-        tmp_path, tiny_models["base"], 200, name="reference", steps=2, execution=COMMIT_OFTEN
-    )
-    with local_ray():
-        resumed = run_job(spec)
-        run_job(reference)
-    assert (resumed.skipped, resumed.done, resumed.failed) == (committed, 200 - committed, 0)
-    got = sha_by_item(spec.output)
-    assert len(got) == 200 and len(list(images.glob("*/*.png"))) == 200
-    assert got == sha_by_item(reference.output)
-    status = job_status(spec.output)
-    assert (status.done, status.failed, status.remaining, status.complete) == (200, 0, 0, True)
 
 
 def readme_restart_loop(spec: Path, pause: int = 1) -> str:
@@ -94,10 +47,28 @@ def readme_restart_loop(spec: Path, pause: int = 1) -> str:
     return loop[1].replace(" job.yaml ", f" {spec} ").replace("sleep 30", f"sleep {pause}")
 
 
+def kill_the_loops_run(loop: subprocess.Popen, images: Path, count: int) -> int:
+    """SIGKILL the loop's `sdbatch run` once `count` images are stored; how many were."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        assert loop.poll() is None, loop.communicate()
+        n = len(list(images.glob("*/*.png"))) if images.exists() else 0
+        children = Path(f"/proc/{loop.pid}/task/{loop.pid}/children").read_text().split()
+        if n >= count and children:
+            assert len(children) == 1, children  # the loop's `sdbatch run`, not its sleep
+            os.kill(int(children[0]), signal.SIGKILL)
+            return n
+        time.sleep(0.05)
+    pytest.fail(f"no {count} images within 240 s")
+
+
 @pytest.mark.own_ray
-def test_the_documented_restart_loop_brings_a_killed_driver_back(tmp_path, tiny_models) -> None:
+def test_driver_killed_twice_the_documented_restart_loop_resumes_exactly_once(
+    tmp_path, tiny_models
+) -> None:
     """A `ray start` head, the README's loop around `sdbatch run --address auto`, the
-    driver SIGKILLed mid-job: the loop's next run resumes and ends it, each item once."""
+    driver SIGKILLed twice mid-job: each next run resumes what the killed one committed,
+    the last ends the job, each item once and the same bits as a run never killed."""
     env = isolated_env()  # its RAY_TMPDIR is where `--address auto` finds this head
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -105,14 +76,13 @@ def test_the_documented_restart_loop_brings_a_killed_driver_back(tmp_path, tiny_
     shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m sdbatch.cli "$@"\n')
     shim.chmod(0o755)
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
-    spec_path = write_job(
-        tmp_path,
-        tiny_models["base"],
-        12,
-        execution={"commit_rows": 4, "commit_seconds": 1},
-        steps=2,
+    total = 200
+    spec_path = write_job(tmp_path, tiny_models["base"], total, steps=2, execution=COMMIT_OFTEN)
+    reference = write_job(
+        tmp_path, tiny_models["base"], total, name="reference", steps=2, execution=COMMIT_OFTEN
     )
-    images = Path(load_spec(spec_path).output, "images")
+    output = load_spec(spec_path).output
+    images = Path(output, "images")
     # --block in a process group of its own, killed at the end (`ray stop` would stop
     # every Ray on the machine, other tests' too).
     head = subprocess.Popen(
@@ -133,28 +103,34 @@ def test_the_documented_restart_loop_brings_a_killed_driver_back(tmp_path, tiny_
             start_new_session=True,
         )  # fmt: skip
         started.append(loop)
-        # Killed once some work is committed, so the next run has something to skip.
-        while time.monotonic() < deadline and job_status(str(images.parent)).done < 4:
-            assert loop.poll() is None, loop.communicate()
-            time.sleep(0.2)
-        children = Path(f"/proc/{loop.pid}/task/{loop.pid}/children").read_text().split()
-        assert len(children) == 1, children  # the loop's `sdbatch run`
-        os.kill(int(children[0]), signal.SIGKILL)
-        out, err = loop.communicate(timeout=180)
+        first = kill_the_loops_run(loop, images, 60)
+        assert not Path(output, "_SUCCESS").exists()
+        second = kill_the_loops_run(loop, images, 140)
+        committed = len(sha_by_item(output))  # before the third run commits (~10 s away)
+        out, err = loop.communicate(timeout=240)
+        # The run never killed, for comparison, on the same head.
+        plain = subprocess.run(
+            [str(shim), "run", str(reference), "--address", "auto", "--progress", "none"],
+            capture_output=True, text=True, env=env, timeout=240,
+        )  # fmt: skip
+        assert plain.returncode == 0, plain.stderr[-3000:]
     finally:
         for proc in started:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert loop.returncode == 0, err[-3000:]
-    # Two runs: the killed one, then the one that resumed mid-job and finished it.
-    starts = re.findall(r"12 images, (\d+) already done", err)
-    # The second run resumes what the killed one committed: at least the 4 seen, and all
-    # 12 when the kill landed after the last commit (it then only marks success).
-    assert len(starts) == 2 and 4 <= int(starts[1]) <= 12, err
+    assert first < second < total
+    # Three runs: two killed, the third resumed what the second had committed and ended it.
+    starts = [int(n) for n in re.findall(rf"{total} images, (\d+) already done", err)]
+    assert len(starts) == 3 and 0 < starts[1] <= first and starts[2] == committed, (starts, err)
+    assert f"{total - committed} images rendered" in out + err, out + err
     assert "Traceback" not in err and "logging.cc" not in err, err
-    assert len(sha_by_item(str(images.parent))) == 12  # each item once
-    assert Path(images.parent, "_SUCCESS").exists()
+    got = sha_by_item(output)  # each item once
+    assert len(got) == total and len(list(images.glob("*/*.png"))) == total
+    assert got == sha_by_item(load_spec(reference).output)
+    status = job_status(output)
+    assert (status.done, status.failed, status.remaining, status.complete) == (total, 0, 0, True)
 
 
 @pytest.mark.own_ray
