@@ -139,6 +139,23 @@ def write_job(
     return write_spec(folder / f"{name}.yaml", manifest=str(manifest), **fields)
 
 
+CLUSTER_ITEMS = 160
+
+
+def cluster_job(tmp_path: Path, model: Path, name: str, **execution) -> Path:
+    """The job the multi-node and node-loss tests run on a local cluster: two actors
+    that need the `render_node` resource (so none lands on the head)."""
+    return write_job(
+        tmp_path,
+        model,
+        CLUSTER_ITEMS,
+        name=name,
+        steps=2,
+        compute={"actors": 2, "cpus_per_actor": 1, "resources": {"render_node": 1}},
+        execution={**COMMIT_OFTEN, **execution},
+    )
+
+
 def load_job(*args: Any, **kwargs: Any) -> Any:
     """write_job, loaded: the JobSpec."""
     from sdbatch.spec import load_spec

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from sdbatch.runner import run_job
 from sdbatch.spec import load_spec
-from tests.helpers import isolated_env, local_ray, sha_by_item, write_job
+from tests.helpers import CLUSTER_ITEMS, cluster_job, isolated_env, sha_by_item, write_job
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 HERE = Path(__file__).parent
@@ -27,8 +26,10 @@ def job(tmp_path: Path, model: Path, name: str, **compute) -> Path:
 
 
 @pytest.mark.own_ray
-def test_multi_node_spreads_work_and_matches_single_node(tmp_path, tiny_models) -> None:
-    spec_path = job(tmp_path, tiny_models["base"], "cluster", resources={"render_node": 1})
+def test_multi_node_spreads_work_and_matches_single_node(
+    tmp_path, tiny_models, cluster_reference
+) -> None:
+    spec_path = cluster_job(tmp_path, tiny_models["base"], "cluster")
     proc = subprocess.run(
         [sys.executable, str(HERE / "cluster_job.py"), str(spec_path)],
         capture_output=True,
@@ -39,15 +40,12 @@ def test_multi_node_spreads_work_and_matches_single_node(tmp_path, tiny_models) 
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT "))
     report = json.loads(line.removeprefix("RESULT "))
-    assert report["done"] == 16
+    assert report["done"] == CLUSTER_ITEMS
     workers = {w[:12] for w in report["workers"]}
     # Both worker nodes rendered (the custom resource keeps actors off the head).
     assert set(report["rendered_on"]) == workers, report
-
-    single = load_spec(job(tmp_path, tiny_models["base"], "single", actors=1))
-    with local_ray():  # the cluster is gone; a one-node Ray of this test's own
-        run_job(single)
-    assert sha_by_item(load_spec(spec_path).output) == sha_by_item(single.output)
+    # The same job on a one-node Ray: the same bits.
+    assert sha_by_item(load_spec(spec_path).output) == cluster_reference
 
 
 @pytest.mark.own_ray

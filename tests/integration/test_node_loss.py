@@ -13,25 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from sdbatch.runner import run_job
 from sdbatch.spec import load_spec
-from tests.helpers import COMMIT_OFTEN, isolated_env, local_ray, sha_by_item, write_job
+from tests.helpers import CLUSTER_ITEMS, cluster_job, isolated_env, sha_by_item
 
 pytestmark = [pytest.mark.integration, pytest.mark.own_ray, pytest.mark.timeout(600)]
 HERE = Path(__file__).parent
-ITEMS = 160
-
-
-def job(tmp_path: Path, model: Path, name: str, **execution) -> Path:
-    return write_job(
-        tmp_path,
-        model,
-        ITEMS,
-        name=name,
-        steps=2,
-        compute={"actors": 2, "cpus_per_actor": 1, "resources": {"render_node": 1}},
-        execution={**COMMIT_OFTEN, **execution},
-    )
+ITEMS = CLUSTER_ITEMS
+job = cluster_job
 
 
 def on_cluster(spec: Path, *args: str) -> dict:
@@ -49,18 +37,9 @@ def on_cluster(spec: Path, *args: str) -> dict:
     return json.loads(line.removeprefix("RESULT "))
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, tiny_models) -> dict:
-    """The same job on a one-node Ray of its own, nothing lost."""
-    tmp = tmp_path_factory.mktemp("reference")
-    spec = load_spec(job(tmp, tiny_models["base"], "reference"))
-    spec = spec.model_copy(update={"compute": spec.compute.model_copy(update={"resources": {}})})
-    with local_ray():
-        run_job(spec)
-    return sha_by_item(spec.output)
-
-
-def test_render_node_lost_and_replaced_the_run_carries_on(tmp_path, tiny_models, reference) -> None:
+def test_render_node_lost_and_replaced_the_run_carries_on(
+    tmp_path, tiny_models, cluster_reference
+) -> None:
     spec = job(tmp_path, tiny_models["base"], "replaced")
     report = on_cluster(spec, "40", "--replace")
     assert report["lost"] and "error" not in report, report
@@ -73,12 +52,12 @@ def test_render_node_lost_and_replaced_the_run_carries_on(tmp_path, tiny_models,
         assert events["items_rerendered"] > 0, report
     else:  # or Ray mended it: actors restarted on the new node, their blocks retried
         assert events["actors_restarted"] >= 1, report
-    assert sha_by_item(load_spec(spec).output) == reference
+    assert sha_by_item(load_spec(spec).output) == cluster_reference
     assert Path(load_spec(spec).output, "_SUCCESS").is_file()
 
 
 def test_render_node_lost_for_good_stops_clearly_then_resumes(
-    tmp_path, tiny_models, reference
+    tmp_path, tiny_models, cluster_reference
 ) -> None:
     spec = job(tmp_path, tiny_models["base"], "gone", capacity_wait_seconds=8)
     report = on_cluster(spec, "40", "--resume")
@@ -95,4 +74,4 @@ def test_render_node_lost_for_good_stops_clearly_then_resumes(
     resumed = report["resumed"]
     assert resumed["skipped"] == stopped["committed"], report
     assert resumed["done"] == ITEMS - stopped["committed"] and resumed["failed"] == 0, report
-    assert sha_by_item(output) == reference
+    assert sha_by_item(output) == cluster_reference
