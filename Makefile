@@ -10,10 +10,10 @@ TORCH ?= torch==2.13.0
 MODELS ?= models/tiny
 PYTEST_ARGS ?=
 # Two pytest workers: a test waiting on an actor start or a lost node leaves a core idle,
-# which the other worker's test uses (16 -> 13 min here). Tests that start a Ray of their
-# own run on one worker, one at a time (tests/conftest.py). TEST_WORKERS=0: one process.
+# which the other worker's test uses (16 -> 12.5 min here). Each worker has its own
+# session Ray (tests/conftest.py). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
-XDIST := $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup,)
+XDIST := $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS),)
 
 .DEFAULT_GOAL := help
 

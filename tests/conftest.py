@@ -63,7 +63,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     (marked own_ray: `sdbatch run` processes, clusters), then those on the session's Ray,
     which the first of them starts: in one pytest process, a test's own Ray (whose
     `--address auto` must find it alone) never runs beside the session's. Stable: files
-    keep their order."""
+    keep their order. Under xdist (`make test`: -n 2) each worker is handed tests in this
+    order, so each worker runs its own-Ray tests before it starts its session Ray."""
 
     def group(item: pytest.Item) -> tuple[int, bool]:
         if item.get_closest_marker("own_ray"):
@@ -73,12 +74,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         return 0, item.get_closest_marker("integration") is not None  # tests/unit first
 
     items.sort(key=group)
-    # Under xdist (`make test`: -n 2 --dist loadgroup) the own-Ray tests go to one worker,
-    # one after another, before that worker's session Ray starts; the other worker starts
-    # its session Ray at once. Each worker is a process of its own, with its own Ray.
-    for item in items:
-        if item.get_closest_marker("own_ray"):
-            item.add_marker(pytest.mark.xdist_group("own_ray"))
 
 
 @pytest.fixture(autouse=True)
