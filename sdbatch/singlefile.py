@@ -14,6 +14,7 @@ channels. The layout is hashed with the file: a changed scheduler config is a ch
 from __future__ import annotations
 
 import json
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,14 +77,45 @@ def tensor_shapes(path: Path) -> dict[str, list[int]]:
     }
 
 
-def describe(path: Path) -> FileInfo:
-    """Family, refiner-ness, UNet channels and provided components of a checkpoint file."""
-    if path.suffix.lower() != ".safetensors":
+def pickled_shapes(path: Path) -> dict[str, list[int]]:
+    """Tensor name → shape of a pickled `.ckpt`, read as diffusers loads it: torch's
+    weights-only unpickler (tensors, numbers, lists and dicts; no code runs), memory-mapped
+    where the file is in torch's zip format, the `state_dict` inside unwrapped. Whether
+    such a file may be loaded at all is the spec's `models.allow_pickle` (checks.py)."""
+    import pickle
+
+    import torch
+
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if found is None:  # not a pickle at all, or a pickle of other opcodes
+            raise UserError("not a readable .ckpt file (not a torch checkpoint)") from None
         raise UserError(
-            "single-file checkpoints are read as .safetensors; a pickled .ckpt can run "
-            "arbitrary code when loaded: convert it to .safetensors first"
-        )
-    shapes = tensor_shapes(path)
+            f"a .ckpt holding more than tensors is not loaded (it pickles {found[1]}, which "
+            "would run code to load); convert it to .safetensors"
+        ) from None
+    except (OSError, RuntimeError, EOFError, ValueError) as err:
+        raise UserError(f"not a readable .ckpt file ({type(err).__name__}: {err})") from None
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise UserError(f"not a checkpoint: holds a {type(data).__name__}, not a state dict")
+    return {str(k): list(v.shape) for k, v in data.items() if isinstance(v, torch.Tensor)}
+
+
+def describe(path: Path) -> FileInfo:
+    """Family, refiner-ness, UNet channels and provided components of a checkpoint file:
+    a `.safetensors` file from its header (no torch), a pickled `.ckpt` through
+    `pickled_shapes`."""
+    ckpt = path.suffix.lower() == ".ckpt"
+    shapes = pickled_shapes(path) if ckpt else tensor_shapes(path)
     names = list(shapes)
 
     def has(prefix: str) -> bool:

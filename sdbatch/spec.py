@@ -29,6 +29,7 @@ from pydantic import (
 
 from .errors import Problem, UserError
 from .schedulers import SCHEDULERS
+from .singlefile import is_single_file
 
 MODES = ("txt2img", "img2img", "inpaint", "depth2img")
 Mode = Literal["txt2img", "img2img", "inpaint", "depth2img"]
@@ -158,7 +159,8 @@ SINGLE_FILE_FIELDS = ("base", "inpaint", "depth", "refiner")
 class ModelsSpec(_Strict):
     """Checkpoints per mode: a local diffusers folder, a hub id (local HF cache, or
     downloaded once when online), an `s3://bucket/prefix/` diffusers folder (copied once per
-    node into a local cache), or a single-file `.safetensors` checkpoint (local or s3://).
+    node into a local cache), or a single-file `.safetensors` checkpoint (local or s3://; a
+    pickled `.ckpt` one with `allow_pickle`).
     The family (SD 1.x, 2.x, SDXL) is read from each checkpoint."""
 
     base: str = Field(
@@ -195,7 +197,8 @@ class ModelsSpec(_Strict):
     allow_pickle: bool = Field(
         False,
         description="Load pickled weights (.bin/.ckpt/.pt) where a checkpoint has no "
-        ".safetensors; unpickling can run arbitrary code, so only for trusted files.",
+        ".safetensors, and single-file .ckpt checkpoints; unpickling can run arbitrary code, "
+        "so only for trusted files (.ckpt files are read with torch's weights-only loader).",
     )
 
     @field_validator("config")
@@ -220,10 +223,10 @@ class ModelsSpec(_Strict):
     def _consistent(self) -> ModelsSpec:
         for name in self.config:
             ref = getattr(self, name)
-            if ref is None or not ref.lower().endswith(".safetensors"):
+            if ref is None or not is_single_file(ref):
                 raise ValueError(
                     f"config.{name} gives the layout of a single-file .safetensors "
-                    f"checkpoint, but models.{name} is {ref!r}"
+                    f"checkpoint (or .ckpt), but models.{name} is {ref!r}"
                 )
         if self.depth and self.depth_controlnet:
             raise ValueError(

@@ -235,3 +235,47 @@ def test_resume_refuses_a_changed_layout(tiny_models, tmp_path, ray_session) -> 
     _inspect_file.cache_clear()
     with pytest.raises(UserError, match="scheduler changed"):
         run_job(load_spec(path))
+
+
+class Payload:  # what a weights-only load refuses to build
+    pass
+
+
+def test_a_pickled_ckpt_loads_only_with_allow_pickle_and_renders_as_plain_diffusers(
+    tiny_models, tmp_path, ray_session
+) -> None:
+    """The A1111 `.ckpt` (a pickled `{"state_dict": ...}`): refused by default, naming
+    the file and `models.allow_pickle`; with it, read with torch's weights-only loader and
+    rendered like plain diffusers on the model's folder. One holding more than tensors
+    (a pickled object) is refused even then: nothing in it runs."""
+    import torch
+    from safetensors.torch import load_file
+
+    ckpt = tmp_path / "base.ckpt"
+    state = load_file(single(tiny_models, "base"))
+    torch.save({"state_dict": state, "global_step": 7, "epoch": 1}, ckpt)
+    models = {"base": str(ckpt), "config": {"base": str(tiny_models["base"])}}
+    text = validate(tmp_path, **models)
+    assert f"models.base {ckpt}: loads pickled weights (base.ckpt)" in text, text
+    assert "models.allow_pickle: true" in text, text
+
+    manifest = write_manifest(tmp_path / "m.parquet", prompts(2))
+    spec = load_spec(
+        write_spec(
+            tmp_path / "job.yaml",
+            manifest=str(manifest),
+            output=str(tmp_path / "out"),
+            models={**models, "allow_pickle": True},
+            defaults={"steps": 3},
+        )
+    )
+    run_job(spec)
+    meta = read_metadata(spec.output).to_pandas()
+    assert set(meta.status) == {"ok"} and len(meta) == 2
+    pipe = plain_pipeline("StableDiffusionPipeline", tiny_models["base"])
+    for row in meta.itertuples():
+        assert np.abs(rendered(row) - plain_render(pipe, row)).max() <= 1, row.id
+
+    torch.save({"state_dict": state, "callback": Payload()}, tmp_path / "objects.ckpt")
+    text = validate(tmp_path, base=str(tmp_path / "objects.ckpt"), config=models["config"])
+    assert "a .ckpt holding more than tensors is not loaded" in text, text

@@ -71,8 +71,32 @@ def test_files_that_are_not_original_checkpoints_are_refused(tiny_models, tmp_pa
         describe(other)
     pickled = tmp_path / "model.ckpt"
     pickled.write_bytes(b"PK")
-    with pytest.raises(UserError, match="convert it to .safetensors"):
+    with pytest.raises(UserError, match="not a readable .ckpt file"):
         describe(pickled)
+
+
+class Payload:  # a weights-only load refuses to build it
+    pass
+
+
+def test_a_ckpt_is_read_with_the_weights_only_unpickler(tiny_models, tmp_path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    state = load_file(single(tiny_models, "sdxl"))
+    ckpt = tmp_path / "sdxl.ckpt"
+    torch.save({"state_dict": state, "global_step": 3}, ckpt)
+    assert describe(ckpt) == describe(single(tiny_models, "sdxl"))
+    legacy = tmp_path / "legacy.ckpt"  # torch's pre-zip format: not memory-mappable
+    torch.save(state, legacy, _use_new_zipfile_serialization=False)
+    assert describe(legacy) == describe(single(tiny_models, "sdxl"))
+    objects = tmp_path / "objects.ckpt"
+    torch.save({"state_dict": state, "callback": Payload()}, objects)
+    with pytest.raises(UserError, match=r"pickles tests\.unit\.test_singlefile\.Payload"):
+        describe(objects)
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    with pytest.raises(UserError, match="holds a list, not a state dict"):
+        describe(tmp_path / "list.ckpt")
 
 
 def test_hash_covers_the_file_and_what_the_layout_gives(tiny_models, tmp_path) -> None:
