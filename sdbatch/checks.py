@@ -213,6 +213,37 @@ def _text_widths(ref: str) -> tuple[int | None, tuple[int, ...]]:
     return (int(unet) if isinstance(unet, int) else None), tuple(w for w in encoders if w)
 
 
+def _vocabularies(ref: str) -> dict[str, tuple[Path, set[str]]]:
+    """Each tokenizer folder of a checkpoint → (its file, the tokens it knows): vocab.json
+    and added_tokens.json (the slow tokenizer's files), else tokenizer.json's."""
+    import json
+
+    from .models import inspect_checkpoint
+
+    path = inspect_checkpoint(ref).path
+    found = {}
+    for name in ("tokenizer", "tokenizer_2"):
+        folder = path / name
+        tokens: set[str] = set()
+        try:
+            if (folder / "vocab.json").is_file():
+                source = folder / "vocab.json"
+                tokens |= set(json.loads(source.read_text()))
+                if (folder / "added_tokens.json").is_file():
+                    tokens |= set(json.loads((folder / "added_tokens.json").read_text()))
+            elif (folder / "tokenizer.json").is_file():
+                source = folder / "tokenizer.json"
+                data = json.loads(source.read_text())
+                tokens |= set((data.get("model") or {}).get("vocab") or {})
+                tokens |= {t.get("content") for t in data.get("added_tokens") or []}
+            else:
+                continue
+        except (OSError, ValueError, AttributeError, TypeError):
+            continue  # an unreadable tokenizer is reported where it is loaded
+        found[name] = (source, tokens)
+    return found
+
+
 def check_adapters(spec: JobSpec) -> list[str]:
     """LoRA and embedding files that are missing, pickled, not adapters, or for another
     model family than the base model's (each named with its field and URI)."""
@@ -229,9 +260,17 @@ def check_adapters(spec: JobSpec) -> list[str]:
             check_lora(name, uri, resolve(uri, storage), text_width, spec.models.base)
         except UserError as err:
             problems.append(str(err) if str(err).startswith("loras.") else f"loras.{name}: {err}")
+    vocabularies = _vocabularies(spec.models.base) if spec.embeddings else {}
     for name, uri in sorted(spec.embeddings.items()):
         try:
             check_embedding(name, uri, resolve(uri, storage), widths)
+            for tokenizer, (where, tokens) in vocabularies.items():
+                if name in tokens:  # diffusers' load_textual_inversion refuses it
+                    raise UserError(
+                        f"embeddings.{name} {uri}: {name!r} is already a token of the base "
+                        f"model's {tokenizer} ({where}), so it cannot name an embedding; "
+                        "give the embedding a name the tokenizer does not know"
+                    )
         except UserError as err:
             text = str(err)
             problems.append(

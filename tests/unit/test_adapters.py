@@ -199,3 +199,28 @@ def test_a_hub_id_is_read_from_the_local_cache(tiny_models, tmp_path: Path, monk
     assert resolve(f"org/style-lora@{commit}").read_bytes() == lora.read_bytes()
     with pytest.raises(UserError, match="not in the local Hugging Face cache"):
         resolve("org/absent-lora")
+
+
+def test_an_embedding_named_like_a_token_is_refused_by_validate(tiny_models) -> None:
+    """diffusers cannot add a token its tokenizer already has: `validate` says so, naming
+    the embedding, its file and the tokenizer, instead of every actor failing at start."""
+    from sdbatch.checks import check_adapters
+
+    root = Path(tiny_models["base"]).parent
+    emb = str(root / "embeddings" / "sd-token.safetensors")
+    spec = parse_spec(
+        {
+            "name": "t", "manifest": "/m", "output": "/o", "model": str(tiny_models["base"]),
+            "embeddings": {"a": emb, "tinytoken": emb},
+        }
+    )  # fmt: skip
+    (problem,) = check_adapters(spec)
+    assert problem.startswith(f"embeddings.a {emb}: 'a' is already a token of the base model's")
+    assert "tokenizer" in problem and "give the embedding a name" in problem
+    sdxl = parse_spec(
+        {
+            "name": "t", "manifest": "/m", "output": "/o", "model": str(tiny_models["sdxl"]),
+            "embeddings": {"b": str(root / "embeddings" / "sdxl-token.safetensors")},
+        }
+    )  # fmt: skip
+    assert "'b' is already a token" in check_adapters(sdxl)[0]
