@@ -152,13 +152,16 @@ def model_fields(spec: JobSpec, info: ManifestInfo) -> dict[str, str]:
 
 
 def pin_hub_models(spec: JobSpec) -> JobSpec:
-    """The spec with each hub id (`org/name`, `org/name@branch`) as `org/name@<commit>`."""
+    """The spec with each hub id (`org/name`, `org/name@branch`) as `org/name@<commit>`,
+    and each hub single file as `org/name@<commit>/file`."""
     from . import hub
 
     assert spec.models is not None
 
     def pinned(value: str) -> str:
-        if value.startswith("s3://") or Path(value).exists() or not hub.split(value):
+        if value.startswith("s3://") or Path(value).exists():
+            return value
+        if not hub.split(value) and not hub.split_file(value):
             return value
         return hub.pin(value)
 
@@ -169,7 +172,12 @@ def pin_hub_models(spec: JobSpec) -> JobSpec:
         changed["config"] = config
     if not changed:
         return spec
-    return spec.model_copy(update={"models": spec.models.model_copy(update=changed)})
+    from .models import use_layouts
+
+    pinned_spec = spec.model_copy(update={"models": spec.models.model_copy(update=changed)})
+    assert pinned_spec.models is not None
+    use_layouts(pinned_spec.models.layouts())  # a pinned single file keeps its models.config
+    return pinned_spec
 
 
 def models_for(spec: JobSpec, modes: set[str]) -> dict[str, str]:

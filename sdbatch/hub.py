@@ -110,10 +110,65 @@ def _loaded(repo: str, revision: str | None) -> list[str]:
 
 
 def pin(ref: str) -> str:
-    """`org/name[@branch]` → `org/name@<commit>` (the snapshot it resolves to)."""
+    """`org/name[@branch]` → `org/name@<commit>` (the snapshot it resolves to); a hub
+    single file `org/name[@branch]/file` → `org/name@<commit>/file`."""
+    file = split_file(ref)
+    if file is not None:
+        repo, _, name = file
+        path = resolve_file(ref)
+        commit = path.parents[len(Path(name).parts) - 1].name
+        return f"{repo}@{commit}/{name}" if _COMMIT.match(commit) else ref
     parts = split(ref)
     if parts is None:
         return ref
     repo, _ = parts
     commit = resolve(ref).name
     return f"{repo}@{commit}" if _COMMIT.match(commit) else ref
+
+
+# A single-file checkpoint in a hub repository, as users copy it: the file's page or
+# download URL (`https://huggingface.co/ORG/NAME/blob/REV/PATH`, `.../resolve/REV/PATH`,
+# also `huggingface.co/`, `hf.co/`), or `ORG/NAME/PATH` with an optional `@REV` after NAME.
+_URL = re.compile(
+    r"^(?:https?://)?(?:huggingface\.co|hf\.co)/(?P<repo>[\w.-]+/[\w.-]+)/"
+    r"(?:blob|resolve)/(?P<rev>[^/]+)/(?P<path>.+)$"
+)
+_FILE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w.-]+))?/(?P<path>[^@]+)$")
+_FILE_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def split_file(ref: str) -> tuple[str, str | None, str] | None:
+    """(repo id, revision or None, file path) if `ref` names a single-file checkpoint in
+    a hub repository (and is not a local file), else None."""
+    if not ref.lower().endswith(_FILE_SUFFIXES) or Path(ref).exists() or ref.startswith("/"):
+        return None
+    m = _URL.match(ref) or _FILE.match(ref)
+    if m is None or ".." in m["path"].split("/"):
+        return None
+    return m["repo"], m["rev"], m["path"]
+
+
+def resolve_file(ref: str) -> Path:
+    """The local path of a hub single file: from the local HF cache, else downloaded
+    once into it (huggingface_hub's lock: one download per node however many actors)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    parts = split_file(ref)
+    if parts is None:
+        raise UserError(f"model {ref}: not a hub file (org/name/file.safetensors or its URL)")
+    repo, revision, name = parts
+    cached = try_to_load_from_cache(repo, name, revision=revision)
+    if isinstance(cached, str):
+        return Path(cached)
+    if offline():
+        raise UserError(
+            f"model {ref}: not a local file and not in the local Hugging Face cache "
+            "(HF_HUB_OFFLINE is set, so not downloaded); download it first or give a path"
+        )
+    try:
+        return Path(hf_hub_download(repo, name, revision=revision))
+    except Exception as err:  # noqa: BLE001 - network, auth, unknown repo, revision or file
+        raise UserError(
+            f"model {ref}: not in the local Hugging Face cache and the download failed: "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        ) from None

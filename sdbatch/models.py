@@ -111,13 +111,17 @@ def use_layouts(models: dict[str, Any] | None) -> None:
 
 
 def resolve_file(ref: str) -> Path:
-    """The local path of a single-file checkpoint (an `s3://` one copied into the cache)."""
+    """The local path of a single-file checkpoint: a path as-is, an `s3://` one copied
+    into this node's cache, a hub one (`org/name/file.safetensors`, its URL) from the
+    local HF cache or downloaded once into it."""
     if is_remote(ref):
         return local_file(ref, _storage)
     path = Path(ref)
-    if not path.is_file():
-        raise UserError(f"model {ref}: file not found")
-    return path
+    if path.is_file():
+        return path
+    if hub.split_file(ref):
+        return hub.resolve_file(ref)
+    raise UserError(f"model {ref}: file not found")
 
 
 def resolve_checkpoint(ref: str, marker: str = "model_index.json") -> Path:

@@ -159,8 +159,9 @@ SINGLE_FILE_FIELDS = ("base", "inpaint", "depth", "refiner")
 class ModelsSpec(_Strict):
     """Checkpoints per mode: a local diffusers folder, a hub id (local HF cache, or
     downloaded once when online), an `s3://bucket/prefix/` diffusers folder (copied once per
-    node into a local cache), or a single-file `.safetensors` checkpoint (local or s3://; a
-    pickled `.ckpt` one with `allow_pickle`).
+    node into a local cache), or a single-file `.safetensors` checkpoint (local, s3://, or
+    in a hub repository: `org/name/file.safetensors` or its huggingface.co URL; a pickled
+    `.ckpt` one with `allow_pickle`).
     The family (SD 1.x, 2.x, SDXL) is read from each checkpoint."""
 
     base: str = Field(
@@ -679,7 +680,12 @@ def is_remote(uri: str) -> bool:
 
 
 def looks_like_hub_id(value: str) -> bool:
-    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", value))
+    """`org/name[@rev]`, or a single file in a hub repository (`org/name[@rev]/file`)."""
+    from .hub import split_file
+
+    return bool(re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?", value)) or bool(
+        split_file(value)
+    )
 
 
 def resolve_paths(spec: JobSpec, base: Path) -> JobSpec:

@@ -264,3 +264,81 @@ def test_hub_id_is_downloaded_once_through_huggingface_hub(
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     assert hub.pin("sdbatch-tests/online") == f"sdbatch-tests/online@{COMMIT}"
     assert model_hash("sdbatch-tests/online").sha256 == model_hash(str(tiny_models["base"])).sha256
+
+
+def test_a_hub_single_file_is_downloaded_once_and_pinned(
+    tiny_models, tmp_path, monkeypatch
+) -> None:
+    """A single-file checkpoint in a hub repository, as users copy it (`org/name/file`,
+    its blob URL): online, fetched once through huggingface_hub from a hub on 127.0.0.1,
+    the next run finds it in the cache; pinned to the served commit; the same weights
+    (hash) as the local file, so the same pixels as the single-file tests render."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import huggingface_hub.constants
+
+    from sdbatch import hub
+    from sdbatch.models import model_hash, use_layouts
+    from tests.hfserver import HubServer
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    local = tiny_models["base"].with_suffix(".safetensors")
+    shutil.copy(local, repo / "base.safetensors")
+    (repo / "other.safetensors").write_bytes(b"never fetched" * 100)
+    server = HubServer("sdbatch-tests/single", repo, COMMIT)
+    cache = tmp_path / "hf-cache"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    env.update(HF_ENDPOINT=server.endpoint, HF_HUB_CACHE=str(cache), HF_HUB_DISABLE_XET="1")
+    manifest = write_manifest(tmp_path / "m.parquet", prompts(1))
+    layout = {"base": str(tiny_models["base"])}
+    refs = [
+        "sdbatch-tests/single/base.safetensors",
+        "https://huggingface.co/sdbatch-tests/single/blob/main/base.safetensors",
+    ]
+    try:
+        for ref in refs:
+            spec = write_spec(
+                tmp_path / "job.yaml",
+                manifest=str(manifest),
+                output=str(tmp_path / "out"),
+                models={"base": ref, "config": layout},
+            )
+            done = subprocess.run(
+                [sys.executable, "-m", "sdbatch.cli", "validate", str(spec)],
+                capture_output=True, text=True, env=env, timeout=120,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert ": ok" in done.stdout, done.stdout
+    finally:
+        server.stop()
+    assert dict(server.downloads) == {"base.safetensors": 1}  # once, over both spellings
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    pinned = f"sdbatch-tests/single@{COMMIT}/base.safetensors"
+    assert [hub.pin(ref) for ref in refs] == [pinned, pinned]
+    use_layouts({pinned: layout["base"], str(local): layout["base"]})
+    try:
+        assert model_hash(pinned).sha256 == model_hash(str(local)).sha256
+    finally:
+        use_layouts({})
+    # Offline, a file not in the cache: one line naming it, not a traceback.
+    env["HF_HUB_OFFLINE"] = "1"
+    spec = write_spec(
+        tmp_path / "job.yaml",
+        manifest=str(manifest),
+        output=str(tmp_path / "out"),
+        models={"base": "sdbatch-tests/single/missing.safetensors", "config": layout},
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "sdbatch.cli", "validate", str(spec)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "sdbatch-tests/single/missing.safetensors: not a local file and not in the local" in (
+        " ".join(done.stderr.split())
+    ), done.stderr

@@ -41,3 +41,29 @@ def test_hub_id_not_in_the_offline_cache_says_how_to_fix_it(tmp_path, monkeypatc
     problem = check_checkpoint("someone/not-downloaded")
     assert problem is not None
     assert "someone/not-downloaded" in problem and "local Hugging Face cache" in problem
+
+
+def test_hub_single_file_spellings(tmp_path) -> None:
+    from sdbatch.hub import split_file
+    from sdbatch.spec import resolve_paths
+
+    assert split_file("org/name/model.safetensors") == ("org/name", None, "model.safetensors")
+    assert split_file("org/name@v2/sub/m.ckpt") == ("org/name", "v2", "sub/m.ckpt")
+    for url in (
+        "https://huggingface.co/org/name/blob/main/m.safetensors",
+        "https://huggingface.co/org/name/resolve/main/m.safetensors",
+        "hf.co/org/name/blob/main/m.safetensors",
+    ):
+        assert split_file(url) == ("org/name", "main", "m.safetensors"), url
+    local = tmp_path / "a" / "b" / "m.safetensors"
+    local.parent.mkdir(parents=True)
+    local.write_bytes(b"")
+    for not_hub in (str(local), "org/name", "org/name/model.bin", "org/name/../m.safetensors"):
+        assert split_file(not_hub) is None, not_hub
+    # A spec keeps a hub file as written (no local file of that name beside the spec).
+    from sdbatch.spec import parse_spec
+
+    spec = parse_spec(
+        {"name": "t", "manifest": "m", "output": "o", "model": "org/name/m.safetensors"}
+    )
+    assert resolve_paths(spec, tmp_path).models.base == "org/name/m.safetensors"
