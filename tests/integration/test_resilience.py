@@ -47,19 +47,19 @@ def readme_restart_loop(spec: Path, pause: int = 1) -> str:
     return loop[1].replace(" job.yaml ", f" {spec} ").replace("sleep 30", f"sleep {pause}")
 
 
-def kill_the_loops_run(loop: subprocess.Popen, images: Path, count: int) -> int:
-    """SIGKILL the loop's `sdbatch run` once `count` images are stored; how many were."""
+def kill_the_loops_run(loop: subprocess.Popen, output: str, committed: int) -> None:
+    """SIGKILL the loop's `sdbatch run` once `committed` items are committed (so the next
+    run has something to skip: images on disk run ahead of the driver's commits)."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         assert loop.poll() is None, loop.communicate()
-        n = len(list(images.glob("*/*.png"))) if images.exists() else 0
         children = Path(f"/proc/{loop.pid}/task/{loop.pid}/children").read_text().split()
-        if n >= count and children:
+        if children and job_status(output).done >= committed:
             assert len(children) == 1, children  # the loop's `sdbatch run`, not its sleep
             os.kill(int(children[0]), signal.SIGKILL)
-            return n
-        time.sleep(0.05)
-    pytest.fail(f"no {count} images within 240 s")
+            return
+        time.sleep(0.1)
+    pytest.fail(f"not {committed} items committed within 240 s")
 
 
 @pytest.mark.own_ray
@@ -103,10 +103,12 @@ def test_driver_killed_twice_the_documented_restart_loop_resumes_exactly_once(
             start_new_session=True,
         )  # fmt: skip
         started.append(loop)
-        first = kill_the_loops_run(loop, images, 60)
+        kill_the_loops_run(loop, output, 16)
         assert not Path(output, "_SUCCESS").exists()
-        second = kill_the_loops_run(loop, images, 140)
-        committed = len(sha_by_item(output))  # before the third run commits (~10 s away)
+        # Read before the next run commits anything (its start is seconds away).
+        committed_first = len(sha_by_item(output))
+        kill_the_loops_run(loop, output, committed_first + 24)
+        committed = len(sha_by_item(output))
         out, err = loop.communicate(timeout=240)
         # The run never killed, for comparison, on the same head.
         plain = subprocess.run(
@@ -120,10 +122,10 @@ def test_driver_killed_twice_the_documented_restart_loop_resumes_exactly_once(
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     assert loop.returncode == 0, err[-3000:]
-    assert first < second < total
     # Three runs: two killed, the third resumed what the second had committed and ended it.
     starts = [int(n) for n in re.findall(rf"{total} images, (\d+) already done", err)]
-    assert len(starts) == 3 and 0 < starts[1] <= first and starts[2] == committed, (starts, err)
+    assert len(starts) == 3 and starts[1:] == [committed_first, committed], (starts, err)
+    assert 0 < committed_first < committed < total, (committed_first, committed)
     assert f"{total - committed} images rendered" in out + err, out + err
     assert "Traceback" not in err and "logging.cc" not in err, err
     got = sha_by_item(output)  # each item once
