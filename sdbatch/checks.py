@@ -153,7 +153,8 @@ def model_fields(spec: JobSpec, info: ManifestInfo) -> dict[str, str]:
 
 def pin_hub_models(spec: JobSpec) -> JobSpec:
     """The spec with each hub id (`org/name`, `org/name@branch`) as `org/name@<commit>`,
-    and each hub single file as `org/name@<commit>/file`."""
+    and each hub single file as `org/name@<commit>/file` (whose `models.config` layout is
+    registered again under the pinned name: `models.use_layouts` is keyed by reference)."""
     from . import hub
 
     assert spec.models is not None

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -206,15 +209,31 @@ def test_unknown_hub_revision_is_refused_by_validate(hub_cache, tmp_path) -> Non
     assert CliRunner().invoke(app, ["validate", str(spec)]).exit_code == 0
 
 
+def online(server, cache: Path) -> dict[str, str]:
+    """This process's environment, online (HF_HUB_OFFLINE unset) against `server` (a hub
+    on 127.0.0.1) with its own HF cache."""
+
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
+    env.update(HF_ENDPOINT=server.endpoint, HF_HUB_CACHE=str(cache), HF_HUB_DISABLE_XET="1")
+    return env
+
+
+def validate_in(env: dict[str, str], spec: Path) -> subprocess.CompletedProcess:
+    """`sdbatch validate SPEC` as a process of its own, in `env`."""
+    return subprocess.run(
+        [sys.executable, "-m", "sdbatch.cli", "validate", str(spec)],
+        capture_output=True, text=True, env=env, timeout=120,
+    )  # fmt: skip
+
+
 def test_hub_id_is_downloaded_once_through_huggingface_hub(
     tiny_models, tmp_path, monkeypatch
 ) -> None:
     """Online (HF_HUB_OFFLINE unset), against a hub on 127.0.0.1 (HF_ENDPOINT): only the
     files the pipeline loads are fetched, once; the next job finds them in the cache."""
-    import os
     import shutil
-    import subprocess
-    import sys
 
     import huggingface_hub.constants
 
@@ -234,10 +253,7 @@ def test_hub_id_is_downloaded_once_through_huggingface_hub(
         (repo / name).write_bytes(b"never loaded" * 100)
     server = HubServer("sdbatch-tests/online", repo, COMMIT)
     cache = tmp_path / "hf-cache"
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    }
-    env.update(HF_ENDPOINT=server.endpoint, HF_HUB_CACHE=str(cache), HF_HUB_DISABLE_XET="1")
+    env = online(server, cache)
     manifest = write_manifest(tmp_path / "m.parquet", prompts(1))
     spec = write_spec(
         tmp_path / "job.yaml",
@@ -247,13 +263,7 @@ def test_hub_id_is_downloaded_once_through_huggingface_hub(
     )
     try:
         for _ in range(2):
-            done = subprocess.run(
-                [sys.executable, "-m", "sdbatch.cli", "validate", str(spec)],
-                capture_output=True,
-                text=True,
-                env=env,
-                timeout=120,
-            )
+            done = validate_in(env, spec)
             assert done.returncode == 0, done.stdout + done.stderr
     finally:
         server.stop()
@@ -273,10 +283,7 @@ def test_a_hub_single_file_is_downloaded_once_and_pinned(
     its blob URL): online, fetched once through huggingface_hub from a hub on 127.0.0.1,
     the next run finds it in the cache; pinned to the served commit; the same weights
     (hash) as the local file, so the same pixels as the single-file tests render."""
-    import os
     import shutil
-    import subprocess
-    import sys
 
     import huggingface_hub.constants
 
@@ -291,10 +298,7 @@ def test_a_hub_single_file_is_downloaded_once_and_pinned(
     (repo / "other.safetensors").write_bytes(b"never fetched" * 100)
     server = HubServer("sdbatch-tests/single", repo, COMMIT)
     cache = tmp_path / "hf-cache"
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    }
-    env.update(HF_ENDPOINT=server.endpoint, HF_HUB_CACHE=str(cache), HF_HUB_DISABLE_XET="1")
+    env = online(server, cache)
     manifest = write_manifest(tmp_path / "m.parquet", prompts(1))
     layout = {"base": str(tiny_models["base"])}
     refs = [
@@ -309,10 +313,7 @@ def test_a_hub_single_file_is_downloaded_once_and_pinned(
                 output=str(tmp_path / "out"),
                 models={"base": ref, "config": layout},
             )
-            done = subprocess.run(
-                [sys.executable, "-m", "sdbatch.cli", "validate", str(spec)],
-                capture_output=True, text=True, env=env, timeout=120,
-            )  # fmt: skip
+            done = validate_in(env, spec)
             assert done.returncode == 0, done.stdout + done.stderr
             assert ": ok" in done.stdout, done.stdout
     finally:
@@ -334,10 +335,7 @@ def test_a_hub_single_file_is_downloaded_once_and_pinned(
         output=str(tmp_path / "out"),
         models={"base": "sdbatch-tests/single/missing.safetensors", "config": layout},
     )
-    done = subprocess.run(
-        [sys.executable, "-m", "sdbatch.cli", "validate", str(spec)],
-        capture_output=True, text=True, env=env, timeout=120,
-    )  # fmt: skip
+    done = validate_in(env, spec)
     assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
     assert "sdbatch-tests/single/missing.safetensors: not a local file and not in the local" in (
         " ".join(done.stderr.split())

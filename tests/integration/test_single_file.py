@@ -259,16 +259,7 @@ def test_a_pickled_ckpt_loads_only_with_allow_pickle_and_renders_as_plain_diffus
     assert f"models.base {ckpt}: loads pickled weights (base.ckpt)" in text, text
     assert "models.allow_pickle: true" in text, text
 
-    manifest = write_manifest(tmp_path / "m.parquet", prompts(2))
-    spec = load_spec(
-        write_spec(
-            tmp_path / "job.yaml",
-            manifest=str(manifest),
-            output=str(tmp_path / "out"),
-            models={**models, "allow_pickle": True},
-            defaults={"steps": 3},
-        )
-    )
+    spec = load_job(tmp_path, None, 2, models={**models, "allow_pickle": True}, steps=3)
     run_job(spec)
     meta = read_metadata(spec.output).to_pandas()
     assert set(meta.status) == {"ok"} and len(meta) == 2
