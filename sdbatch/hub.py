@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from .errors import UserError
+from .singlefile import is_single_file
 from .weights import choose_files, components_of, is_weights
 
 _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
@@ -134,13 +135,12 @@ _URL = re.compile(
     r"(?:blob|resolve)/(?P<rev>[^/]+)/(?P<path>.+)$"
 )
 _FILE = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w.-]+))?/(?P<path>[^@]+)$")
-_FILE_SUFFIXES = (".safetensors", ".ckpt")
 
 
 def split_file(ref: str) -> tuple[str, str | None, str] | None:
     """(repo id, revision or None, file path) if `ref` names a single-file checkpoint in
     a hub repository (and is not a local file), else None."""
-    if not ref.lower().endswith(_FILE_SUFFIXES) or Path(ref).exists() or ref.startswith("/"):
+    if not is_single_file(ref) or Path(ref).exists() or ref.startswith("/"):
         return None
     m = _URL.match(ref) or _FILE.match(ref)
     if m is None or ".." in m["path"].split("/"):
