@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from .adapters import choose as choose_loras
 from .adapters import embeddings_in
-from .spec import MAX_SEED, JobSpec, RenderParams
+from .spec import MAX_SEED, SAMPLING_FIELDS, JobSpec, RenderParams
 
 # Columns a manifest row may set to override `defaults`: the spec's RenderParams.
 OVERRIDES = tuple(RenderParams.model_fields)
@@ -85,12 +85,7 @@ ITEM_SCHEMA = schema(
     "controlnet_conditioning_scale",
     "depth_estimator",
     *SIZE_CONDITIONING,
-    "steps",
-    "guidance_scale",
-    "scheduler",
-    "width",
-    "height",
-    "strength",
+    *SAMPLING_FIELDS,
     "key",
     "depth_source",
     "batch_key",

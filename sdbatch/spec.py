@@ -385,18 +385,10 @@ class OutputOptions(_Strict):
         return {"png": "png", "webp": "webp", "jpeg": "jpg"}[self.format]
 
 
+# The sampler's and the image's parameters (strength: modes that start from an image).
+SAMPLING_FIELDS = ("steps", "guidance_scale", "scheduler", "width", "height", "strength")
 # Parameters a sweep may vary; each must also be a RenderParams field.
-SWEEPABLE = (
-    "steps",
-    "guidance_scale",
-    "scheduler",
-    "width",
-    "height",
-    "strength",
-    "negative_prompt",
-    "refiner_switch",
-    "controlnet_conditioning_scale",
-)
+SWEEPABLE = (*SAMPLING_FIELDS, "negative_prompt", "refiner_switch", "controlnet_conditioning_scale")
 
 
 class SweepSpec(_Strict):

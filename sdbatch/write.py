@@ -27,6 +27,22 @@ from .schedulers import a1111_name
 # again on resume); the committer stops the job with the store's message.
 UNSTORED = "unstored"
 
+# SDXL's size conditioning and the refiner / ControlNet / depth estimator an item used:
+# columns of the schema, and in the image's record only when set (FAMILY_FIELDS).
+CONDITIONING_FIELDS = (
+    "refiner",
+    "refiner_sha256",
+    "refiner_switch",
+    "controlnet",
+    "controlnet_sha256",
+    "controlnet_conditioning_scale",
+    "depth_estimator",
+    "depth_estimator_sha256",
+    "original_size",
+    "target_size",
+    "crops_coords_top_left",
+)
+
 # The one metadata schema: run, resume, rerun and status all read these columns.
 METADATA_SCHEMA = schema(
     "id",
@@ -52,17 +68,7 @@ METADATA_SCHEMA = schema(
     "model",
     "model_sha256",
     "model_family",
-    "refiner",
-    "refiner_sha256",
-    "refiner_switch",
-    "controlnet",
-    "controlnet_sha256",
-    "controlnet_conditioning_scale",
-    "depth_estimator",
-    "depth_estimator_sha256",
-    "original_size",
-    "target_size",
-    "crops_coords_top_left",
+    *CONDITIONING_FIELDS,
     "key",
     "member",
     "image_uri",
@@ -129,17 +135,7 @@ REPRODUCIBLE_FIELDS = (
 # family itself is in the metadata; the weights hash already pins it). `prompt_syntax`
 # likewise, only when not plain (`record_json`).
 FAMILY_FIELDS = (
-    "refiner",
-    "refiner_sha256",
-    "refiner_switch",
-    "controlnet",
-    "controlnet_sha256",
-    "controlnet_conditioning_scale",
-    "depth_estimator",
-    "depth_estimator_sha256",
-    "original_size",
-    "target_size",
-    "crops_coords_top_left",
+    *CONDITIONING_FIELDS,
     "loras",
     "embeddings",
     "adapters",
