@@ -154,10 +154,19 @@ def model_fields(spec: JobSpec, info: ManifestInfo) -> dict[str, str]:
 def pin_hub_models(spec: JobSpec) -> JobSpec:
     """The spec with each hub id (`org/name`, `org/name@branch`) as `org/name@<commit>`,
     and each hub single file as `org/name@<commit>/file` (whose `models.config` layout is
-    registered again under the pinned name: `models.use_layouts` is keyed by reference)."""
+    registered again under the pinned name: `models.use_layouts` is keyed by reference).
+    LoRAs and embeddings from the hub likewise (`adapters.pin`)."""
     from . import hub
+    from .adapters import pin as pin_adapter
 
     assert spec.models is not None
+    adapters = {
+        field: {name: pin_adapter(uri) for name, uri in getattr(spec, field).items()}
+        for field in ("loras", "embeddings")
+    }
+    adapters = {k: v for k, v in adapters.items() if v != getattr(spec, k)}
+    if adapters:
+        spec = spec.model_copy(update=adapters)
 
     def pinned(value: str) -> str:
         if value.startswith("s3://") or Path(value).exists():

@@ -25,6 +25,11 @@ _HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
+def is_commit(name: str) -> bool:
+    """A full git commit hash (what a snapshot folder of the HF cache is named)."""
+    return bool(_COMMIT.match(name))
+
+
 def split(ref: str) -> tuple[str, str | None] | None:
     """(repo id, revision or None) if `ref` is spelled as a hub id, else None."""
     m = _HUB_ID.match(ref)
@@ -118,13 +123,13 @@ def pin(ref: str) -> str:
         repo, _, name = file
         path = resolve_file(ref)
         commit = path.parents[len(Path(name).parts) - 1].name
-        return f"{repo}@{commit}/{name}" if _COMMIT.match(commit) else ref
+        return f"{repo}@{commit}/{name}" if is_commit(commit) else ref
     parts = split(ref)
     if parts is None:
         return ref
     repo, _ = parts
     commit = resolve(ref).name
-    return f"{repo}@{commit}" if _COMMIT.match(commit) else ref
+    return f"{repo}@{commit}" if is_commit(commit) else ref
 
 
 # A single-file checkpoint in a hub repository, as users copy it: the file's page or

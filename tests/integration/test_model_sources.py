@@ -15,7 +15,7 @@ from PIL import Image
 
 from sdbatch.runner import read_metadata, run_job
 from sdbatch.spec import load_spec
-from tests.helpers import load_job, prompts, write_manifest, write_spec
+from tests.helpers import load_job, prompts, sd_loras, sdbatch_cli, write_manifest, write_spec
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
@@ -142,12 +142,14 @@ def test_s3_prefix_without_a_model_is_refused_by_validate(s3_server, tmp_path) -
 
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+LORA_COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
 
 
 @pytest.fixture
 def hub_cache(tmp_path, tiny_models, monkeypatch):
     """A Hugging Face cache holding the tiny base as `sdbatch-tests/tiny-base` (main →
-    COMMIT), laid out as huggingface_hub writes it."""
+    COMMIT) and a LoRA for it as `sdbatch-tests/tiny-lora` (main → LORA_COMMIT, one
+    `pytorch_lora_weights.safetensors`), laid out as huggingface_hub writes it."""
     import shutil
 
     import huggingface_hub.constants
@@ -157,33 +159,55 @@ def hub_cache(tmp_path, tiny_models, monkeypatch):
     shutil.copytree(tiny_models["base"], repo / "snapshots" / COMMIT)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(COMMIT)
+    lora = cache / "models--sdbatch-tests--tiny-lora"
+    (lora / "snapshots" / LORA_COMMIT).mkdir(parents=True)
+    shutil.copy(
+        sd_loras(tiny_models)["sd-style"],
+        lora / "snapshots" / LORA_COMMIT / "pytorch_lora_weights.safetensors",
+    )
+    (lora / "refs").mkdir()
+    (lora / "refs" / "main").write_text(LORA_COMMIT)
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))  # the actors' processes
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))  # this one
     return cache
 
 
 def test_hub_id_from_the_cache_is_pinned_to_its_commit(hub_cache, tmp_path, ray_session) -> None:
+    """A model and a LoRA by hub id: each recorded as `org/name@<commit>`, so the job
+    resumes and reruns with the files it ran with even after `main` moves on."""
     import yaml
 
-    manifest = write_manifest(tmp_path / "m.parquet", prompts(2))
+    rows = [
+        {"id": "plain", "prompt": "a cat"},
+        {"id": "styled", "prompt": "a cat <lora:style:0.8>"},
+    ]
+    manifest = write_manifest(tmp_path / "m.parquet", rows)
     spec = load_spec(
         write_spec(
             tmp_path / "job.yaml",
             manifest=str(manifest),
             output=str(tmp_path / "out"),
             model="sdbatch-tests/tiny-base",
+            loras={"style": "sdbatch-tests/tiny-lora@main"},
             defaults={"steps": 2},
         )
     )
     assert spec.models.base == "sdbatch-tests/tiny-base"  # not taken for a relative path
     run_job(spec)
-    meta = read_metadata(spec.output).to_pandas()
+    meta = read_metadata(spec.output).to_pandas().set_index("id")
     pinned = f"sdbatch-tests/tiny-base@{COMMIT}"
+    pinned_lora = f"sdbatch-tests/tiny-lora@{LORA_COMMIT}"
     assert set(meta.model) == {pinned} and set(meta.status) == {"ok"}
+    assert [e["uri"] for e in json.loads(meta.loc["styled", "adapters"])["loras"]] == [pinned_lora]
     stored = yaml.safe_load(Path(spec.output, "job.yaml").read_text())
-    assert stored["models"]["base"] == pinned
-    # The same job resumes (nothing left), and `@main` names the same commit.
+    assert stored["models"]["base"] == pinned and stored["loras"] == {"style": pinned_lora}
+    # The same job resumes (nothing left), and `@main` names the same commits.
     assert run_job(spec).skipped == 2
+    # `main` moves to a commit that is not there: the pinned ids still rerun bit for bit.
+    for name in ("tiny-base", "tiny-lora"):
+        (hub_cache / f"models--sdbatch-tests--{name}" / "refs" / "main").write_text("f" * 40)
+    proc = sdbatch_cli("rerun", spec.output, "--verify", "--ids", "styled", "--ids", "plain")
+    assert proc.exit_code == 0 and "reproduced 2/2 bit-exact" in proc.output, proc.output
 
 
 def test_unknown_hub_revision_is_refused_by_validate(hub_cache, tmp_path) -> None:
