@@ -77,7 +77,7 @@ def check_models(spec: JobSpec, info: ManifestInfo) -> list[str]:
 
 def _depth_problems(spec: JobSpec, info: ManifestInfo, base: Any, depth: Any) -> list[str]:
     """An SD 2 depth checkpoint, or SDXL's depth ControlNet (+ estimator), as the rows need."""
-    from .models import check_controlnet, check_depth_estimator
+    from .lone import check_controlnet, check_depth_estimator
 
     models = spec.models
     assert models is not None

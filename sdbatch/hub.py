@@ -44,7 +44,7 @@ def resolve(ref: str, skip_weights_of: tuple[str, ...] = ()) -> Path:
     """The snapshot folder of a hub id: from the local cache, else downloaded once.
 
     `skip_weights_of`: components whose weights are not wanted (the layout of a single-file
-    checkpoint needs only their configs): not downloaded.
+    checkpoint needs only their configs): not downloaded. "" is a lone model's own folder.
     """
     from huggingface_hub import snapshot_download
 
@@ -68,7 +68,9 @@ def resolve(ref: str, skip_weights_of: tuple[str, ...] = ()) -> Path:
                 allow_patterns=[
                     f
                     for f in _loaded(repo, revision)
-                    if not (f.split("/")[0] in skip_weights_of and is_weights(f.split("/")[-1]))
+                    if not (
+                        f.rpartition("/")[0] in skip_weights_of and is_weights(f.split("/")[-1])
+                    )
                 ],
             )
         )

@@ -4,10 +4,8 @@ A checkpoint is a diffusers folder (local path) or a hub id already in the local
 cache; both load through `from_pretrained(..., local_files_only=True)`. Its family
 (SD 1.x, SD 2.x, SDXL) is read from `model_index.json` and the UNet config without
 importing torch, so `sdbatch validate` can refuse a pipeline sdbatch cannot run. Heavy
-imports happen inside functions so the CLI can import this module cheaply.
-
-Slightly over our ~500-line guide: inspecting a checkpoint (no torch) and loading it
-(torch) read the same layout rules, which is why they live together.
+imports happen inside functions so the CLI can import this module cheaply. The lone
+models beside the pipelines (ControlNet, depth estimator) are `lone`'s.
 """
 
 from __future__ import annotations
@@ -110,6 +108,11 @@ def use_layouts(models: dict[str, Any] | None) -> None:
     _layouts.update(models or {})
 
 
+def layout_of(ref: str) -> str | None:
+    """The layout `use_layouts` gave a single-file checkpoint, if any."""
+    return _layouts.get(ref)
+
+
 def resolve_file(ref: str) -> Path:
     """The local path of a single-file checkpoint: a path as-is, an `s3://` one copied
     into this node's cache, a hub one (`org/name/file.safetensors`, its URL) from the
@@ -193,7 +196,7 @@ class Checkpoint:
         return "sdxl" if self.family == "sdxl" else "sd"
 
 
-def _read_json(path: Path, ref: str) -> dict[str, Any]:
+def read_json(path: Path, ref: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
@@ -274,7 +277,7 @@ def _inspect_file(ref: str, config: str | None) -> Checkpoint:
 @lru_cache(maxsize=64)
 def _inspect_folder(ref: str) -> Checkpoint:
     path = resolve_checkpoint(ref)
-    index = _read_json(path / "model_index.json", ref)
+    index = read_json(path / "model_index.json", ref)
     cls = str(index.get("_class_name"))
     kind = _KNOWN_CLASSES.get(cls)
     if kind is None:
@@ -284,7 +287,7 @@ def _inspect_folder(ref: str) -> Checkpoint:
         )
     if not _listed(index, "unet") or not (path / "unet" / "config.json").is_file():
         raise UserError(f"model {ref}: {cls} without a unet/ folder")
-    unet = _read_json(path / "unet" / "config.json", ref)
+    unet = read_json(path / "unet" / "config.json", ref)
     if kind == "sdxl":
         family = "sdxl"
     else:
@@ -310,45 +313,6 @@ def family_of(ref: str) -> str | None:
         return None
 
 
-def check_controlnet(ref: str) -> str | None:
-    """A problem with an SDXL depth ControlNet reference; None if usable."""
-    try:
-        path = resolve_checkpoint(ref, marker="config.json")
-        config = _read_json(path / "config.json", ref)
-    except UserError as err:
-        return str(err)
-    cls = config.get("_class_name")
-    if cls != "ControlNetModel":
-        return f"models.depth_controlnet {ref}: config.json names {cls}, expected ControlNetModel"
-    if config.get("addition_embed_type") != "text_time":
-        return (
-            f"models.depth_controlnet {ref}: an SD 1.x/2.x ControlNet (no SDXL text_time "
-            "embedding); an SDXL base needs an SDXL ControlNet"
-        )
-    return None
-
-
-def depth_estimator_folders(ref: str) -> tuple[Path, Path]:
-    """(model folder, image processor folder) of a depth estimator: a transformers DPT
-    folder (e.g. Intel/dpt-hybrid-midas), or a depth2img pipeline's depth_estimator/."""
-    path = resolve_model_folder(ref)
-    if (path / "depth_estimator" / "config.json").is_file():
-        return path / "depth_estimator", path / "feature_extractor"
-    return path, path
-
-
-def check_depth_estimator(ref: str) -> str | None:
-    try:
-        model, processor = depth_estimator_folders(ref)
-    except UserError as err:
-        return f"models.depth_estimator: {err}"
-    if not (model / "config.json").is_file():
-        return f"models.depth_estimator {ref}: no config.json (not a depth estimator)"
-    if not (processor / "preprocessor_config.json").is_file():
-        return f"models.depth_estimator {ref}: no preprocessor_config.json beside the model"
-    return None
-
-
 def _listed(index: dict[str, Any], name: str) -> bool:
     entry = index.get(name)
     return isinstance(entry, list) and bool(entry) and entry[0] is not None
@@ -362,6 +326,11 @@ def model_hash(ref: str) -> ModelHash:
     Works for pipeline folders and for lone models (a ControlNet, a depth estimator).
     """
     try:
+        if singlefile.is_single_file(ref) and singlefile.is_controlnet(resolve_file(ref)):
+            from .lone import controlnet_file
+
+            file, layout = controlnet_file(ref)
+            return hash_single_file(file, layout, ("",))
         if singlefile.is_single_file(ref):
             checkpoint = inspect_checkpoint(ref)
             assert checkpoint.file is not None
@@ -469,29 +438,6 @@ def load_pipeline(
         shared[ref] = pipe
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def load_controlnet(ref: str, device: str, torch_dtype: Any) -> Any:
-    from diffusers import ControlNetModel
-
-    path = resolve_checkpoint(ref, marker="config.json")
-    return ControlNetModel.from_pretrained(
-        str(path), torch_dtype=torch_dtype, local_files_only=True
-    ).to(device)
-
-
-def load_depth_estimator(ref: str, device: str) -> tuple[Any, Any]:
-    """(DPT model, image processor) in float32: depth maps are min-max normalised, and a
-    small DPT's depths can underflow in fp16."""
-    import torch
-    from transformers import AutoImageProcessor, DPTForDepthEstimation
-
-    model_dir, processor_dir = depth_estimator_folders(ref)
-    model = DPTForDepthEstimation.from_pretrained(
-        str(model_dir), torch_dtype=torch.float32, local_files_only=True
-    )
-    processor = AutoImageProcessor.from_pretrained(str(processor_dir), local_files_only=True)
-    return model.to(device).eval(), processor
 
 
 def _reusable_components(ref: str, shared: dict[str, Any]) -> dict[str, Any]:

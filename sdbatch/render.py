@@ -90,14 +90,9 @@ class Renderer:
         adapter_files: dict[str, Any] | None = None,
     ):
         from .callargs import CallArgs
+        from .lone import load_depth_estimator
         from .modelcache import adopt as adopt_listings
-        from .models import (
-            load_depth_estimator,
-            quiet_libraries,
-            resolve_device,
-            use_layouts,
-            use_storage,
-        )
+        from .models import quiet_libraries, resolve_device, use_layouts, use_storage
 
         quiet_libraries()
         use_storage(storage)  # s3:// checkpoints: copied into this node's cache first
@@ -147,7 +142,8 @@ class Renderer:
     ) -> None:
         """`pipes` per mode (SDXL depth2img with the depth ControlNet) and `refiners` per
         mode (SDXL only), sharing every module they can."""
-        from .models import REFINER_CLASSES, inspect_checkpoint, load_controlnet, load_pipeline
+        from .lone import load_controlnet
+        from .models import REFINER_CLASSES, inspect_checkpoint, load_pipeline
 
         shared: dict[str, Any] = {}
         families = {mode: inspect_checkpoint(ref).family for mode, ref in models.items()}

@@ -43,6 +43,19 @@ def is_single_file(ref: str) -> bool:
     return ref.lower().endswith(SUFFIXES)
 
 
+# A ControlNet's conditioning embedding: in diffusers' names, in the original (LDM) names.
+CONTROLNET_KEYS = ("controlnet_cond_embedding.conv_in.weight", "input_hint_block.0.weight")
+
+
+def is_controlnet(path: Path) -> bool:
+    """A `.safetensors` file holding a ControlNet (diffusers or original layout, with or
+    without the `control_model.` prefix), from its header."""
+    if path.suffix.lower() != ".safetensors":
+        return False
+    names = tensor_shapes(path)
+    return any(k.removeprefix("control_model.") in CONTROLNET_KEYS for k in names)
+
+
 @dataclass(frozen=True)
 class FileInfo:
     """What the tensor names of a single-file checkpoint say."""

@@ -153,7 +153,7 @@ class RenderParams(_Strict):
 
 
 # The checkpoint fields that may be a single-file `.safetensors` (and so take a layout).
-SINGLE_FILE_FIELDS = ("base", "inpaint", "depth", "refiner")
+SINGLE_FILE_FIELDS = ("base", "inpaint", "depth", "refiner", "depth_controlnet")
 
 
 class ModelsSpec(_Strict):
@@ -192,8 +192,9 @@ class ModelsSpec(_Strict):
         default_factory=dict,
         description="Layout of single-file checkpoints, per field (e.g. {base: "
         "stable-diffusion-v1-5/stable-diffusion-v1-5}): a diffusers folder, hub id or s3:// "
-        "prefix of the same architecture, giving configs, tokenizers and scheduler. Default: "
-        "the repository diffusers picks for the file's family.",
+        "prefix of the same architecture, giving configs, tokenizers and scheduler (for "
+        "depth_controlnet: a ControlNet folder, its config.json). Default: the repository "
+        "diffusers picks for the file's family (diffusers/controlnet-depth-sdxl-1.0).",
     )
     allow_pickle: bool = Field(
         False,

@@ -621,7 +621,16 @@ def _write_adapters(out: Path, force: bool) -> None:
 
 # Pipelines also written as one original-layout file (`DIR/<variant>.safetensors`, the
 # A1111/Civitai format), for `from_single_file`; exported from the saved folder (`ldm`).
-SINGLE_FILES = ("base", "inpaint", "sd2-v", "sdxl", "sdxl-inpaint", "sdxl-refiner")
+# The ControlNet as one file too, in diffusers' layout: how SDXL ControlNets are shared.
+SINGLE_FILES = (
+    "base",
+    "inpaint",
+    "sd2-v",
+    "sdxl",
+    "sdxl-inpaint",
+    "sdxl-refiner",
+    "sdxl-controlnet-depth",
+)
 # Bumped whenever a variant's weights or layout change: an older DIR is rebuilt in full.
 # 2: SDXL's second text encoder is wider than its first (TEXT2_WIDTH); single files.
 TINY_VERSION = 2
@@ -650,9 +659,9 @@ def build_tiny(
     if not version.is_file() or version.read_text().strip() != str(TINY_VERSION):
         for name in VARIANTS:  # built by an older sdbatch: none of them may be reused
             shutil.rmtree(out / name, ignore_errors=True)
+            (out / f"{name}.safetensors").unlink(missing_ok=True)
         for folder in ("loras", "embeddings"):
             shutil.rmtree(out / folder, ignore_errors=True)
-            (out / f"{name}.safetensors").unlink(missing_ok=True)
     paths = {}
     for name in names:
         dest = out / name
@@ -661,8 +670,13 @@ def build_tiny(
                 _save(_BUILDERS[name](), dest, _marker(name))
         single = out / f"{name}.safetensors"
         if name in SINGLE_FILES and (force or not single.is_file()):
-            with _quiet():
-                write_original(dest, single)
+            if name in _MODELS:  # a lone model: its weights file as it is
+                tmp = single.with_name(f".{single.name}.partial")
+                shutil.copyfile(dest / "diffusion_pytorch_model.safetensors", tmp)
+                tmp.replace(single)
+            else:
+                with _quiet():
+                    write_original(dest, single)
         paths[name] = dest
     _write_adapters(out, force)
     version.write_text(f"{TINY_VERSION}\n")

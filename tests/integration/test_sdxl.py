@@ -127,8 +127,9 @@ def test_unsupported_pipeline_class_is_refused_by_validate(tmp_path) -> None:
 
 @pytest.fixture(scope="module")
 def sdxl_mixed(tmp_path_factory, tiny_models, ray_session):
-    """img2img, inpaint (9-channel UNet), depth ControlNet (estimated and provided depth)
-    and per-item bad inputs in one SDXL job, first stopped part-way, then resumed."""
+    """img2img, inpaint (9-channel UNet), depth ControlNet (a single file; estimated and
+    provided depth) and per-item bad inputs in one SDXL job, first stopped part-way, then
+    resumed."""
     import threading
 
     root = tmp_path_factory.mktemp("sdxl-mixed")
@@ -201,8 +202,11 @@ def sdxl_mixed(tmp_path_factory, tiny_models, ray_session):
         models={
             "base": str(tiny_models["sdxl"]),
             "inpaint": str(tiny_models["sdxl-inpaint"]),
-            "depth_controlnet": str(tiny_models["sdxl-controlnet-depth"]),
+            # The ControlNet as one file, its config from its folder (the folder itself
+            # loads in test_sdxl_actor_holds_each_module_once).
+            "depth_controlnet": f"{tiny_models['sdxl-controlnet-depth']}.safetensors",
             "depth_estimator": str(tiny_models["depth"]),
+            "config": {"depth_controlnet": str(tiny_models["sdxl-controlnet-depth"])},
         },
         defaults={"scheduler": "default", "steps": 4, "guidance_scale": 5.0},
         batch_size=2,
@@ -317,7 +321,15 @@ def _dpt_depth(folder, image: Image.Image, size: int = 64) -> Image.Image:
 
 
 def test_sdxl_depth_controlnet_matches_plain_diffusers(sdxl_mixed, tiny_models) -> None:
+    """The single-file ControlNet renders as plain diffusers with its folder's model."""
+    from sdbatch.models import model_hash, use_layouts
+
     meta, img = sdxl_mixed["meta"], sdxl_mixed["inputs"]
+    single_file = sdxl_mixed["spec"].models.depth_controlnet
+    use_layouts(sdxl_mixed["spec"].models.layouts())
+    depth_rows = meta[meta["mode"] == "depth2img"].dropna(subset=["sha256"])
+    assert set(depth_rows.controlnet) == {single_file}
+    assert set(depth_rows.controlnet_sha256) == {model_hash(single_file).sha256}
     controlnet = diffusers.ControlNetModel.from_pretrained(
         str(tiny_models["sdxl-controlnet-depth"]), local_files_only=True
     )

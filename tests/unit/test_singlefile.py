@@ -125,3 +125,51 @@ def test_hash_covers_the_file_and_what_the_layout_gives(tiny_models, tmp_path) -
     other = hash_single_file(single(tiny_models, "inpaint"), layout, provided)
     assert other.components["vae"] != after.components["vae"]
     assert other.components["tokenizer"] == after.components["tokenizer"]
+
+
+def test_a_single_file_controlnet_is_checked_against_its_layout(
+    tiny_models, tmp_path, monkeypatch
+) -> None:
+    """SDXL ControlNets are shared as one diffusers-layout file: it takes its config from
+    models.config.depth_controlnet (else CONTROLNET_LAYOUT, here not in the offline cache),
+    and what cannot work is named before anything renders."""
+    from safetensors.numpy import load_file, save_file
+
+    from sdbatch.lone import CONTROLNET_LAYOUT, check_controlnet
+    from sdbatch.models import use_layouts
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub-cache"))
+    folder = tiny_models["sdxl-controlnet-depth"]
+    tensors = load_file(single(tiny_models, "sdxl-controlnet-depth"))
+
+    def file(name: str, state: dict) -> str:
+        save_file(state, str(tmp_path / name))
+        return str(tmp_path / name)
+
+    good = file("cn.safetensors", tensors)
+    narrow = tmp_path / "narrow"
+    shutil.copytree(folder, narrow)
+    config = json.loads((narrow / "config.json").read_text())
+    config["conditioning_embedding_out_channels"] = [8, 32, 48, 64]
+    (narrow / "config.json").write_text(json.dumps(config))
+    sd15 = {k: v for k, v in tensors.items() if not k.startswith("add_embedding.")}
+    ldm = {f"control_model.{k.replace('controlnet_cond_embedding.conv_in', 'input_hint_block.0')}": v for k, v in sd15.items()}  # fmt: skip
+    cases = {
+        good: (str(folder), None),
+        f"{tmp_path}/default.safetensors": (None, CONTROLNET_LAYOUT),
+        str(single(tiny_models, "sdxl")): (str(folder), "not a ControlNet"),
+        file("sd15.safetensors", sd15): (str(folder), "an SD 1.x/2.x ControlNet"),
+        file("ldm.safetensors", ldm): (str(folder), "original (LDM) layout"),
+        f"{tmp_path}/narrow.safetensors": (str(narrow), "do not fit the layout"),
+        f"{tmp_path}/pipeline-layout.safetensors": (str(tiny_models["sdxl"]), "config.json"),
+    }
+    for name in ("default", "narrow", "pipeline-layout"):
+        shutil.copy(good, tmp_path / f"{name}.safetensors")
+    for ref, (layout, expected) in cases.items():
+        use_layouts({ref: layout} if layout else {})
+        problem = check_controlnet(ref)
+        if expected is None:
+            assert problem is None, (ref, problem)
+        else:
+            assert problem and expected in problem and ref in problem, (ref, problem)
+    use_layouts({})

@@ -255,7 +255,9 @@ def test_the_first_block_comes_before_the_fragment_is_expanded(tmp_path) -> None
             gen.close()
 
         first()
-        return _peak_python_bytes(first)
+        # The lower of two: a test run before this one in the same process can leave
+        # work (a lazy import, a cache filling) to land inside one measurement.
+        return min(_peak_python_bytes(first) for _ in range(2))
 
     small, large = first_block_peak(5_000), first_block_peak(50_000)
     assert large < 1.5 * small + 200_000, (small, large)
