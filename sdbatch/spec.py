@@ -10,6 +10,7 @@ spec's reference documentation (`sdbatch schema`), and one document is read in o
 from __future__ import annotations
 
 import difflib
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -607,10 +608,7 @@ def format_errors(
         loc = tuple(e["loc"])
         where = _loc(loc)
         value = None if e["type"] == "missing" else e.get("input")
-
-        def problem(text: str) -> Problem:
-            return Problem(f"{source}: {where}: {text}", file=source, field=where, value=value)  # noqa: B023
-
+        problem = functools.partial(_problem, source, where, value)
         if e["type"] == "extra_forbidden":
             key = str(loc[-1])
             sub = _model_at(model, loc[:-1])
@@ -630,11 +628,16 @@ def format_errors(
             lines.append(problem(f"must be {bounds}, got {value!r}"))
         elif e["type"] == "missing":
             lines.append(problem("required field is missing"))
-        elif "got" in msg:
+        # A section's own check (a model validator) names its fields: not the whole dict.
+        elif "got" in msg or (e["type"] == "value_error" and isinstance(value, dict)):
             lines.append(problem(msg))
         else:
             lines.append(problem(f"{msg}, got {value!r}"))
     return lines
+
+
+def _problem(source: str, where: str, value: Any, text: str) -> Problem:
+    return Problem(f"{source}: {where}: {text}", file=source, field=where, value=value)
 
 
 def parse_spec(data: Any, source: str = "<spec>") -> JobSpec:
