@@ -59,10 +59,11 @@ def test_render_node_lost_and_replaced_the_run_carries_on(
 def test_render_node_lost_for_good_stops_clearly_then_resumes(
     tmp_path, tiny_models, cluster_reference
 ) -> None:
-    spec = job(tmp_path, tiny_models["base"], "gone", capacity_wait_seconds=8)
+    # Long enough for the first actors to start on a loaded machine (it applies there too).
+    spec = job(tmp_path, tiny_models["base"], "gone", capacity_wait_seconds=25)
     report = on_cluster(spec, "40", "--resume")
     assert report["lost"], report
-    assert "capacity_wait_seconds=8" in report["error"], report
+    assert "capacity_wait_seconds=25" in report["error"], report
     assert report["events"]["nodes_lost"] == 1, report
     assert "the same command resumes" in report["error"], report
     output = load_spec(spec).output

@@ -77,9 +77,11 @@ def test_driver_killed_twice_the_documented_restart_loop_resumes_exactly_once(
     shim.chmod(0o755)
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     total = 200
-    spec_path = write_job(tmp_path, tiny_models["base"], total, steps=2, execution=COMMIT_OFTEN)
+    # 6 steps: a run takes long enough that a kill lands mid-job even when this process
+    # is starved for seconds (seen at 2 steps: the second run committed all 200 first).
+    spec_path = write_job(tmp_path, tiny_models["base"], total, steps=6, execution=COMMIT_OFTEN)
     reference = write_job(
-        tmp_path, tiny_models["base"], total, name="reference", steps=2, execution=COMMIT_OFTEN
+        tmp_path, tiny_models["base"], total, name="reference", steps=6, execution=COMMIT_OFTEN
     )
     output = load_spec(spec_path).output
     images = Path(output, "images")
@@ -292,7 +294,8 @@ def test_watchdog_names_stuck_actors_instead_of_hanging(tmp_path, tiny_models) -
         tmp_path,
         tiny_models["base"],
         12,
-        execution={"watchdog_seconds": 20, "commit_rows": 4},
+        # Well over an actor's start on a loaded machine (seen: still starting after 20 s).
+        execution={"watchdog_seconds": 45, "commit_rows": 4},
         steps=2,
     )
     proc = start_run(spec_path, fault="hang:item-005")
@@ -302,7 +305,7 @@ def test_watchdog_names_stuck_actors_instead_of_hanging(tmp_path, tiny_models) -
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 1
-    assert "no image finished in 20 s" in err
+    assert "no image finished in 45 s" in err
     assert "render actor" in err and "ALIVE" in err
     assert "Traceback" not in err
 
