@@ -102,9 +102,8 @@ def test_single_file_on_s3_is_downloaded_once_and_renders_the_same(
     log = [
         json.loads(line) for line in (cache / "models" / "downloads.log").read_text().splitlines()
     ]
+    # One download for the driver and the actor (a warm node's next job: test_model_sources).
     assert [entry["files"] for entry in log] == [1]
-    run_job(job("again", f"s3://{bucket}/sd/base.safetensors"))  # warm node: no download
-    assert len((cache / "models" / "downloads.log").read_text().splitlines()) == 1
 
 
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"

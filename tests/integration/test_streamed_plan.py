@@ -1,6 +1,6 @@
 """The streamed plan (Ray Data tasks over manifest fragments, held back by the PlanGate)
 renders the same bits as the plan the driver makes for a one-fragment manifest, and
-resumes exactly once."""
+resumes exactly once after a library caller's stop."""
 
 from __future__ import annotations
 
@@ -52,11 +52,14 @@ def test_streamed_plan_renders_like_the_driver_plan_and_resumes_exactly_once(
         if progress.done >= 12:
             stop.set()
 
+    # run_job(stop=...) as a library: commits, raises KeyboardInterrupt, keeps the caller's
+    # Ray (and releases this job's actors, so the resume gets the CPUs).
     with pytest.raises(KeyboardInterrupt):
         run_job(spec, on_progress=stop_early, stop=stop)
+    assert ray_session.is_initialized()
     partial = sha_by_item(spec.output)
     assert 12 <= len(partial) < 72
 
     resumed = run_job(spec)
-    assert resumed.skipped == len(partial) and resumed.done == 72 - len(partial)
+    assert (resumed.skipped, resumed.done, resumed.failed) == (len(partial), 72 - len(partial), 0)
     assert sha_by_item(spec.output) == sha_by_item(reference.output)
