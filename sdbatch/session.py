@@ -364,10 +364,17 @@ def end_execution(ds: Any) -> None:
 def stall_report(seconds: float) -> str:
     lines = [f"no image finished in {seconds:g} s (execution.watchdog_seconds); stopping."]
     try:
-        # GCS's actor table: works without the dashboard (which sdbatch leaves off).
+        # GCS's actor table: works without the dashboard (which sdbatch leaves off). This
+        # driver's actors only: a long-lived Ray also lists earlier jobs' (dead) actors.
+        import ray
         from ray._private.state import actors as actor_table
 
-        actors = [a for a in actor_table().values() if "Renderer" in a.get("ActorClassName", "")]
+        job = ray.get_runtime_context().get_job_id()
+        actors = [
+            a
+            for a in actor_table().values()
+            if "Renderer" in a.get("ActorClassName", "") and a.get("JobID") == job
+        ]
         for a in actors:
             host = a.get("Address", {}).get("IPAddress", "?")
             lines.append(
