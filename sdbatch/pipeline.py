@@ -187,7 +187,7 @@ class Stages:
     hashes: dict[str, str]  # checkpoint -> model_sha256
     placement: Placement
     gate: Any  # the streamed plan's PlanGate actor, or None
-    in_flight: Any  # the run's InFlight actor: which items each render actor has in hand
+    in_flight: str | None  # the run's InFlight key prefix: which items each actor has in hand
     # Render actors a pass starts with: all of them at first (so a small job's blocks
     # spread); after a loss, one, and the pool grows as capacity comes back.
     min_actors: int | None = None

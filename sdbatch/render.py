@@ -453,11 +453,12 @@ def _short(err: BaseException, limit: int = 500) -> str:
 class BlockRenderer(Renderer):
     """The job's render actor: each Ray Data row is one packed planned block (`stream`).
 
-    in_flight: the run's `stream.InFlight` actor, told which items this actor has in hand
-    (so an item that kills the process every time can be found and failed).
+    in_flight: the run's `stream.InFlight` key prefix, under which this actor records
+    which items it has in hand (so an item that kills the process every time can be found
+    and failed).
     """
 
-    def __init__(self, *, in_flight: Any = None, **kwargs: Any):
+    def __init__(self, *, in_flight: str | None = None, **kwargs: Any):
         super().__init__(**kwargs)
         self.in_flight = in_flight
         self.actor_id = ""
@@ -474,12 +475,12 @@ class BlockRenderer(Renderer):
     def _block(self, block: pa.Table) -> pa.Table:
         if self.in_flight is None:
             return pa.Table.from_pylist(self.render(block.to_pylist()))
-        import ray
+        from .stream import begin_block, end_block
 
         columns = [
             c for c in block.column_names if not pa.types.is_binary(block.schema.field(c).type)
         ]
-        ray.get(self.in_flight.begin.remote(self.actor_id, block.select(columns).to_pylist()))
+        begin_block(self.in_flight, self.actor_id, block.select(columns).to_pylist())
         out = pa.Table.from_pylist(self.render(block.to_pylist()))
-        self.in_flight.end.remote(self.actor_id)  # ordered before this actor's next begin
+        end_block(self.in_flight, self.actor_id)
         return out

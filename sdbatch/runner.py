@@ -137,6 +137,7 @@ class _Job:
     adapters: dict[str, Any] = field(init=False)
     progress: Progress | None = None
     record: dict[str, Any] = field(default_factory=dict)
+    in_flight: InFlight | None = None  # what the render actors hold (Ray's key-value store)
 
     def run(
         self,
@@ -167,7 +168,11 @@ class _Job:
             placement = place(self.spec, ray.cluster_resources())
             warm_stage_workers(STAGE_TASKS)
             self.check_stop()
-            parts = self._render_all(store, lease, placement, done, only)
+            try:
+                parts = self._render_all(store, lease, placement, done, only)
+            finally:
+                if self.in_flight is not None:
+                    self.in_flight.close()  # while this run's Ray is still up
         return self._finish(store, lease, placement, parts)
 
     @contextlib.contextmanager
@@ -241,8 +246,8 @@ class _Job:
             failed_keys=self.failed_here,
         )
         events = dict.fromkeys(output.RUN_EVENTS, 0)
-        in_flight = pipeline.on_head_node(InFlight) if plan is not None else None
-        stages = self._stages(placement, gate, in_flight)
+        in_flight = self.in_flight = InFlight(lease.run_id) if plan is not None else None
+        stages = self._stages(placement, gate, in_flight and in_flight.prefix)
         watch = LossWatch()
         while plan is not None:
             before = progress.done + progress.failed
@@ -265,7 +270,7 @@ class _Job:
                 plan, to_render, gate = pipeline.plan_stage(
                     spec, info, skip, left, self.models, placement.actors, alone
                 )
-                stages = self._stages(placement, gate, in_flight, min_actors=1)
+                stages = self._stages(placement, gate, in_flight.prefix, min_actors=1)
                 self.note(f"resumed after {what}: {to_render:,} item(s) left")
                 output.write_run_record(store, **self.record, events=events)
         if any(events.values()):  # actors Ray restarted within the last pass
@@ -273,7 +278,7 @@ class _Job:
         return committer.parts
 
     def _stages(
-        self, placement: Placement, gate: Any, in_flight: Any, min_actors: int | None = None
+        self, placement: Placement, gate: Any, in_flight: str | None, min_actors: int | None = None
     ) -> pipeline.Stages:
         return pipeline.Stages(
             self.models,
@@ -342,50 +347,35 @@ class _Job:
         return what
 
     def _tally(
-        self, watch: LossWatch, in_flight: Any, events: dict[str, int], committed: int
+        self, watch: LossWatch, in_flight: InFlight | None, events: dict[str, int], committed: int
     ) -> int:
         """After a pass: the items it handed to render actors without committing them
         (in hand on a lost node or actor, or rendered but not yet committed when the pass
         ended; a block Ray retried on a restarted actor): they render again. Nodes lost
         and actors restarted, from Ray's tables (a pass lost to a node that Ray does not
         list as dead yet still counts)."""
-        import ray
-
-        from .stream import call_actor
-
         events["nodes_lost"] = max(self.node_passes, watch.nodes_lost())
         restarts = watch.actor_restarts()
         if restarts is not None:
             events["actors_restarted"] = restarts
         if in_flight is None:
             return 0
-        try:
-            begun = call_actor(in_flight.tally)
-        except ray.exceptions.RayError:  # lost with its node: nothing to count this time
-            return 0
-        again = max(0, begun - committed)
+        again = max(0, in_flight.tally() - committed)
         events["items_rerendered"] += again
         return again
 
     def _crashes(
-        self, in_flight: Any, committer: Committer, events: dict[str, int]
+        self, in_flight: InFlight, committer: Committer, events: dict[str, int]
     ) -> list[tuple[str, int]]:
         """After a lost pass: items that killed their actor even when rendered alone get
         a failure row (an item is never the reason a job dies twice); items that were in
         hand at two deaths are rendered alone in the next pass to find out."""
-        import ray
-
-        from .stream import call_actor
-
-        try:
-            crashes = call_actor(in_flight.crashed)
-        except ray.exceptions.RayError:  # lost with its node: nothing to learn this time
-            return []
+        crashes = in_flight.crashed()
         dead = {key: entry for key, entry in crashes.items() if entry[1] >= 1}
         if dead:
             committer.add_rows(crash_failures(self.spec.name, dead))
             committer.flush()
-            call_actor(in_flight.forget, list(dead))
+            in_flight.forget(list(dead))
             events["items_failed_by_crashes"] += len(dead)
             # Counted as in flight by `_tally`, but they get a failure row, not a render.
             events["items_rerendered"] = max(0, events["items_rerendered"] - len(dead))

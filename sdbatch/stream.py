@@ -20,6 +20,8 @@ whose `skipped` says how many of its items were already done.
 from __future__ import annotations
 
 import io
+import pickle
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -154,50 +156,96 @@ class PlanGate:
             self.moved.notify_all()
 
 
+class RayKV:
+    """Ray's key-value store in the GCS (where Ray's own libraries keep small shared
+    state): the driver and every actor on every node reach it, and it needs no process of
+    its own. Keys live under the `sdbatch` namespace."""
+
+    NAMESPACE = "sdbatch"
+
+    def get(self, key: str) -> bytes | None:
+        from ray.experimental.internal_kv import _internal_kv_get
+
+        return _internal_kv_get(key, namespace=self.NAMESPACE)
+
+    def put(self, key: str, value: bytes) -> None:
+        from ray.experimental.internal_kv import _internal_kv_put
+
+        _internal_kv_put(key, value, overwrite=True, namespace=self.NAMESPACE)
+
+    def delete(self, key: str, *, prefix: bool = False) -> None:
+        from ray.experimental.internal_kv import _internal_kv_del
+
+        _internal_kv_del(key, del_by_prefix=prefix, namespace=self.NAMESPACE)
+
+    def keys(self, prefix: str) -> list[str]:
+        from ray.experimental.internal_kv import _internal_kv_list
+
+        return sorted(k.decode() for k in _internal_kv_list(prefix, namespace=self.NAMESPACE))
+
+
+def begin_block(prefix: str, actor: str, items: list[dict[str, Any]], kv: Any = None) -> None:
+    """A render actor takes a block (`InFlight`). A block of this actor still open means
+    the previous one never ended: it died with the process (Ray restarts an actor under
+    the same id), so it is kept as a dead block."""
+    kv = kv or RayKV()
+    held = kv.get(f"{prefix}open/{actor}")
+    if held is not None:
+        kv.put(f"{prefix}dead/{actor}/{uuid.uuid4().hex}", held)
+    kv.put(f"{prefix}open/{actor}", pickle.dumps(items))
+    begun = kv.get(f"{prefix}begun/{actor}")  # this actor id is its only writer
+    kv.put(f"{prefix}begun/{actor}", str(int(begun or 0) + len(items)).encode())
+
+
+def end_block(prefix: str, actor: str, kv: Any = None) -> None:
+    """The render actor's block is done (its rows go back to the driver)."""
+    (kv or RayKV()).delete(f"{prefix}open/{actor}")
+
+
 class InFlight:
     """Which items each render actor has in hand, and how often items were in hand when
-    their actor's process died (a Ray actor; one per run).
+    their actor's process died (one per run, in the driver).
 
-    A render actor calls `begin` before each block and `end` after it. A `begin` from an
-    actor whose previous block never ended means that block died with the process (Ray
-    restarts an actor under the same id); `crashed`, called by the driver when a pass was
-    lost, counts the blocks still open then as well. An item that keeps killing its
-    actor is found this way, rendered alone, and then failed (`runner`).
+    A render actor calls `begin_block` before each block and `end_block` after it; both
+    write to Ray's key-value store under this run's `prefix` (no actor of its own: one
+    process less per job). `crashed`, called by the driver when a pass was lost, counts
+    the blocks that died with their actor, and those still open then. An item that keeps
+    killing its actor is found this way, rendered alone, and then failed (`runner`).
 
     It also counts the items handed to render actors between two `tally` calls (one per
     pass): what a pass handed out and did not commit was rendered for nothing and renders
     again.
     """
 
-    def __init__(self) -> None:
-        self.open: dict[str, list[dict[str, Any]]] = {}
+    def __init__(self, run_id: str, kv: Any = None) -> None:
+        self.prefix = f"in-flight/{run_id}/"
+        self.kv = kv or RayKV()
         # (id, image_index) -> [crashes, crashes while alone in its block, the item]
         self.crashes: dict[tuple[str, int], list[Any]] = {}
-        self.begun = 0
-
-    def begin(self, actor: str, items: list[dict[str, Any]]) -> None:
-        if actor in self.open:
-            self._count(self.open[actor])
-        self.open[actor] = items
-        self.begun += len(items)
+        self.counted = 0  # items begun up to the last tally
 
     def tally(self) -> int:
         """Items begun since the last call."""
-        begun, self.begun = self.begun, 0
-        return begun
-
-    def end(self, actor: str) -> None:
-        self.open.pop(actor, None)
+        keys = self.kv.keys(f"{self.prefix}begun/")
+        begun = sum(int(self.kv.get(key) or 0) for key in keys)
+        since, self.counted = begun - self.counted, begun
+        return since
 
     def crashed(self) -> dict[tuple[str, int], list[Any]]:
-        for items in self.open.values():
-            self._count(items)
-        self.open.clear()
+        for key in self.kv.keys(f"{self.prefix}dead/") + self.kv.keys(f"{self.prefix}open/"):
+            held = self.kv.get(key)
+            if held is not None:
+                self._count(pickle.loads(held))
+            self.kv.delete(key)
         return self.crashes
 
     def forget(self, keys: list[tuple[str, int]]) -> None:
         for key in keys:
             self.crashes.pop(key, None)
+
+    def close(self) -> None:
+        """Drop this run's keys (the run is over)."""
+        self.kv.delete(self.prefix, prefix=True)
 
     def _count(self, items: list[dict[str, Any]]) -> None:
         for item in items:

@@ -263,22 +263,50 @@ def test_the_first_block_comes_before_the_fragment_is_expanded(tmp_path) -> None
     assert large < 1.5 * small + 200_000, (small, large)
 
 
+class DictKV:
+    """Ray's key-value store as a dict (`stream.RayKV`'s four calls), for tests without
+    Ray; the jobs in tests/integration use the real one."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, bytes] = {}
+
+    def get(self, key: str) -> bytes | None:
+        return self.data.get(key)
+
+    def put(self, key: str, value: bytes) -> None:
+        self.data[key] = value
+
+    def delete(self, key: str, *, prefix: bool = False) -> None:
+        for k in [k for k in self.data if k == key or (prefix and k.startswith(key))]:
+            del self.data[k]
+
+    def keys(self, prefix: str) -> list[str]:
+        return sorted(k for k in self.data if k.startswith(prefix))
+
+
 def test_in_flight_counts_what_each_pass_handed_out() -> None:
     """A pass hands out 4 blocks; actor a dies with its block and Ray restarts it (the
     same id begins again), b's second block is in hand when the pass is lost. The driver commits
     4 of the 7 items handed out: 3 render again (`runner._tally`)."""
-    from sdbatch.stream import InFlight
+    from sdbatch.stream import InFlight, begin_block, end_block
 
     def items(*ids: str) -> list[dict]:
         return [{"id": i, "image_index": 0} for i in ids]
 
-    in_flight = InFlight()
-    in_flight.begin("a", items("x1", "x2"))
-    in_flight.begin("b", items("y1", "y2"))
-    in_flight.end("b")
-    in_flight.begin("a", items("x1", "x2"))  # a's process died: Ray retried its block
-    in_flight.end("a")
-    in_flight.begin("b", items("z1"))  # in hand when the node goes
+    kv = DictKV()
+    in_flight = InFlight("run-1", kv)
+    other_run = InFlight("run-2", kv)  # another run on the same Ray: its own keys
+    begin_block(other_run.prefix, "a", items("q1"), kv)
+
+    def begin(actor: str, block: list[dict]) -> None:
+        begin_block(in_flight.prefix, actor, block, kv)
+
+    begin("a", items("x1", "x2"))
+    begin("b", items("y1", "y2"))
+    end_block(in_flight.prefix, "b", kv)
+    begin("a", items("x1", "x2"))  # a's process died: Ray retried its block
+    end_block(in_flight.prefix, "a", kv)
+    begin("b", items("z1"))  # in hand when the node goes
     begun = in_flight.tally()
     assert begun == 7
     assert max(0, begun - 4) == 3  # x1, x2 once more; z1
@@ -289,3 +317,8 @@ def test_in_flight_counts_what_each_pass_handed_out() -> None:
         ("z1", 0): [1, 1],
     }
     assert in_flight.tally() == 0  # per pass
+    assert in_flight.crashed() == crashes  # counted once
+    in_flight.forget([("z1", 0)])
+    assert set(in_flight.crashed()) == {("x1", 0), ("x2", 0)}
+    in_flight.close()  # the run is over: its keys go, the other run's stay
+    assert kv.keys("") == kv.keys(other_run.prefix) != []
