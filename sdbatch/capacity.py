@@ -8,6 +8,7 @@ without an error reaching the driver) and how long no render actor has been aliv
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections import Counter
@@ -38,6 +39,7 @@ class LossWatch:
         self.nodes_lost()
         self.alive_at: float | None = None  # a render actor last known alive
         self.checked = 0.0
+        self.nodes_checked = time.monotonic()  # nodes_lost() just now
 
     def new_pass(self) -> None:
         """A pass starts its own actors (Ray Data waits for them to start)."""
@@ -46,6 +48,17 @@ class LossWatch:
     def progress(self) -> None:
         """Rows arrived: a render actor was alive."""
         self.alive_at = time.monotonic()
+        self._look_at_nodes()
+
+    def _look_at_nodes(self) -> None:
+        """Nodes alive now join those seen, at most every CHECK_SECONDS while the run goes
+        on: a replacement node that joins and is lost within one pass counts as lost too
+        (seen undercounted: two nodes lost, one recorded)."""
+        now = time.monotonic()
+        if now - self.nodes_checked >= self.CHECK_SECONDS:
+            self.nodes_checked = now
+            with contextlib.suppress(Exception):  # a count, never the reason a run fails
+                self.nodes_lost()
 
     def none_alive_for(self) -> float:
         """Seconds this pass's render actors have all been waiting for a place (none
@@ -53,6 +66,7 @@ class LossWatch:
         to 2 × CHECK_SECONDS (what the table's sampling leaves open). Actors Ray Data
         ended (dead: their work is done) are not waiting."""
         now = time.monotonic()
+        self._look_at_nodes()
         if now - self.checked >= self.CHECK_SECONDS:
             self.checked = now
             states = self._render_actors()
