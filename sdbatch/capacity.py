@@ -12,6 +12,7 @@ import contextlib
 import re
 import time
 from collections import Counter
+from typing import Any
 
 from .session import CPU_STAGE_CPUS, STAGE_TASKS, Placement
 from .spec import JobSpec
@@ -37,6 +38,10 @@ class LossWatch:
     def __init__(self) -> None:
         self.seen: set[str] = set()
         self.nodes_lost()
+        # Render actors of this driver's earlier runs (a library caller, a test session):
+        # dead, and not this run's.
+        self.earlier: set[str] = set()
+        self.earlier = {a["ActorID"] for a in self.render_actors() or []}
         self.alive_at: float | None = None  # a render actor last known alive
         self.checked = 0.0
         self.nodes_checked = time.monotonic()  # nodes_lost() just now
@@ -89,21 +94,31 @@ class LossWatch:
         states = self._render_actors()
         return None if states is None else states["restarts"]
 
-    def _render_actors(self) -> Counter[str] | None:
-        """This job's render actors per state, and their "restarts"; None when Ray's
-        actor table cannot be read (a private API)."""
+    def render_actors(self) -> list[dict[str, Any]] | None:
+        """This run's render actors as GCS's actor table lists them (works without the
+        dashboard, which sdbatch leaves off): this driver's, less its earlier runs'. None
+        when the table cannot be read (a private API)."""
         import ray
 
         try:
             from ray._private.state import actors as actor_table
 
             job = ray.get_runtime_context().get_job_id()
-            mine = [
+            return [
                 a
                 for a in actor_table().values()
-                if a.get("JobID") == job and "BlockRenderer" in a.get("ActorClassName", "")
+                if a.get("JobID") == job
+                and "BlockRenderer" in a.get("ActorClassName", "")
+                and a["ActorID"] not in self.earlier
             ]
-        except Exception:  # noqa: BLE001 - a count, never the reason a run fails
+        except Exception:  # noqa: BLE001 - a report, never the reason a run fails
+            return None
+
+    def _render_actors(self) -> Counter[str] | None:
+        """This run's render actors per state, and their "restarts"; None when Ray's
+        actor table cannot be read."""
+        mine = self.render_actors()
+        if mine is None:
             return None
         states = Counter(str(a.get("State")) for a in mine)
         states["restarts"] = sum(int(a.get("NumRestarts") or 0) for a in mine)

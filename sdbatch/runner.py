@@ -475,7 +475,7 @@ class _Job:
             watchdog_seconds=execution.watchdog_seconds,
             on_idle=on_idle,
             check_stop=self.check_stop,
-            stall_report=stall_report,
+            stall_report=lambda seconds: stall_report(seconds, watch.render_actors()),
             on_abandon=lambda: end_execution(ds),
         )
         try:

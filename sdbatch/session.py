@@ -361,33 +361,23 @@ def end_execution(ds: Any) -> None:
             executor.shutdown(force=True)
 
 
-def stall_report(seconds: float) -> str:
+def stall_report(seconds: float, actors: list[dict[str, Any]] | None) -> str:
+    """The watchdog's message: `actors` are the run's render actors as GCS's actor table
+    lists them (`capacity.LossWatch.render_actors`; None when it could not be read)."""
     lines = [f"no image finished in {seconds:g} s (execution.watchdog_seconds); stopping."]
-    try:
-        # GCS's actor table: works without the dashboard (which sdbatch leaves off). This
-        # driver's actors only: a long-lived Ray also lists earlier jobs' (dead) actors.
-        import ray
-        from ray._private.state import actors as actor_table
-
-        job = ray.get_runtime_context().get_job_id()
-        actors = [
-            a
-            for a in actor_table().values()
-            if "Renderer" in a.get("ActorClassName", "") and a.get("JobID") == job
-        ]
-        for a in actors:
-            host = a.get("Address", {}).get("IPAddress", "?")
-            lines.append(
-                f"  render actor {a['ActorID'][:12]} pid {a.get('Pid')} on {host}: {a['State']}"
-                f" ({a.get('NumRestarts', 0)} restarts)"
-            )
-        alive = [a for a in actors if a["State"] == "ALIVE"]
-        if alive:
-            lines.append(
-                f"  {len(alive)} actor(s) alive but not finishing: stuck in a pipeline call "
-                "(hung GPU/driver, deadlock) or starved of CPU."
-            )
-    except Exception as err:  # noqa: BLE001 - the report must not hide the stall
-        lines.append(f"  (could not list actors: {err})")
+    if actors is None:
+        lines.append("  (could not list the render actors)")
+    for a in actors or []:
+        host = a.get("Address", {}).get("IPAddress", "?")
+        lines.append(
+            f"  render actor {a['ActorID'][:12]} pid {a.get('Pid')} on {host}: {a['State']}"
+            f" ({a.get('NumRestarts', 0)} restarts)"
+        )
+    alive = [a for a in actors or [] if a["State"] == "ALIVE"]
+    if alive:
+        lines.append(
+            f"  {len(alive)} actor(s) alive but not finishing: stuck in a pipeline call "
+            "(hung GPU/driver, deadlock) or starved of CPU."
+        )
     lines.append("Committed images are kept; the same command resumes.")
     return "\n".join(lines)

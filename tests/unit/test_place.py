@@ -77,6 +77,7 @@ def test_loss_watch_tells_actors_waiting_for_a_node_from_finished_ones(monkeypat
     clock = [100.0]
     monkeypatch.setattr(capacity.time, "monotonic", lambda: clock[0])
     monkeypatch.setattr(capacity.LossWatch, "nodes_lost", lambda self: 0)
+    monkeypatch.setattr(capacity.LossWatch, "render_actors", lambda self: [])
     table: list = [Counter(ALIVE=2)]
     monkeypatch.setattr(capacity.LossWatch, "_render_actors", lambda self: table[0])
     watch = capacity.LossWatch()
