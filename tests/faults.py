@@ -12,7 +12,9 @@ value, fault and all, so nothing has to be set in their environment.
 FAULT is one of:
 `crash:ID:MARKER` kills the actor process at item ID once (MARKER is a file created on
 the first crash), `crashloop:ID` kills it every time, `hang:ID` blocks forever,
-`raise:ID` makes every pipeline call that contains ID raise (as a CUDA OOM would).
+`raise:ID` makes every pipeline call that contains ID raise (as a CUDA OOM would),
+`pace:SECONDS` makes every block take at least that long (a slow GPU: a job that lasts,
+without the CPU that more steps would cost).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-KINDS = ("crash", "crashloop", "hang", "raise")
+KINDS = ("crash", "crashloop", "hang", "raise", "pace")
 
 
 def faulty_renderer(fault: str) -> type:
@@ -39,7 +41,9 @@ def faulty_renderer(fault: str) -> type:
     # fault it closes over.
     class FaultyBlockRenderer(BlockRenderer):
         def render(self, items: list[dict[str, Any]], position: int | None = None) -> Any:
-            if kind != "raise" and any(item["id"] == target for item in items):
+            if kind == "pace":
+                time.sleep(float(target))
+            elif kind != "raise" and any(item["id"] == target for item in items):
                 if kind == "crash" and marker and not os.path.exists(marker):
                     open(marker, "w").close()
                     os._exit(17)

@@ -72,16 +72,17 @@ def test_driver_killed_twice_the_documented_restart_loop_resumes_exactly_once(
     env = isolated_env()  # its RAY_TMPDIR is where `--address auto` finds this head
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    shim = bin_dir / "sdbatch"  # the `sdbatch` the loop calls: this checkout's
-    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m sdbatch.cli "$@"\n')
+    # The `sdbatch` the loop calls: this checkout's, each block taking at least 0.2 s, so
+    # a run lasts long enough for a kill to land mid-job even when this process is
+    # starved for seconds (seen unpaced: the second run committed all 200 first).
+    shim = bin_dir / "sdbatch"
+    shim.write_text(f'#!/bin/sh\nexec {sys.executable} -m tests.faults pace:0.2 "$@"\n')
     shim.chmod(0o755)
     env["PATH"] = f"{bin_dir}:{env['PATH']}"
     total = 200
-    # 6 steps: a run takes long enough that a kill lands mid-job even when this process
-    # is starved for seconds (seen at 2 steps: the second run committed all 200 first).
-    spec_path = write_job(tmp_path, tiny_models["base"], total, steps=6, execution=COMMIT_OFTEN)
+    spec_path = write_job(tmp_path, tiny_models["base"], total, steps=2, execution=COMMIT_OFTEN)
     reference = write_job(
-        tmp_path, tiny_models["base"], total, name="reference", steps=6, execution=COMMIT_OFTEN
+        tmp_path, tiny_models["base"], total, name="reference", steps=2, execution=COMMIT_OFTEN
     )
     output = load_spec(spec_path).output
     images = Path(output, "images")
@@ -114,7 +115,7 @@ def test_driver_killed_twice_the_documented_restart_loop_resumes_exactly_once(
         out, err = loop.communicate(timeout=240)
         # The run never killed, for comparison, on the same head.
         plain = subprocess.run(
-            [str(shim), "run", str(reference), "--address", "auto", "--progress", "none"],
+            [*SDBATCH, "run", str(reference), "--address", "auto", "--progress", "none"],
             capture_output=True, text=True, env=env, timeout=240,
         )  # fmt: skip
         assert plain.returncode == 0, plain.stderr[-3000:]
