@@ -114,6 +114,19 @@ class LossWatch:
         except Exception:  # noqa: BLE001 - a report, never the reason a run fails
             return None
 
+    def end_render_actors(self) -> None:
+        """Kill this run's render actors that are not dead yet, as `ray.kill` does (by id:
+        Ray Data holds their handles). For a run that stops on a Ray it does not own:
+        Ray Data's own forced shutdown has left one alive that was hung inside a pipeline
+        call (seen once in the suite), holding its CPU or GPU from the caller's next job."""
+        import ray
+        from ray._private.worker import global_worker
+
+        for a in self.render_actors() or []:
+            if a.get("State") != "DEAD":
+                with contextlib.suppress(Exception):  # gone meanwhile; a private API
+                    global_worker.core_worker.kill_actor(ray.ActorID.from_hex(a["ActorID"]), True)
+
     def _render_actors(self) -> Counter[str] | None:
         """This run's render actors per state, and their "restarts"; None when Ray's
         actor table cannot be read."""

@@ -470,13 +470,17 @@ class _Job:
                     f"(up to {execution.capacity_wait_seconds:g} s)"
                 )
 
+        def abandon(ds: Any, watch: LossWatch) -> None:
+            end_execution(ds)
+            watch.end_render_actors()  # any Ray Data's shutdown left (a hung one)
+
         batches = watched(
             lambda: ds.iter_batches(batch_format="pyarrow", batch_size=None),
             watchdog_seconds=execution.watchdog_seconds,
             on_idle=on_idle,
             check_stop=self.check_stop,
             stall_report=lambda seconds: stall_report(seconds, watch.render_actors()),
-            on_abandon=lambda: end_execution(ds),
+            on_abandon=lambda: abandon(ds, watch),
         )
         try:
             for batch in batches:
