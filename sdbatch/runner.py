@@ -470,7 +470,7 @@ class _Job:
                     f"(up to {execution.capacity_wait_seconds:g} s)"
                 )
 
-        def abandon(ds: Any, watch: LossWatch) -> None:
+        def abandon() -> None:
             end_execution(ds)
             watch.end_render_actors()  # any Ray Data's shutdown left (a hung one)
 
@@ -480,7 +480,7 @@ class _Job:
             on_idle=on_idle,
             check_stop=self.check_stop,
             stall_report=lambda seconds: stall_report(seconds, watch.render_actors()),
-            on_abandon=lambda: abandon(ds, watch),
+            on_abandon=abandon,
         )
         try:
             for batch in batches:

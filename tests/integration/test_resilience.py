@@ -203,9 +203,9 @@ def test_an_item_that_kills_its_actor_every_time_is_one_failure_row(
         == 1
     )
     # What the actors held was kept in Ray's key-value store; the ended run left none of it.
-    from ray.experimental.internal_kv import _internal_kv_list
+    from sdbatch.stream import RayKV
 
-    assert _internal_kv_list("in-flight/", namespace="sdbatch") == []
+    assert RayKV().keys("in-flight/") == []
 
 
 def test_render_actor_crashing_mid_batch_then_sigkilled_twice_the_job_completes(
