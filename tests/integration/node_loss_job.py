@@ -5,8 +5,9 @@ Head (1 CPU: the driver and the CPU stages) + one render node (2 CPUs, the
 `render_node` resource both actors need). After REPLACED images are stored, the render
 node is removed without warning and a new one joins 3 s later (the run carries on); after
 GONE images, that one is removed too and none comes back (the run stops after
-execution.capacity_wait_seconds). Then a render node joins and the same job runs again on
-the same cluster: its counts are the report's "resumed".
+execution.capacity_wait_seconds). Then two render nodes of one CPU each join and the same
+job runs again on the same cluster, an actor on each (a multi-node run): its counts are the
+report's "resumed", the nodes its items were rendered on "resumed_on".
 
 Used by test_node_loss.py in a subprocess, so its Ray cluster never meets the test
 session's own. Usage: python node_loss_job.py JOB.yaml REPLACED GONE
@@ -31,11 +32,20 @@ HEALTH_CHECKS = {
     "health_check_failure_threshold": 3,
 }
 RENDER_NODE = {"num_cpus": 2, "resources": {"render_node": 2}}
+HALF_NODE = {"num_cpus": 1, "resources": {"render_node": 1}}  # room for one actor
 
 
 def stored(output: str) -> int:
     images = Path(output, "images")
     return len(list(images.glob("*/*.png"))) if images.exists() else 0
+
+
+def rows(output: str) -> dict[tuple[str, int], str]:
+    """{(id, image_index): the node id (12 hex) its metadata's worker names} per item."""
+    meta = read_metadata(output).to_pandas()
+    nodes = meta["worker"].str.split(":").str[1]
+    keys = zip(meta["id"], meta["image_index"].astype(int), strict=True)
+    return dict(zip(keys, nodes, strict=True))
 
 
 def main(spec_path: str, replaced: int, gone: int) -> None:
@@ -81,11 +91,19 @@ def main(spec_path: str, replaced: int, gone: int) -> None:
             "success": Path(spec.output, "_SUCCESS").exists(),
         }
     )
-    # The same command, once the cluster has its render node again.
-    cluster.add_node(**RENDER_NODE)
+    # The same command, once the cluster has render nodes again: two, one actor each.
+    committed = set(rows(spec.output))
+    fresh = [cluster.add_node(**HALF_NODE) for _ in range(2)]
     cluster.wait_for_nodes()
     again = run_job(spec, address=cluster.address)
     report.update(resumed={"done": again.done, "skipped": again.skipped, "failed": again.failed})
+    report.update(
+        head=cluster.head_node.node_id,
+        fresh=[n.node_id for n in fresh],
+        resumed_on=sorted(
+            {node for key, node in rows(spec.output).items() if key not in committed}
+        ),
+    )
     import ray
 
     ray.shutdown()  # disconnect first: Cluster refuses to remove the driver's node

@@ -1,7 +1,8 @@
-"""Spot preemption: the render node is lost mid-job (issue 15). With a replacement the
-run carries on; without one it stops after capacity_wait_seconds with a clear message
-and the same command resumes. Every item exactly once, the same bits as a run that lost
-nothing. One cluster lives through both (a cluster and its job's start-up cost as much
+"""A job on a multi-node cluster, and spot preemption: the render node is lost mid-job
+(issue 15). With a replacement the run carries on; without one it stops after
+capacity_wait_seconds with a clear message and the same command resumes on two nodes, an
+actor on each. Every item exactly once, the same bits as a one-node run that lost
+nothing. One cluster lives through it all (a cluster and its job's start-up cost as much
 as the rest of the scenario)."""
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def on_cluster(spec: Path, *args: str) -> dict:
     return json.loads(line.removeprefix("RESULT "))
 
 
-def test_render_node_lost_then_replaced_then_lost_for_good_then_resumed(
+def test_render_node_lost_then_replaced_then_lost_for_good_then_resumed_on_two_nodes(
     tmp_path, tiny_models, cluster_reference
 ) -> None:
     # Long enough for actors to start on a loaded machine: it applies at the start and
@@ -66,5 +67,8 @@ def test_render_node_lost_then_replaced_then_lost_for_good_then_resumed(
     resumed = report["resumed"]
     assert resumed["skipped"] == stopped["committed"], report
     assert resumed["done"] == ITEMS - stopped["committed"] and resumed["failed"] == 0, report
+    # The resume spread over both new nodes (the render_node resource keeps actors off the
+    # head), its blocks sent to an actor on another node than the driver and written back.
+    assert report["resumed_on"] == sorted(n[:12] for n in report["fresh"]), report
     assert sha_by_item(output) == cluster_reference
     assert Path(output, "_SUCCESS").is_file()
