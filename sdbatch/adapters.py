@@ -123,13 +123,14 @@ def resolve(uri: str, storage: dict[str, Any] | None = None) -> Path:
     `save_lora_weights` output, or one holding a single .safetensors); an `s3://` file
     or a prefix holding `LORA_FILE` (copied once per node into the model cache); or a
     hub id (its HF cache snapshot, a folder as above)."""
+    from . import hub
     from .modelcache import is_remote, local_file
 
     if is_remote(uri):
         # A prefix is a diffusers LoRA folder: its one file is what is loaded.
         file = uri if uri.endswith(SAFETENSORS) else f"{uri.rstrip('/')}/{LORA_FILE}"
         path = local_file(file, storage)
-    elif _is_hub_id(uri):
+    elif hub.is_hub_id(uri):
         path = _hub_snapshot(uri)
     else:
         path = Path(uri)
@@ -154,27 +155,13 @@ def resolve(uri: str, storage: dict[str, Any] | None = None) -> Path:
     return path
 
 
-def _is_hub_id(uri: str) -> bool:
-    from . import hub
-    from .modelcache import is_remote
-
-    if is_remote(uri) or uri.startswith((".", "/")) or Path(uri).exists():
-        return False
-    return hub.split(uri) is not None
-
-
 def pin(uri: str) -> str:
     """A hub id (`org/name`, `org/name@branch`) as `org/name@<commit>`, the snapshot it
     resolves to now (so a rerun loads the same files after the branch moved); any other
     source as it is (its file's sha256 pins it)."""
     from . import hub
 
-    if not _is_hub_id(uri):
-        return uri
-    parts = hub.split(uri)
-    assert parts is not None
-    commit = _hub_snapshot(uri).name
-    return f"{parts[0]}@{commit}" if hub.is_commit(commit) else uri
+    return hub.at_commit(uri, _hub_snapshot(uri)) if hub.is_hub_id(uri) else uri
 
 
 def _hub_snapshot(uri: str) -> Path:

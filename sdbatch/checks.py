@@ -169,11 +169,7 @@ def pin_hub_models(spec: JobSpec) -> JobSpec:
         spec = spec.model_copy(update=adapters)
 
     def pinned(value: str) -> str:
-        if value.startswith("s3://") or Path(value).exists():
-            return value
-        if not hub.split(value) and not hub.split_file(value):
-            return value
-        return hub.pin(value)
+        return hub.pin(value) if hub.is_hub_id(value) or hub.split_file(value) else value
 
     fields = {k: v for k, v in spec.models.model_dump().items() if isinstance(v, str)}
     changed: dict[str, Any] = {k: p for k, v in fields.items() if (p := pinned(v)) != v}

@@ -18,6 +18,7 @@ import re
 from pathlib import Path
 
 from .errors import UserError
+from .modelcache import is_remote
 from .singlefile import is_single_file
 from .weights import choose_files, components_of, is_weights
 
@@ -34,6 +35,21 @@ def split(ref: str) -> tuple[str, str | None] | None:
     """(repo id, revision or None) if `ref` is spelled as a hub id, else None."""
     m = _HUB_ID.match(ref)
     return (m["repo"], m["rev"]) if m else None
+
+
+def is_hub_id(ref: str) -> bool:
+    """`ref` names a hub repository (`org/name`, `org/name@rev`), not a local path or an
+    `s3://` prefix: spelled as a hub id, and no such path exists (a folder that exists
+    wins over a hub id of the same spelling, as in `from_pretrained`)."""
+    return not is_remote(ref) and split(ref) is not None and not Path(ref).exists()
+
+
+def at_commit(ref: str, snapshot: Path) -> str:
+    """Hub id `ref` as `org/name@<commit>`, the commit its snapshot folder is named by
+    (`ref` itself where the folder is not named by a commit)."""
+    parts = split(ref)
+    assert parts is not None, ref
+    return f"{parts[0]}@{snapshot.name}" if is_commit(snapshot.name) else ref
 
 
 def offline() -> bool:
@@ -126,12 +142,7 @@ def pin(ref: str) -> str:
         path = resolve_file(ref)
         commit = path.parents[len(Path(name).parts) - 1].name
         return f"{repo}@{commit}/{name}" if is_commit(commit) else ref
-    parts = split(ref)
-    if parts is None:
-        return ref
-    repo, _ = parts
-    commit = resolve(ref).name
-    return f"{repo}@{commit}" if is_commit(commit) else ref
+    return at_commit(ref, resolve(ref)) if is_hub_id(ref) else ref
 
 
 # A single-file checkpoint in a hub repository, as users copy it: the file's page or

@@ -80,7 +80,7 @@ def _controlnet_file(ref: str, config: str | None) -> tuple[Path, Path]:
     layout_ref = config or CONTROLNET_LAYOUT
     source = "models.config.depth_controlnet" if config else "the default layout"
     try:
-        if hub.split(layout_ref) and not Path(layout_ref).exists():
+        if hub.is_hub_id(layout_ref):
             hub.resolve(layout_ref, skip_weights_of=("",))  # its config; the file has the weights
         layout = resolve_checkpoint(layout_ref, marker="config.json")
         layout_config = read_json(layout / "config.json", layout_ref)

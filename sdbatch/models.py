@@ -140,8 +140,7 @@ def resolve_checkpoint(ref: str, marker: str = "model_index.json") -> Path:
             raise UserError(f"model {ref}: no {marker} under this prefix")
         return path
     path = Path(ref)
-    # A folder that exists wins over a hub id of the same spelling, as in from_pretrained.
-    if path.is_absolute() or ref.startswith(".") or path.is_dir():
+    if not hub.is_hub_id(ref):
         if not path.exists():
             raise UserError(f"model {ref}: folder not found")
         if not (path / marker).is_file():
@@ -235,7 +234,7 @@ def _inspect_file(ref: str, config: str | None) -> Checkpoint:
             "(a diffusers folder or hub id of the same architecture)"
         )
     try:
-        if hub.split(layout_ref) and not Path(layout_ref).exists():
+        if hub.is_hub_id(layout_ref):
             hub.resolve(
                 layout_ref, skip_weights_of=info.components
             )  # only its configs when downloaded: the file holds these weights

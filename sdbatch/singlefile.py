@@ -17,6 +17,7 @@ import json
 import re
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from .errors import UserError
@@ -72,13 +73,23 @@ class FileInfo:
 
 
 def tensor_shapes(path: Path) -> dict[str, list[int]]:
-    """Tensor name → shape, from the safetensors header (a few kB read, no torch)."""
+    """Tensor name → shape, from the safetensors header (a few kB read, no torch); read
+    once per file content (path, size, mtime) however many checks ask."""
     try:
-        with path.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > 100_000_000:
-                raise ValueError(f"header of {size} bytes")
-            header = json.loads(f.read(size))
+        stat = path.stat()
+    except OSError as err:
+        raise UserError(f"not a readable .safetensors file ({err})") from None
+    return dict(_header_shapes(str(path), stat.st_size, stat.st_mtime_ns))
+
+
+@lru_cache(maxsize=64)
+def _header_shapes(path: str, size: int, mtime_ns: int) -> dict[str, list[int]]:
+    try:
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            if length > 100_000_000:
+                raise ValueError(f"header of {length} bytes")
+            header = json.loads(f.read(length))
     except (OSError, ValueError, struct.error) as err:
         raise UserError(f"not a readable .safetensors file ({err})") from None
     if not isinstance(header, dict):

@@ -24,10 +24,28 @@ def test_relative_folder_that_exists_is_local_even_if_it_looks_like_a_hub_id(
     assert resolve_checkpoint("org/model") == Path("org/model")
 
 
-def test_missing_folder_is_named(tmp_path) -> None:
+def test_missing_folder_is_named(tmp_path, monkeypatch) -> None:
     ref = str(tmp_path / "nope")
     with pytest.raises(UserError, match="nope: folder not found"):
         resolve_checkpoint(ref)
+    monkeypatch.chdir(tmp_path)  # relative, and not spelled as a hub id: still a folder
+    with pytest.raises(UserError, match="models/tiny/base: folder not found"):
+        resolve_checkpoint("models/tiny/base")
+
+
+def test_one_rule_says_what_a_hub_id_is(tmp_path, monkeypatch) -> None:
+    """Models, layouts, LoRAs, embeddings and pinning all ask `hub.is_hub_id`."""
+    from sdbatch.hub import at_commit, is_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here" / "model").mkdir(parents=True)
+    for ref in ("org/name", "org/name@main", "org/name@v1.0", "Org-1/name.v2_x"):
+        assert is_hub_id(ref), ref
+    for ref in ("here/model", "./org/name", "/org/name", "s3://org/name", "a/b/c", "name"):
+        assert not is_hub_id(ref), ref
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    assert at_commit("org/name@main", Path("snapshots", commit)) == f"org/name@{commit}"
+    assert at_commit("org/name", Path("not-a-commit")) == "org/name"
 
 
 def test_folder_without_model_index_says_what_it_is(tmp_path) -> None:
