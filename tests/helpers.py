@@ -143,8 +143,8 @@ CLUSTER_ITEMS = 160
 
 
 def cluster_job(tmp_path: Path, model: Path, name: str, **execution) -> Path:
-    """The job the multi-node and node-loss tests run on a local cluster: two actors
-    that need the `render_node` resource (so none lands on the head)."""
+    """The job the node-loss scenario (a multi-node run included) runs on a local
+    cluster: two actors that need the `render_node` resource (so none lands on the head)."""
     return write_job(
         tmp_path,
         model,

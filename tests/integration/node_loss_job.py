@@ -98,7 +98,6 @@ def main(spec_path: str, replaced: int, gone: int) -> None:
     again = run_job(spec, address=cluster.address)
     report.update(resumed={"done": again.done, "skipped": again.skipped, "failed": again.failed})
     report.update(
-        head=cluster.head_node.node_id,
         fresh=[n.node_id for n in fresh],
         resumed_on=sorted(
             {node for key, node in rows(spec.output).items() if key not in committed}
