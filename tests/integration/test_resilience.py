@@ -438,8 +438,8 @@ def test_ctrl_c_stops_cleanly_keeping_what_it_committed(tmp_path, tiny_models) -
     # Its own Ray temp dir, where every Ray session it starts shows (short: Ray's socket
     # paths must stay under 108 bytes).
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
-    ray_env = {**os.environ, "RAY_TMPDIR": str(ray_tmp)}
-    proc = start_run(spec_path, ray_env, fault="hang:item-039")
+    ray_tmpdir = {"RAY_TMPDIR": str(ray_tmp)}
+    proc = start_run(spec_path, ray_tmpdir, fault="hang:item-039")
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not lease.exists():
         assert proc.poll() is None, proc.stderr.read()[-2000:]
@@ -447,7 +447,7 @@ def test_ctrl_c_stops_cleanly_keeping_what_it_committed(tmp_path, tiny_models) -
     assert lease.exists(), "the first run took no lease"
     second = subprocess.run(
         [*SDBATCH, "run", str(spec_path), "--progress", "none"],
-        capture_output=True, text=True, timeout=120, env=ray_env,
+        capture_output=True, text=True, timeout=120, env={**os.environ, **ray_tmpdir},
     )  # fmt: skip
     assert second.returncode == 1, second.stderr
     assert "another sdbatch run is writing this output: run " in second.stderr
