@@ -410,7 +410,11 @@ def load_pipeline(
         # Off, always; a job that wants one applies it to the stored images.
         extra["add_watermarker"] = False
     if ref in shared:
-        pipe = cls.from_pipe(shared[ref], **extra)
+        # from_pipe casts the new pipeline to float32 unless given a dtype, and with it
+        # the modules it shares with the first one: an fp16 job with txt2img and img2img
+        # would render every mode in fp32 (twice the memory), and differently from a
+        # rerun that loads one mode.
+        pipe = cls.from_pipe(shared[ref], torch_dtype=torch_dtype, **extra)
     elif checkpoint.file is not None:
         # The layout folder gives configs, tokenizers, the scheduler (and SD 2 depth's DPT);
         # from_single_file never loads a safety checker.

@@ -403,6 +403,8 @@ def test_sdxl_actor_holds_each_module_once(tiny_models) -> None:
         models=models_for(spec, modes),
         model_hashes={},
         batch_size=2,
+        device="cpu",
+        dtype="float16",  # what a GPU job holds
         **aux_models(spec, ManifestInfo("m", 4, 4, [], modes, estimates_depth=True)),
     )
     mods = loaded_modules(renderer.pipes)
@@ -427,3 +429,16 @@ def test_sdxl_actor_holds_each_module_once(tiny_models) -> None:
     assert all(p.watermark is None for p in [*renderer.pipes.values(), *renderer.refiners.values()])
     unets = {v for k, v in [*mods.items(), *refined.items()] if k.endswith(".unet")}
     assert len(unets) == 3  # base, inpaint, refiner: nothing loaded twice
+    # Every module in the job's dtype (diffusers' from_pipe casts to fp32 unless told),
+    # but the depth estimator: fp32 on purpose (`lone.load_depth_estimator`).
+    pipes = [*renderer.pipes.values(), *renderer.refiners.values()]
+    dtypes = {
+        p.dtype
+        for pipe in pipes
+        for module in pipe.components.values()
+        if hasattr(module, "parameters")
+        for p in module.parameters()
+    }
+    assert dtypes == {torch.float16}
+    estimator, _ = renderer.depth_estimator
+    assert {p.dtype for p in estimator.parameters()} == {torch.float32}
