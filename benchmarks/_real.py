@@ -89,14 +89,6 @@ def sd15(dest: Path | None = None) -> Path:
     return dest
 
 
-if __name__ == "__main__":
-    import time
-
-    t = time.perf_counter()
-    path = sd15()
-    print(path, f"{time.perf_counter() - t:.0f} s")
-
-
 # SDXL base 1.0 / refiner 1.0 UNet configs (the published unet/config.json values).
 SDXL_UNET: dict[str, Any] = {
     "sample_size": 128,
@@ -161,3 +153,131 @@ def parameter_counts() -> dict[str, int]:
                 CLIPTextModelWithProjection(CLIPTextConfig(**OPENCLIP_BIGG))
             ),
         }
+
+
+SDXL_REAL = ("sdxl-real", "sdxl-inpaint-real", "sdxl-refiner-real", "sdxl-controlnet-depth-real",
+             "dpt-hybrid-real")  # fmt: skip
+# Intel/dpt-hybrid-midas (SD 2 depth's estimator): ViT-B/16 on a BiT ResNet stem, 123 M.
+DPT_HYBRID: dict[str, Any] = {
+    "is_hybrid": True,
+    "image_size": 384,
+    "hidden_size": 768,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "intermediate_size": 3072,
+    "backbone_out_indices": [2, 5, 8, 11],
+    "backbone_featmap_shape": [1, 1024, 24, 24],
+    "neck_hidden_sizes": [256, 512, 768, 768],
+    "reassemble_factors": [1, 1, 1, 0.5],
+    "readout_type": "project",
+}
+
+
+def sdxl_set(dest: Path | None = None) -> dict[str, Path]:
+    """benchmarks/out/models/{SDXL_REAL}: SDXL base 1.0, its 9-channel inpainting UNet, the
+    refiner, a full-size depth ControlNet (`from_unet`) and a DPT-hybrid depth estimator, at
+    their real sizes, random weights stored in fp16 (~22 GB; built once, ~3 min on 2 cores).
+
+    The three pipelines hold the same VAE and text encoders (the same tensors saved three
+    times, so byte-identical files, as the published checkpoints' are): an actor that shares
+    them loads them once. Built in fp16 (PyTorch's default dtype switched while the modules
+    are made), one component at a time: building peaks at ~10 GB, not the 40 GB of fp32."""
+    import gc
+
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        ControlNetModel,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        DPTConfig,
+        DPTForDepthEstimation,
+    )
+
+    from sdbatch import tiny
+
+    root = dest or MODELS
+    paths = {name: root / name for name in SDXL_REAL}
+    markers = {name: "config.json" if name.endswith(("-depth-real", "dpt-hybrid-real"))
+               else "model_index.json" for name in SDXL_REAL}  # fmt: skip
+    if all((paths[n] / markers[n]).is_file() for n in SDXL_REAL):
+        return paths
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = tiny._tokenizer().get_vocab()
+    ids = {"bos_token_id": vocab[tiny.BOS], "eos_token_id": vocab[tiny.EOS],
+           "pad_token_id": vocab[tiny.EOS]}  # fmt: skip
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            shared = {
+                "vae": AutoencoderKL(**SD15_VAE, scaling_factor=0.13025, force_upcast=True),
+                "text_encoder_2": CLIPTextModelWithProjection(
+                    CLIPTextConfig(**{**OPENCLIP_BIGG, **ids})
+                ),
+                "tokenizer_2": tiny._tokenizer(),
+                "scheduler": tiny._scheduler(tiny.SDXL_SCHEDULER),
+            }
+            text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, **CLIP_L, **ids))
+            first = {"text_encoder": text, "tokenizer": tiny._tokenizer()}
+
+            def save(name: str, obj: Any) -> None:
+                if not (paths[name] / markers[name]).is_file():
+                    tiny._save(obj, paths[name], markers[name])
+
+            unet = UNet2DConditionModel(**SDXL_UNET)
+            save("sdxl-real", StableDiffusionXLPipeline(unet=unet, **first, **shared))
+            save("sdxl-controlnet-depth-real", ControlNetModel.from_unet(unet))
+            del unet
+            gc.collect()
+            unet = UNet2DConditionModel(**{**SDXL_UNET, "in_channels": 9})
+            save("sdxl-inpaint-real", StableDiffusionXLInpaintPipeline(
+                unet=unet, **first, **shared, requires_aesthetics_score=False))  # fmt: skip
+            del unet
+            gc.collect()
+            unet = UNet2DConditionModel(**SDXL_REFINER_UNET)
+            save("sdxl-refiner-real", StableDiffusionXLImg2ImgPipeline(
+                unet=unet, text_encoder=None, tokenizer=None, **shared,
+                requires_aesthetics_score=True, force_zeros_for_empty_prompt=False))  # fmt: skip
+            del unet
+            gc.collect()
+            torch.set_default_dtype(default)  # the estimator stays fp32, as sdbatch runs it
+            dpt = DPTForDepthEstimation(DPTConfig(**DPT_HYBRID)).eval()
+            save("dpt-hybrid-real", _with_processor(dpt))
+    finally:
+        torch.set_default_dtype(default)
+    return paths
+
+
+class _with_processor:  # noqa: N801 - a save_pretrained shim, used like a model
+    """A DPT and its image processor saved into one folder, as the hub's DPT repos are."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def save_pretrained(self, folder: Path, **kwargs: Any) -> None:
+        from sdbatch import tiny
+
+        self.model.save_pretrained(folder, **kwargs)
+        processor = tiny._depth_processor()
+        processor.size = {"height": DPT_HYBRID["image_size"], "width": DPT_HYBRID["image_size"]}
+        processor.save_pretrained(folder)
+
+
+if __name__ == "__main__":
+    import sys
+    import time
+
+    t = time.perf_counter()
+    built = sdxl_set() if sys.argv[1:] == ["sdxl"] else {"sd15-real": sd15()}
+    for name, path in built.items():
+        print(name, path)
+    print(f"{time.perf_counter() - t:.0f} s")
