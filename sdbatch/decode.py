@@ -39,9 +39,11 @@ def call_decoding_in_fp32_on_overflow(
         finally:
             vae.to(dtype)
         upcast = True
-    # The decoded image lies where the pipeline computes (its execution device, also
-    # under CPU offload), which is where its safety checker runs.
-    image, nsfw = pipe.run_safety_checker(image, image.device, latents.dtype)
+    nsfw = None
+    if "safety_checker" in pipe.components:  # SD 2 depth2img's pipeline has none
+        # The decoded image lies where the pipeline computes (its execution device, also
+        # under CPU offload), which is where its safety checker runs.
+        image, nsfw = pipe.run_safety_checker(image, image.device, latents.dtype)
     denormalize = [True] * image.shape[0] if nsfw is None else [not n for n in nsfw]
     images = pipe.image_processor.postprocess(image, output_type="np", do_denormalize=denormalize)
     return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=nsfw), upcast

@@ -11,7 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
+from sdbatch.checks import models_for
+from sdbatch.models import family_of
+from sdbatch.plan import plan_items
+from sdbatch.prepare import prepare_item
+from sdbatch.render import Renderer
 from sdbatch.runner import read_metadata, run_job
+from sdbatch.spec import parse_spec
 from tests.helpers import load_job, make_inputs, plain_pipeline, plain_render, rendered
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
@@ -339,3 +345,56 @@ def test_bad_inputs_are_failure_rows_and_inpaint_works_on_the_base_model(
     assert fails.loc["missing-file", "error_type"] == "MissingInput"
     assert str(tmp_path / "inputs/nope.png") in fails.loc["missing-file", "error_message"]
     assert fails.loc["corrupt-file", "error_type"] == "CorruptImage"
+
+
+def test_every_mode_renders_in_the_jobs_dtype(tiny_models, tmp_path) -> None:
+    """float16 (what every GPU job runs by default) through all four SD modes in one actor.
+
+    diffusers' from_pipe casts to float32 unless told the dtype, and the modules it shares
+    with the first pipeline go with it: an fp16 job with txt2img and img2img held and ran
+    both in fp32, and a rerun that loads txt2img alone got other pixels. And SD 2 depth's
+    pipeline has no safety checker, which the fp16 decode path asked for: every depth2img
+    item of an fp16 job failed."""
+    inputs = make_inputs(tmp_path)
+    spec = parse_spec(
+        {
+            "name": "t",
+            "manifest": "/m",
+            "output": "/o",
+            "models": {k: str(tiny_models[k]) for k in ("base", "inpaint", "depth")},
+            "defaults": {"steps": 4, "width": 64, "height": 64, "scheduler": "ddim"},
+        }
+    )
+    modes = ["txt2img", "img2img", "inpaint", "depth2img"]
+    rows = [
+        {"id": mode, "prompt": "a cat", "mode": mode, "init_image": str(inputs["init"]),
+         "mask_image": str(inputs["mask"]), "strength": 0.7}
+        for mode in modes
+    ]  # fmt: skip
+    rows[0] = {"id": "txt2img", "prompt": "a cat"}
+    items = list(plan_items(rows, spec, families=family_of))
+    for it in items[1:]:
+        prepare_item(it, None)
+
+    def actor(dtype: str, only: list[str] = modes) -> Renderer:
+        models = models_for(spec, set(only))
+        return Renderer(models=models, model_hashes={}, batch_size=1, device="cpu", dtype=dtype)
+
+    half, full = actor("float16"), actor("float32")
+    held = {
+        f"{mode}.{name}": {p.dtype for p in module.parameters()}
+        for mode, pipe in half.pipes.items()
+        for name, module in pipe.components.items()
+        if hasattr(module, "parameters") and name != "depth_estimator"
+    }
+    assert len(held) == 12 and all(d == {torch.float16} for d in held.values()), held
+
+    def render(renderer: Renderer, item: dict) -> np.ndarray:
+        row = renderer.render([item])[0]
+        assert row["status"] == "ok", row
+        return np.frombuffer(row["pixels"], np.uint8).astype(np.int16)
+
+    for item in items:
+        assert np.abs(render(half, item) - render(full, item)).max() <= 2, item["mode"]
+    alone = actor("float16", ["txt2img"])
+    assert np.array_equal(render(half, items[0]), render(alone, items[0]))

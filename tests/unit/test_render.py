@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import torch
 
 from sdbatch.checks import models_for
 from sdbatch.render import Renderer
@@ -42,34 +41,6 @@ def test_memory_options_and_fp16_path_stay_faithful(tiny_models) -> None:
     )
     assert half.vae_fallback and half.dtype_name == "float16"
     assert np.abs(pixels(half, model) - plain).max() <= 2
-
-
-def test_every_mode_renders_in_the_jobs_dtype(tiny_models) -> None:
-    """diffusers' from_pipe casts to float32 unless told the dtype, and the modules it
-    shares with the first pipeline go with it: an fp16 job with txt2img and img2img held
-    and rendered both in fp32, and a rerun that loads txt2img alone got other pixels."""
-    model = str(tiny_models["base"])
-    both = Renderer(
-        models={"txt2img": model, "img2img": model},
-        model_hashes={},
-        batch_size=2,
-        device="cpu",
-        dtype="float16",
-    )
-    held = {
-        f"{mode}.{name}": {p.dtype for p in module.parameters()}
-        for mode, pipe in both.pipes.items()
-        for name, module in pipe.components.items()
-        if hasattr(module, "parameters")
-    }
-    assert set(held) == {
-        f"{m}.{c}" for m in ("txt2img", "img2img") for c in ("unet", "vae", "text_encoder")
-    }
-    assert all(dtypes == {torch.float16} for dtypes in held.values()), held
-    alone = Renderer(
-        models={"txt2img": model}, model_hashes={}, batch_size=2, device="cpu", dtype="float16"
-    )
-    assert np.array_equal(pixels(both, model), pixels(alone, model))
 
 
 def test_black_and_nan_outputs_are_failures_not_successes(tmp_path, tiny_models) -> None:
