@@ -190,14 +190,19 @@ class Renderer:
     def _apply_options(self, offload: bool) -> None:
         import torch
 
-        seen: set[int] = set()
+        # Per UNet, once; every pipeline holding it gets the same (compiled) module, or
+        # img2img (sharing txt2img's UNet) ran uncompiled, and a rerun that loads img2img
+        # alone compiled: other kernels, other bits.
+        unets: dict[int, Any] = {}
         for pipe in [*self.pipes.values(), *self.refiners.values()]:
-            if id(pipe.unet) not in seen:
-                seen.add(id(pipe.unet))
+            if id(pipe.unet) not in unets:
+                unet = pipe.unet
                 if self.render_options.get("channels_last"):
-                    pipe.unet.to(memory_format=torch.channels_last)
+                    unet.to(memory_format=torch.channels_last)
                 if self.render_options.get("torch_compile"):
-                    pipe.unet = torch.compile(pipe.unet)
+                    unet = torch.compile(unet)
+                unets[id(pipe.unet)] = unet
+            pipe.unet = unets[id(pipe.unet)]
             if self.render_options.get("vae_tiling"):
                 pipe.vae.enable_tiling()
             if self.render_options.get("vae_slicing"):

@@ -43,6 +43,24 @@ def test_memory_options_and_fp16_path_stay_faithful(tiny_models) -> None:
     assert np.abs(pixels(half, model) - plain).max() <= 2
 
 
+def test_modes_sharing_a_unet_share_its_compiled_module(tiny_models) -> None:
+    """torch_compile wraps each UNet once and every pipeline holding it gets the wrapper:
+    img2img (from_pipe of txt2img) used to run uncompiled beside a compiled txt2img, and
+    a rerun loading img2img alone compiled it: other kernels, other bits."""
+    import torch._dynamo
+
+    model = str(tiny_models["base"])
+    renderer = Renderer(
+        models={"txt2img": model, "img2img": model},
+        model_hashes={},
+        batch_size=2,
+        render_options={"torch_compile": True, "channels_last": True},
+    )
+    unet = renderer.pipes["txt2img"].unet
+    assert isinstance(unet, torch._dynamo.eval_frame.OptimizedModule)  # compiled lazily
+    assert renderer.pipes["img2img"].unet is unet
+
+
 def test_black_and_nan_outputs_are_failures_not_successes(tmp_path, tiny_models) -> None:
     """A broken checkpoint: its VAE decodes to black (huge negative bias) or NaN."""
     from safetensors.numpy import load_file, save_file
