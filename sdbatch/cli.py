@@ -44,8 +44,10 @@ app = typer.Typer(
 models_app = typer.Typer(help="Build or inspect checkpoints.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# soft_wrap: a line is never broken at the terminal's width (80 columns when piped), so a
+# path or an "ok" stays on its line in logs and for grep; tables still fit the width.
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 class ProgressStyle(str, Enum):

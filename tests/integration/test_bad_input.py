@@ -298,6 +298,19 @@ def test_caught_before_rendering(case, tmp_path, name, build, command, expected)
     assert not (tmp_path / "out" / "metadata").exists()
 
 
+def test_messages_stay_on_one_line_when_piped(case, tmp_path) -> None:
+    """Piped, rich's console is 80 columns wide: a long path broke "SPEC: ok" (and the
+    error lines) across lines in logs, and grep found nothing."""
+    deep = tmp_path / ("x" * 90)
+    deep.mkdir()
+    spec = deep / "job.yaml"
+    spec.write_text(case().read_text())
+    result = CliRunner().invoke(app, ["validate", str(spec)])
+    assert result.exit_code == 0 and f"{spec}: ok — 2 rows" in result.output, result.output
+    result = CliRunner().invoke(app, ["validate", str(deep / "nope.yaml")])
+    assert f"error: {deep / 'nope.yaml'}: spec file not found" in result.output, result.output
+
+
 def test_missing_manifest_and_unwritable_output(case, tmp_path) -> None:
     path = case()
     text = path.read_text()
